@@ -1,0 +1,43 @@
+"""goflow: run GoFlow-compatible workflows on worker processes, observable in real time.
+
+The public API is small and imported lazily, so a worker process that only needs the
+protocol does not pay for pydantic and the loader:
+
+* :func:`load` / :func:`validate`: read and check a workflow file.
+* :func:`run`: run a workflow on an embedded coordinator with local workers.
+* :class:`Monitor`, :class:`EventFilter`: subscribe to the event stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load": ("goflow.loader", "load"),
+    "validate": ("goflow.validation", "validate_file"),
+    "Workflow": ("goflow.model", "Workflow"),
+    "Problem": ("goflow.problems", "Problem"),
+    "run": ("goflow.runner", "run"),
+    "ExecutionResult": ("goflow.runner", "ExecutionResult"),
+    "Monitor": ("goflow.monitor", "Monitor"),
+    "EventFilter": ("goflow.events.filter", "EventFilter"),
+    "Event": ("goflow.events.types", "Event"),
+    "GoflowError": ("goflow.errors", "GoflowError"),
+    "WorkflowError": ("goflow.errors", "WorkflowError"),
+    "ExpressionError": ("goflow.errors", "ExpressionError"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'goflow' has no attribute {name!r}")
+    import importlib
+
+    module_name, attribute = _EXPORTS[name]
+    value = getattr(importlib.import_module(module_name), attribute)
+    globals()[name] = value
+    return value

@@ -1,0 +1,587 @@
+"""The coordinator: one reactor thread that owns all execution state.
+
+It polls three kinds of socket (the workers' ROUTER, the control ROUTER, the events XPUB)
+plus a wake-up pipe for calls from other threads, and runs timers (retries, timeouts,
+liveness, heartbeats, progress conflation). Nothing else touches execution state, so
+there are no locks around it: other threads talk to it only through :meth:`call_soon`
+(thread-safe) or the control socket.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from typing import Any, Callable
+
+import msgpack
+import zmq
+
+from goflow import protocol
+from goflow.control import ControlError, ControlServer, publisher_handlers
+from goflow.coordinator.execution import Execution, Task
+from goflow.coordinator.local_workers import LocalWorkerPool
+from goflow.coordinator.plan import compile_plan, initial_variables
+from goflow.coordinator.workers import WorkerInfo, WorkerTable
+from goflow.events.publisher import EventPublisher
+from goflow.model import Workflow
+
+log = logging.getLogger("goflow.coordinator")
+
+
+PREFETCH_BELOW_S = 0.005
+"""Tasks measured shorter than this may wait in a busy worker's hand (saves a round trip)."""
+
+
+class Timer:
+    """A cancellable timer on the reactor's heap."""
+
+    __slots__ = ("due", "callback", "cancelled")
+
+    def __init__(self, due: float, callback: Callable[[], None]):
+        self.due = due
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def __lt__(self, other: "Timer") -> bool:
+        return self.due < other.due
+
+
+class Coordinator:
+    """Schedules executions onto workers and publishes every event.
+
+    ``workers_endpoint``: where workers connect (ROUTER). ``event_endpoints``: where the
+    XPUB binds. ``control_endpoints``: where the control ROUTER binds. All bound at
+    construction, so a failure to bind surfaces before anything starts.
+    """
+
+    def __init__(self, *, workers_endpoint: str, event_endpoints: list[str], control_endpoints: list[str],
+                 context: zmq.Context | None = None, sndhwm: int | None = None,
+                 worker_liveness: float = 3.0, heartbeat_interval: float = 1.0,
+                 progress_interval: float = 0.1, keep_finished: int = 1000,
+                 servers: dict[str, dict] | None = None):
+        self.context = context or zmq.Context.instance()
+        self.epoch = uuid.uuid4().hex
+        self.worker_liveness = worker_liveness
+        self.heartbeat_interval = heartbeat_interval
+        self.progress_interval = progress_interval
+        self.keep_finished = keep_finished
+        self.registered_servers = servers or {}
+
+        self.worker_socket = self.context.socket(zmq.ROUTER)
+        self.worker_socket.setsockopt(zmq.LINGER, 0)
+        self.worker_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.worker_socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.worker_socket.setsockopt(zmq.SNDHWM, 0)
+        self.worker_socket.setsockopt(zmq.RCVHWM, 0)
+        self.worker_socket.bind(workers_endpoint)
+        self.workers_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+        options = {"sndhwm": sndhwm} if sndhwm is not None else {}
+        self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, **options)
+        self.control_socket = self.context.socket(zmq.ROUTER)
+        self.control_socket.setsockopt(zmq.LINGER, 0)
+        for endpoint in control_endpoints:
+            self.control_socket.bind(endpoint)
+        self.control = ControlServer(self.control_socket, {
+            **publisher_handlers(self.publisher),
+            "progress": self._op_progress, "variables": self._op_variables, "execution": self._op_execution,
+            "executions": self._op_executions, "cancel": self._op_cancel, "workers": self._op_workers,
+        })
+
+        self.workers = WorkerTable()
+        self.local_pool: LocalWorkerPool | None = None
+        self.queue: deque[Task] = deque()
+        self.tasks: dict[int, Task] = {}
+        self.task_ids = itertools.count(1)
+        self.executions: dict[str, Execution] = {}
+        self.futures: dict[str, Future] = {}
+        self.finished_order: deque[str] = deque()
+        self.timers: list[Timer] = []
+        self.progress_due: dict[str, Timer] = {}
+        self.progress_last: dict[str, float] = {}
+        self.durations: dict[tuple, float] = {}
+        """Moving average of task run time by task profile, to decide when to prefetch."""
+        self.stats = {"bad_worker_frames": 0, "tasks_dispatched": 0, "workers_lost": 0}
+
+        self._calls: deque[Callable[[], None]] = deque()
+        self._wake_read, self._wake_write = os.pipe()
+        os.set_blocking(self._wake_read, False)
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._stopped = threading.Event()
+
+    # -- threading -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the reactor in a background thread."""
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="goflow-coordinator", daemon=True)
+        self._thread.start()
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        """Run ``callback`` on the reactor thread (safe from any thread)."""
+        self._calls.append(callback)
+        try:
+            os.write(self._wake_write, b"x")
+        except OSError:
+            pass
+
+    def call(self, function: Callable[[], Any], timeout: float = 10.0) -> Any:
+        """Run ``function`` on the reactor thread and return its result (from another thread)."""
+        future: Future = Future()
+
+        def run() -> None:
+            try:
+                future.set_result(function())
+            except BaseException as exc:  # handed back to the caller
+                future.set_exception(exc)
+
+        self.call_soon(run)
+        return future.result(timeout)
+
+    def attach_local_pool(self, pool: LocalWorkerPool) -> None:
+        self.local_pool = pool
+
+    # -- public operations (thread-safe) -----------------------------------------------------
+    def submit(self, workflow: Workflow, variables: dict[str, Any] | None = None, *,
+               timeout: float | None = None, execution_id: str | None = None) -> tuple[str, Future]:
+        """Start an execution; returns its id and a Future resolving to its summary dict.
+
+        Raises ValueError (missing required variables) before anything starts.
+        """
+        initial = initial_variables(workflow, dict(variables or {}))
+        execution_id = execution_id or uuid.uuid4().hex
+        future: Future = Future()
+        plan = compile_plan(workflow)
+
+        def start() -> None:
+            execution = Execution(execution_id, plan, initial, self, timeout=timeout)
+            self.executions[execution_id] = execution
+            self.futures[execution_id] = future
+            self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets)
+            execution.start()
+
+        self.call_soon(start)
+        return execution_id, future
+
+    def cancel(self, execution_id: str, reason: str = "cancelled by request") -> None:
+        def cancel() -> None:
+            execution = self.executions.get(execution_id)
+            if execution is not None and execution.active:
+                execution.cancel(reason)
+
+        self.call_soon(cancel)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Cancel what runs, shut the workers down, flush events and close every socket."""
+        if self._thread is None:
+            return
+        self.call_soon(self._shutdown)
+        self._stopped.wait(timeout)
+        self._thread.join(timeout)
+        if self.local_pool is not None:
+            self.local_pool.stop()
+        self.publisher.close(linger_ms=1000)
+        for sock in (self.worker_socket, self.control_socket):
+            sock.close(0)
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+        self._thread = None
+
+    # -- Host interface for executions -----------------------------------------------------
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        timer = Timer(time.monotonic() + max(0.0, delay), callback)
+        heapq.heappush(self.timers, timer)
+        return timer
+
+    def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
+             error: dict | None = None, meta: dict | None = None, force: bool = False) -> None:
+        if type == "progress.update" and not force:
+            self._progress_later(execution)
+            return
+        if type == "progress.update":
+            self.progress_last[execution.id] = time.monotonic()
+        if run is not None:
+            self.publisher.emit(type, execution.id, node_id=run.node.id, node_type=run.node.type,
+                                status=status, attempt=run.attempt, variables=execution.variables,
+                                variables_version=execution.version, error=error, meta=meta)
+        else:
+            self.publisher.emit(type, execution.id, status=status or execution.status,
+                                variables=execution.variables, variables_version=execution.version,
+                                error=error, meta=meta)
+
+    def _progress_later(self, execution: Execution) -> None:
+        if execution.id in self.progress_due:
+            return
+        last = self.progress_last.get(execution.id, 0.0)
+        delay = max(0.0, last + self.progress_interval - time.monotonic())
+
+        def fire() -> None:
+            self.progress_due.pop(execution.id, None)
+            if execution.active:
+                execution.progress(force=True)
+
+        self.progress_due[execution.id] = self.call_later(delay, fire)
+
+    def server_spec(self, execution: Execution, server_id: str) -> dict:
+        for server in execution.workflow.servers:
+            if server.id == server_id:
+                return server.model_dump()
+        if server_id in self.registered_servers:
+            return dict(self.registered_servers[server_id])
+        from goflow.servers import load_registry
+
+        registry = load_registry()
+        if server_id in registry:
+            return dict(registry[server_id])
+        raise ControlError("not_found", f"server '{server_id}' is neither declared nor registered")
+
+    def dispatch(self, task: Task) -> None:
+        task.id = next(self.task_ids)
+        self.tasks[task.id] = task
+        self.queue.append(task)
+        self._pump()
+
+    def cancel_task(self, task: Task) -> None:
+        task.done = True
+        if task.timer is not None:
+            task.timer.cancel()
+        if task.worker is not None:
+            worker = self.workers.get(task.worker)
+            if worker is not None:
+                self._send(worker.control_identity, {"t": protocol.CANCEL, "id": task.id})
+        else:
+            self.tasks.pop(task.id, None)
+
+    def execution_finished(self, execution: Execution) -> None:
+        self.publisher.close_execution(execution.id)
+        timer = self.progress_due.pop(execution.id, None)
+        if timer is not None:
+            timer.cancel()
+        self.progress_last.pop(execution.id, None)
+        future = self.futures.pop(execution.id, None)
+        self.finished_order.append(execution.id)
+        while len(self.finished_order) > self.keep_finished:
+            self.executions.pop(self.finished_order.popleft(), None)
+        if future is not None and not future.done():
+            future.set_result(self.result_of(execution))
+
+    def result_of(self, execution: Execution) -> dict:
+        return {"execution_id": execution.id, "workflow": execution.workflow.name, "status": execution.status,
+                "result": execution.result, "variables": execution.redact(execution.variables),
+                "error": execution.error, "duration_s": (execution.finished_at or time.time()) - execution.started_at,
+                "records": list(execution.records)}
+
+    # -- dispatch --------------------------------------------------------------------------
+    def _send(self, identity: bytes, message: dict) -> None:
+        try:
+            self.worker_socket.send_multipart([identity, protocol.encode(message)], zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+
+    def _pump(self) -> None:
+        queue = self.queue
+        blocked: list[Task] = []
+        while queue:
+            task = queue.popleft()
+            if task.done:
+                continue
+            worker = self.workers.pick(task, prefetch=self._is_short(task))
+            if worker is None:
+                blocked.append(task)
+                if not task.labels or not self.workers.has_capacity():
+                    break
+                continue
+            self._hand_to(worker, task)
+        if blocked:
+            queue.extendleft(reversed(blocked))
+
+    def _is_short(self, task: Task) -> bool:
+        """Whether tasks like ``task`` are known to be short enough to queue on a busy worker."""
+        estimate = self.durations.get(task.profile)
+        return estimate is not None and estimate < PREFETCH_BELOW_S
+
+    def _measured(self, task: Task, message: dict) -> None:
+        started, finished = message.get("started"), message.get("finished")
+        if isinstance(started, (int, float)) and isinstance(finished, (int, float)):
+            previous = self.durations.get(task.profile)
+            sample = max(0.0, finished - started)
+            self.durations[task.profile] = sample if previous is None else 0.8 * previous + 0.2 * sample
+
+    def _hand_to(self, worker: WorkerInfo, task: Task) -> None:
+        task.worker = worker.identity
+        worker.in_hand.append(task)
+        self.stats["tasks_dispatched"] += 1
+        message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,
+                   "execution_id": task.execution.id, "node_id": task.run.node.id, "attempt": task.run.attempt}
+        try:
+            self.worker_socket.send_multipart([worker.identity, protocol.encode(message)], zmq.NOBLOCK)
+        except (TypeError, ValueError) as exc:
+            worker.in_hand.pop()
+            task.worker = None
+            self.tasks.pop(task.id, None)
+            task.execution.task_result(task, {"ok": False, "error": {
+                "type": "serialization", "message": f"the node's inputs cannot be sent to a worker: {exc}"}})
+            return
+        if len(worker.in_hand) == 1:
+            self._task_started(task)
+
+    def _task_started(self, task: Task) -> None:
+        task.started_at = time.monotonic()
+        if task.timeout and not task.done:
+            task.timer = self.call_later(task.timeout, lambda: self._task_timed_out(task))
+
+    def _task_timed_out(self, task: Task) -> None:
+        task.timer = None
+        if task.done:
+            return
+        self.cancel_task(task)
+        task.execution.task_result(task, {"ok": False, "error": {
+            "type": "timeout", "message": f"node '{task.run.node.id}' exceeded its timeout of {task.timeout:g}s"}})
+
+    # -- worker messages -------------------------------------------------------------------
+    def _on_worker_socket(self) -> None:
+        sock = self.worker_socket
+        for _ in range(10_000):
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if len(frames) != 2:
+                self.stats["bad_worker_frames"] += 1
+                continue
+            identity, frame = frames
+            try:
+                message = protocol.decode(frame)
+            except protocol.ProtocolError:
+                self.stats["bad_worker_frames"] += 1
+                continue
+            try:
+                self._on_worker_message(identity, message)
+            except Exception:  # a malformed field must never stop the reactor
+                self.stats["bad_worker_frames"] += 1
+                log.exception("bad message from worker %r", identity)
+
+    def _on_worker_message(self, identity: bytes, message: dict) -> None:
+        kind = message["t"]
+        control = identity.endswith(protocol.CONTROL_SUFFIX)
+        base = identity[: -len(protocol.CONTROL_SUFFIX)] if control else identity
+        worker = self.workers.get(base)
+        if worker is not None:
+            worker.last_seen = time.monotonic()
+        if kind == protocol.RESULT and worker is not None:
+            self._on_result(worker, message)
+        elif kind == protocol.READY and not control:
+            self._on_ready(identity, message)
+        elif kind == protocol.BYE and worker is not None:
+            self._worker_lost(worker, "the worker said goodbye")
+        elif kind == protocol.HEARTBEAT:
+            if worker is None and not control:
+                self._send(identity, {"t": protocol.SHUTDOWN})  # unknown worker: it must say ready first
+
+    def _on_ready(self, identity: bytes, message: dict) -> None:
+        if message.get("v") != protocol.VERSION:
+            self._send(identity, {"t": protocol.SHUTDOWN, "reason": f"protocol version {message.get('v')} "
+                                                                    f"unsupported; this coordinator speaks "
+                                                                    f"{protocol.VERSION}"})
+            return
+        previous = self.workers.get(identity)
+        if previous is not None:
+            self._worker_lost(previous, "the worker reconnected")
+        name = str(message.get("worker") or identity.decode(errors="replace"))
+        credits = max(1, min(int(message.get("credits") or 1), 1024))
+        labels = message.get("labels") if isinstance(message.get("labels"), dict) else {}
+        worker = WorkerInfo(identity, name, credits, {str(k): str(v) for k, v in labels.items()},
+                            pid=message.get("pid"), host=message.get("host"),
+                            local=bool(self.local_pool and self.local_pool.owns(name)))
+        self.workers.add(worker)
+        self._send(identity, {"t": protocol.WELCOME, "epoch": self.epoch, "heartbeat_interval": self.heartbeat_interval})
+        self.publisher.emit("worker.joined", None, worker_id=name, meta={"worker_id": name, **worker.describe()})
+        self._pump()
+
+    def _on_result(self, worker: WorkerInfo, message: dict) -> None:
+        task_id = message.get("id")
+        task = self.tasks.pop(task_id, None)
+        if task is not None and task in worker.in_hand:
+            worker.in_hand.remove(task)
+        worker.completed += 1
+        if worker.in_hand:
+            head = worker.in_hand[0]
+            if head.started_at is None:
+                self._task_started(head)
+        if task is not None:
+            self._measured(task, message)
+            if task.timer is not None:
+                task.timer.cancel()
+            if not task.done:
+                task.done = True
+                message["worker"] = worker.name
+                task.execution.task_result(task, message)
+        self._pump()
+
+    def _worker_lost(self, worker: WorkerInfo, reason: str) -> None:
+        if self.workers.remove(worker.identity) is None:
+            return
+        self.stats["workers_lost"] += 1
+        self.publisher.emit("worker.lost", None, worker_id=worker.name,
+                            meta={"worker_id": worker.name, "reason": reason, "in_hand": len(worker.in_hand)})
+        tasks = list(worker.in_hand)
+        worker.in_hand.clear()
+        requeue = []
+        for position, task in enumerate(tasks):
+            self.tasks.pop(task.id, None)
+            if task.timer is not None:
+                task.timer.cancel()
+            if task.done:
+                continue
+            if position == 0 and task.started_at is not None:
+                task.done = True
+                task.execution.task_result(task, {"ok": False, "worker": worker.name, "error": {
+                    "type": "worker_lost", "message": f"worker {worker.name} was lost while running the node "
+                                                      f"({reason})"}})
+            else:
+                task.worker = None
+                task.started_at = None
+                task.id = next(self.task_ids)
+                self.tasks[task.id] = task
+                requeue.append(task)
+        self.queue.extendleft(reversed(requeue))
+        self._pump()
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        if self.local_pool is not None:
+            for name, code in self.local_pool.reap():
+                worker = self.workers.by_name(name)
+                if worker is not None:
+                    self._worker_lost(worker, f"process exited with code {code}")
+                if not self.local_pool.closing and self._running:
+                    self.local_pool.spawn()
+        for worker in list(self.workers.workers.values()):
+            if now - worker.last_seen > self.worker_liveness:
+                self._worker_lost(worker, f"silent for {now - worker.last_seen:.1f}s")
+                if worker.local and self.local_pool is not None:
+                    self.local_pool.kill(worker.name)
+        self.call_later(0.1 if self.local_pool is not None else 0.25, self._check_liveness)
+
+    def _heartbeat(self) -> None:
+        self.publisher.heartbeat()
+        beat = protocol.encode({"t": protocol.HEARTBEAT})
+        for worker in self.workers.workers.values():
+            try:
+                self.worker_socket.send_multipart([worker.control_identity, beat], zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+        self.call_later(self.heartbeat_interval, self._heartbeat)
+
+    # -- control ops -----------------------------------------------------------------------
+    def _execution(self, request: dict) -> Execution:
+        execution_id = request.get("execution_id")
+        execution = self.executions.get(execution_id) if isinstance(execution_id, str) else None
+        if execution is None and isinstance(execution_id, str) and len(execution_id) >= 4:
+            matches = [e for key, e in self.executions.items() if key.startswith(execution_id)]
+            if len(matches) == 1:
+                execution = matches[0]
+        if execution is None:
+            raise ControlError("not_found", f"no execution {execution_id!r}")
+        return execution
+
+    def _op_progress(self, request: dict) -> dict:
+        execution = self._execution(request)
+        return {"execution_id": execution.id, "status": execution.status, "progress": execution.progress_meta()}
+
+    def _op_variables(self, request: dict) -> dict:
+        execution = self._execution(request)
+        return {"execution_id": execution.id, "variables": execution.redact(execution.variables)}
+
+    def _op_execution(self, request: dict) -> dict:
+        execution = self._execution(request)
+        nodes = {}
+        if execution.root is not None:
+            for node_id, run in execution.root.runs.items():
+                nodes[node_id] = {"status": run.state, "attempt": run.attempt}
+        return {**execution.summary(), "result": execution.result, "nodes": nodes,
+                "running": sorted(execution.running_nodes), "records": execution.records[-1000:]}
+
+    def _op_executions(self, request: dict) -> dict:
+        return {"executions": [execution.summary() for execution in self.executions.values()]}
+
+    def _op_cancel(self, request: dict) -> dict:
+        execution = self._execution(request)
+        if execution.active:
+            execution.cancel(str(request.get("reason") or "cancelled by request"))
+        return {"execution_id": execution.id, "status": execution.status}
+
+    def _op_workers(self, request: dict) -> dict:
+        return {"workers": [worker.describe() for worker in self.workers.workers.values()]}
+
+    # -- the loop --------------------------------------------------------------------------
+    def _shutdown(self) -> None:
+        for execution in list(self.executions.values()):
+            if execution.active:
+                execution.cancel("the coordinator is shutting down")
+        if self.local_pool is not None:
+            self.local_pool.closing = True
+        for worker in list(self.workers.workers.values()):
+            self._send(worker.identity, {"t": protocol.SHUTDOWN})
+            self._send(worker.control_identity, {"t": protocol.SHUTDOWN})
+        self._running = False
+
+    def _run_calls(self) -> None:
+        try:
+            while os.read(self._wake_read, 4096):
+                pass
+        except (BlockingIOError, OSError):
+            pass
+        while self._calls:
+            try:
+                self._calls.popleft()()
+            except Exception:
+                log.exception("call on the reactor failed")
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        timers = self.timers
+        while timers and timers[0].due <= now:
+            timer = heapq.heappop(timers)
+            if not timer.cancelled:
+                timer.callback()
+
+    def _loop(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self.worker_socket, zmq.POLLIN)
+        poller.register(self.control_socket, zmq.POLLIN)
+        poller.register(self.publisher.socket, zmq.POLLIN)
+        poller.register(self._wake_read, zmq.POLLIN)
+        self.call_later(self.heartbeat_interval, self._heartbeat)
+        self.call_later(0.1, self._check_liveness)
+        handlers = {self.worker_socket: self._on_worker_socket, self.control_socket: self.control.on_readable,
+                    self.publisher.socket: self.publisher.on_readable, self._wake_read: self._run_calls}
+        try:
+            while self._running:
+                if self.timers:
+                    wait = max(0, int((self.timers[0].due - time.monotonic()) * 1000) + 1)
+                else:
+                    wait = 1000
+                for sock, _ in poller.poll(min(wait, 1000)):
+                    try:
+                        handlers[sock]()
+                    except Exception:
+                        log.exception("reactor handler failed")
+                try:
+                    self._run_timers()
+                except Exception:
+                    log.exception("timer failed")
+            # Drain: let workers' goodbyes arrive, flush the last events.
+            self.publisher.heartbeat()
+        finally:
+            self._stopped.set()

@@ -1,0 +1,697 @@
+"""One execution's state and scheduling rules. Runs on the coordinator's reactor thread only.
+
+Semantics (docs/semantics.md):
+
+* A node becomes ready once every incoming edge is resolved; it runs if at least one was
+  taken and is skipped otherwise, and a skip resolves its outgoing edges as not taken. A
+  condition node takes its ``"true"`` or ``"false"`` edge. Ready nodes run concurrently.
+* ``loop`` and ``parallel`` nodes run *frames*: sequences of node ids with a scope of their
+  own. A loop iteration sees ``<item>`` and ``<item>_index``; a sequential loop writes
+  through to the enclosing scope, iterations that overlap (``max_parallel``) write to their
+  own scope, merged back in item order. Parallel branches each write to their own scope,
+  merged back in branch order (the deciding branch only, for ``wait_any``/``wait_first``).
+* Leaf nodes are retried per their policy; without one, only ``worker_lost`` is retried
+  (up to 3 attempts), because a crashed worker should cost a retry and not the run.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import ChainMap
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+from goflow.errors import ExpressionError, UndefinedVariableError
+from goflow.expr import compile_transform, interpolate
+from goflow.coordinator.plan import Graph, Plan
+from goflow.model import (
+    ConditionNode,
+    EndNode,
+    LoopNode,
+    McpToolNode,
+    NodeBase,
+    ParallelNode,
+    PythonNode,
+    RetryPolicy,
+    TransformNode,
+    WORKER_NODE_TYPES,
+)
+from goflow.references import resolve_reference
+
+TERMINAL = ("completed", "failed", "cancelled", "timed_out")
+DEFAULT_POLICY = RetryPolicy(max_attempts=1)
+WORKER_LOST_POLICY = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0, jitter=False)
+
+
+class Host(Protocol):
+    """What an execution needs from the coordinator that runs it."""
+
+    def dispatch(self, task: "Task") -> None: ...
+    def cancel_task(self, task: "Task") -> None: ...
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any: ...
+    def emit(self, execution: "Execution", type: str, **fields: Any) -> None: ...
+    def execution_finished(self, execution: "Execution") -> None: ...
+    def server_spec(self, execution: "Execution", server_id: str) -> dict: ...
+
+
+class NodeFailure(Exception):
+    """A node failed for good: ``error`` is the ``{type, message, node_id}`` map."""
+
+    def __init__(self, error: dict):
+        super().__init__(error.get("message"))
+        self.error = error
+
+
+@dataclass
+class Task:
+    """A unit of work sent to a worker."""
+
+    id: int
+    execution: "Execution"
+    run: "NodeRun"
+    kind: str
+    spec: dict
+    timeout: float | None
+    labels: dict[str, str] = field(default_factory=dict)
+    worker: bytes | None = None
+    started_at: float | None = None
+    timer: Any = None
+    done: bool = False
+
+    @property
+    def profile(self) -> tuple:
+        """What tasks of the same expected duration share (for the dispatch estimate)."""
+        spec = self.spec
+        return (self.kind, spec.get("call") or spec.get("tool") or spec.get("expression") or spec.get("template"))
+
+
+class Scope:
+    """Variables seen by a frame: ``reads`` falls through to enclosing scopes; writes go to ``target``."""
+
+    def __init__(self, reads: ChainMap, target: dict):
+        self.reads = reads
+        self.target = target
+
+    def child(self, *, isolated: bool, extra: dict | None = None) -> "Scope":
+        local: dict = {}
+        maps = ([local] if isolated else []) + ([extra] if extra else []) + list(self.reads.maps)
+        return Scope(ChainMap(*maps), local if isolated else self.target)
+
+
+@dataclass
+class NodeRun:
+    frame: "Frame"
+    node: NodeBase
+    attempt: int = 1
+    state: str = "pending"
+    task: Task | None = None
+    child: Any = None
+    timer: Any = None
+    started: float = 0.0
+
+
+class Frame:
+    """Runs one graph (the main graph, a loop iteration or a parallel branch)."""
+
+    def __init__(self, execution: "Execution", graph: Graph, scope: Scope,
+                 on_done: Callable[["Frame"], None] | None, context: dict | None = None):
+        self.execution = execution
+        self.graph = graph
+        self.scope = scope
+        self.on_done = on_done
+        self.context = context or {}
+        self.pending = dict(graph.incoming)
+        self.taken: dict[str, bool] = {}
+        self.unresolved = len(graph.nodes)
+        self.runs: dict[str, NodeRun] = {}
+        self.last_output: Any = None
+        self.state = "running"
+        self.error: dict | None = None
+
+    def start(self) -> None:
+        if not self.graph.nodes:
+            self._finish()
+            return
+        for node_id in self.graph.entries:
+            self.execution.ready(self, node_id)
+
+    def resolve_edges(self, node_id: str, chosen: bool | None, *, skipped: bool = False) -> None:
+        """Resolve ``node_id``'s outgoing edges: none taken (``skipped``), all taken (``chosen``
+        None), or per a condition's result."""
+        for target, label in self.graph.outgoing.get(node_id, ()):
+            if skipped:
+                taken = False
+            elif chosen is None:
+                taken = True
+            elif label is None:
+                taken = chosen  # inside a sequence, a false condition skips the rest of it
+            else:
+                taken = label == ("true" if chosen else "false")
+            self.pending[target] -= 1
+            self.taken[target] = self.taken.get(target, False) or taken
+            if self.pending[target] == 0 and self.state == "running":
+                if self.taken[target]:
+                    self.execution.ready(self, target)
+                else:
+                    self.execution.skip(self, target, "no incoming edge was taken")
+
+    def node_resolved(self) -> None:
+        self.unresolved -= 1
+        if self.unresolved == 0 and self.state == "running":
+            self._finish()
+
+    def _finish(self) -> None:
+        self.state = "completed"
+        if self.on_done:
+            self.on_done(self)
+
+    def fail(self, error: dict) -> None:
+        if self.state != "running":
+            return
+        self.state = "failed"
+        self.error = error
+        self.cancel_running()
+        if self.on_done:
+            self.on_done(self)
+
+    def cancel(self) -> None:
+        if self.state != "running":
+            return
+        self.state = "cancelled"
+        self.cancel_running()
+
+    def cancel_running(self) -> None:
+        for run in self.runs.values():
+            if run.timer is not None:
+                run.timer.cancel()
+                run.timer = None
+            if run.state == "running":
+                if run.task is not None and not run.task.done:
+                    self.execution.host.cancel_task(run.task)
+                if run.child is not None:
+                    run.child.cancel()
+                run.state = "cancelled"
+
+
+class LoopRun:
+    """A loop node's iterations."""
+
+    def __init__(self, execution: "Execution", run: NodeRun, items: list):
+        self.execution = execution
+        self.run = run
+        self.node: LoopNode = run.node  # type: ignore[assignment]
+        self.items = items
+        self.limit = self.node.max_parallel or (len(items) or 1 if self.node.parallel else 1)
+        self.next_index = 0
+        self.active: dict[int, Frame] = {}
+        self.results: dict[int, Any] = {}
+        self.writes: dict[int, dict] = {}
+        self.broken_at: int | None = None
+        self.state = "running"
+
+    def start(self) -> None:
+        self.execution.emit("loop.started", self.run, meta={"count": len(self.items), "max_parallel": self.limit,
+                                                           **self.run.frame.context})
+        self.pump()
+
+    def pump(self) -> None:
+        execution, node, frame = self.execution, self.node, self.run.frame
+        while self.state == "running" and self.broken_at is None and len(self.active) < self.limit \
+                and self.next_index < len(self.items):
+            index = self.next_index
+            self.next_index += 1
+            item = self.items[index]
+            extra = {node.item: item, f"{node.item}_index": index}
+            if node.break_condition:
+                try:
+                    condition = execution.plan.condition(node.id, "break_condition", node.break_condition)
+                    verdict = condition.evaluate_bool(ChainMap(extra, frame.scope.reads))
+                except ExpressionError as exc:
+                    self.fail(execution.error_of(self.run, "expression_error", exc.message))
+                    return
+                execution.emit("condition.evaluated", self.run, meta={
+                    "kind": "break_condition", "expression": node.break_condition, "result": verdict,
+                    "index": index, **frame.context})
+                if verdict:
+                    self.broken_at = index
+                    break
+            isolated = self.limit > 1
+            scope = frame.scope.child(isolated=isolated, extra=extra)
+            context = {**frame.context, "loop": node.id, "index": index}
+            execution.emit("loop.iteration", self.run, meta={"index": index, "item": execution.redact_value(item),
+                                                             **frame.context})
+            for name, value in extra.items():
+                execution.variable_changed(name, value, scope="iteration", node=self.run, meta=context)
+            child = Frame(execution, execution.plan.bodies[node.id], scope,
+                          lambda done, i=index: self.iteration_done(i, done), context)
+            self.active[index] = child
+            if isolated:
+                self.writes[index] = scope.target
+            child.start()
+        if self.state == "running" and not self.active and (self.broken_at is not None
+                                                            or self.next_index >= len(self.items)):
+            self.complete()
+
+    def iteration_done(self, index: int, frame: Frame) -> None:
+        self.active.pop(index, None)
+        if self.state != "running":
+            return
+        if frame.state == "failed":
+            self.fail(frame.error or self.execution.error_of(self.run, "loop_error", "an iteration failed"))
+            return
+        self.results[index] = frame.last_output
+        self.pump()
+
+    def complete(self) -> None:
+        self.state = "completed"
+        outputs = [self.results[i] for i in sorted(self.results)]
+        target = self.run.frame.scope.target
+        for index in sorted(self.writes):
+            for name, value in self.writes[index].items():
+                self.execution.write(target, name, value, node=self.run, scope="merge")
+        meta = {"iterations": len(outputs), "count": len(self.items), "broken": self.broken_at is not None,
+                "break_index": self.broken_at, **self.run.frame.context}
+        self.execution.emit("loop.completed", self.run, meta=meta)
+        self.execution.node_succeeded(self.run, outputs, meta)
+
+    def fail(self, error: dict) -> None:
+        if self.state != "running":
+            return
+        self.state = "failed"
+        for child in list(self.active.values()):
+            child.cancel()
+        self.execution.node_failed_final(self.run, error)
+
+    def cancel(self) -> None:
+        self.state = "cancelled"
+        for child in list(self.active.values()):
+            child.cancel()
+
+
+class ParallelRun:
+    """A parallel node's branches and its merge strategy."""
+
+    def __init__(self, execution: "Execution", run: NodeRun):
+        self.execution = execution
+        self.run = run
+        self.node: ParallelNode = run.node  # type: ignore[assignment]
+        self.graphs = execution.plan.branches[self.node.id]
+        self.limit = self.node.max_parallel or len(self.graphs)
+        self.next_index = 0
+        self.active: dict[int, Frame] = {}
+        self.finished: dict[int, Frame] = {}
+        self.state = "running"
+
+    def start(self) -> None:
+        self.pump()
+
+    def pump(self) -> None:
+        frame = self.run.frame
+        while self.state == "running" and len(self.active) < self.limit and self.next_index < len(self.graphs):
+            index = self.next_index
+            self.next_index += 1
+            scope = frame.scope.child(isolated=True)
+            context = {**frame.context, "parallel": self.node.id, "branch": index}
+            child = Frame(self.execution, self.graphs[index], scope,
+                          lambda done, i=index: self.branch_done(i, done), context)
+            self.active[index] = child
+            child.start()
+
+    def branch_done(self, index: int, frame: Frame) -> None:
+        self.active.pop(index, None)
+        if self.state != "running":
+            return
+        self.finished[index] = frame
+        strategy = self.node.merge_strategy
+        if frame.state == "failed":
+            if strategy in ("wait_all", "wait_first"):
+                self.fail(frame.error or {})
+                return
+            if len(self.finished) == len(self.graphs) and not self.active:
+                self.fail({**(frame.error or {}), "message": "all parallel branches failed; last: "
+                                                             + str((frame.error or {}).get("message"))})
+                return
+        elif strategy in ("wait_any", "wait_first"):
+            self.complete([index])
+            return
+        if len(self.finished) == len(self.graphs):
+            self.complete(sorted(self.finished))
+            return
+        self.pump()
+
+    def complete(self, winners: list[int]) -> None:
+        self.state = "completed"
+        for child in list(self.active.values()):
+            child.cancel()
+        target = self.run.frame.scope.target
+        written: dict[str, int] = {}
+        conflicts = set()
+        for index in winners:
+            for name, value in self.finished[index].scope.target.items():
+                if name in written:
+                    conflicts.add(name)
+                written[name] = index
+                self.execution.write(target, name, value, node=self.run, scope="merge")
+        outputs = [self.finished[i].last_output for i in winners]
+        meta = {"strategy": self.node.merge_strategy, "branches": winners, "conflicts": sorted(conflicts)}
+        value = outputs if self.node.merge_strategy == "wait_all" else outputs[0]
+        self.execution.node_succeeded(self.run, value, meta)
+
+    def fail(self, error: dict) -> None:
+        self.state = "failed"
+        for child in list(self.active.values()):
+            child.cancel()
+        self.execution.node_failed_final(self.run, error)
+
+    def cancel(self) -> None:
+        self.state = "cancelled"
+        for child in list(self.active.values()):
+            child.cancel()
+
+
+class Execution:
+    """The state of one run of a workflow."""
+
+    def __init__(self, execution_id: str, plan: Plan, variables: dict[str, Any], host: Host, *,
+                 timeout: float | None = None):
+        self.id = execution_id
+        self.plan = plan
+        self.workflow = plan.workflow
+        self.host = host
+        self.variables: dict[str, Any] = {}
+        self.version = 0
+        self._initial = variables
+        self.timeout = timeout
+        self.status = "pending"
+        self.result: Any = None
+        self.error: dict | None = None
+        self.started_at = 0.0
+        self.finished_at = 0.0
+        self.root: Frame | None = None
+        self.timer: Any = None
+        self.node_states: dict[str, str] = {}
+        self.records: list[dict] = []
+        self.main_total = len(plan.main.nodes)
+        self.main_resolved = 0
+        self.counts = {"completed": 0, "failed": 0, "skipped": 0, "running": 0, "retries": 0}
+        self.running_nodes: dict[str, int] = {}
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        self.status = "running"
+        self.started_at = time.time()
+        self.emit("execution.started", None, meta={"inputs": self.redact(self._initial)})
+        for name, value in self._initial.items():
+            self.write(self.variables, name, value, node=None, scope="execution")
+        self.progress(force=True)
+        if self.timeout:
+            self.timer = self.host.call_later(self.timeout, self.timed_out)
+        self.root = Frame(self, self.plan.main, Scope(ChainMap(self.variables), self.variables), self.root_done)
+        self.root.start()
+
+    def root_done(self, frame: Frame) -> None:
+        if frame.state == "failed":
+            self.finish("failed", frame.error)
+        else:
+            self.finish("completed", None)
+
+    def finish(self, status: str, error: dict | None) -> None:
+        if self.status in TERMINAL:
+            return
+        self.status = status
+        self.error = error
+        self.finished_at = time.time()
+        if self.timer is not None:
+            self.timer.cancel()
+        if self.root is not None and self.root.state == "running":
+            self.root.cancel()
+        self.progress(force=True)
+        duration = self.finished_at - self.started_at
+        if status == "completed":
+            self.emit("execution.completed", None, status=status,
+                      meta={"result": self.redact_value(self.result), "duration_s": duration})
+        elif status == "cancelled":
+            self.emit("execution.cancelled", None, status=status, meta={"duration_s": duration})
+        else:
+            self.emit("execution.failed", None, status=status, error=error, meta={"duration_s": duration})
+        self.host.execution_finished(self)
+
+    def cancel(self, reason: str = "cancelled by request") -> None:
+        self.finish("cancelled", {"type": "cancelled", "message": reason, "node_id": None})
+
+    def timed_out(self) -> None:
+        self.timer = None
+        self.finish("timed_out", {"type": "timeout", "node_id": None,
+                                  "message": f"the execution exceeded its timeout of {self.timeout:g}s"})
+
+    @property
+    def active(self) -> bool:
+        return self.status == "running"
+
+    # -- variables -------------------------------------------------------------------------
+    def redact_value(self, value: Any) -> Any:
+        return value
+
+    def redact(self, values: dict) -> dict:
+        return {k: ("***" if k in self.plan.secrets else v) for k, v in values.items()}
+
+    def write(self, target: dict, name: str, value: Any, *, node: NodeRun | None, scope: str) -> None:
+        old = target.get(name)
+        target[name] = value
+        if target is self.variables:
+            self.version += 1
+        self.variable_changed(name, value, scope=scope, node=node, old=old)
+
+    def variable_changed(self, name: str, value: Any, *, scope: str, node: NodeRun | None,
+                         old: Any = None, meta: dict | None = None) -> None:
+        secret = name in self.plan.secrets
+        self.emit("variable.changed", node, meta={
+            "name": name, "value": "***" if secret else value, "old": "***" if secret else old, "scope": scope,
+            **(meta or (node.frame.context if node else {}))})
+
+    # -- events ----------------------------------------------------------------------------
+    def emit(self, type: str, run: NodeRun | None, **fields: Any) -> None:
+        self.host.emit(self, type, run=run, **fields)
+
+    def progress(self, force: bool = False) -> None:
+        self.host.emit(self, "progress.update", run=None, force=force, meta=self.progress_meta())
+
+    def progress_meta(self) -> dict:
+        total = self.main_total or 1
+        return {"total": self.main_total, "resolved": self.main_resolved,
+                "percent": round(100.0 * min(self.main_resolved, total) / total, 2),
+                **self.counts, "running_nodes": sorted(self.running_nodes)}
+
+    def error_of(self, run: NodeRun, error_type: str, message: str, **extra: Any) -> dict:
+        return {"type": error_type, "message": message, "node_id": run.node.id, **extra}
+
+    # -- scheduling ------------------------------------------------------------------------
+    def ready(self, frame: Frame, node_id: str) -> None:
+        node = self.plan.nodes[node_id]
+        run = frame.runs[node_id] = NodeRun(frame, node)
+        if node.condition is not None and not isinstance(node, ConditionNode):
+            try:
+                verdict = self.plan.condition(node.id, "condition", node.condition).evaluate_bool(frame.scope.reads)
+            except ExpressionError as exc:
+                self.start_node(run)
+                self.node_failed_final(run, self.error_of(run, "expression_error", exc.message))
+                return
+            self.emit("condition.evaluated", run, meta={"kind": "guard", "expression": node.condition,
+                                                        "result": verdict, **frame.context})
+            if not verdict:
+                del frame.runs[node_id]
+                self.skip(frame, node_id, "its guard condition is false")
+                return
+        self.start_node(run)
+        self.execute(run)
+
+    def start_node(self, run: NodeRun) -> None:
+        run.state = "running"
+        run.started = time.time()
+        self.counts["running"] += 1
+        self.running_nodes[run.node.id] = self.running_nodes.get(run.node.id, 0) + 1
+        self.emit("node.started", run, status="running", meta=dict(run.frame.context))
+
+    def _stop_running(self, run: NodeRun) -> None:
+        self.counts["running"] -= 1
+        left = self.running_nodes.get(run.node.id, 1) - 1
+        if left:
+            self.running_nodes[run.node.id] = left
+        else:
+            self.running_nodes.pop(run.node.id, None)
+
+    def execute(self, run: NodeRun) -> None:
+        node, scope = run.node, run.frame.scope.reads
+        try:
+            if node.type in WORKER_NODE_TYPES:
+                self.dispatch(run)
+            elif isinstance(node, ConditionNode):
+                verdict = self.plan.condition(node.id, "condition", node.condition).evaluate_bool(scope)
+                self.emit("condition.evaluated", run, meta={"kind": "condition", "expression": node.condition,
+                                                            "result": verdict, **run.frame.context})
+                self.node_succeeded(run, verdict, {"result": verdict}, chosen=verdict)
+            elif isinstance(node, EndNode):
+                value = interpolate(node.return_, scope) if node.return_ is not None else None
+                self.result = value
+                self.node_succeeded(run, value, {"return": self.redact_value(value)})
+            elif isinstance(node, LoopNode):
+                items = resolve_reference(node.collection, scope)
+                items = _as_items(node, items)
+                run.child = LoopRun(self, run, items)
+                run.child.start()
+            elif isinstance(node, ParallelNode):
+                run.child = ParallelRun(self, run)
+                run.child.start()
+            else:  # start, passthrough
+                self.node_succeeded(run, None, {})
+        except UndefinedVariableError as exc:
+            self.node_failed_final(run, self.error_of(run, "undefined_variable", exc.message))
+        except ExpressionError as exc:
+            self.node_failed_final(run, self.error_of(run, "expression_error", exc.message))
+        except NodeFailure as exc:
+            self.node_failed_final(run, exc.error)
+
+    def dispatch(self, run: NodeRun) -> None:
+        node, scope = run.node, run.frame.scope.reads
+        if isinstance(node, PythonNode):
+            kind, spec = "python", {"call": node.call, "args": interpolate(node.args, scope),
+                                    "kwargs": interpolate(node.kwargs, scope)}
+        elif isinstance(node, TransformNode):
+            transform = compile_transform(expression=node.expression, template=node.template)
+            spec = {"expression": node.expression, "template": node.template,
+                    "variables": {name: scope[name] for name in transform.names if name in scope}}
+            if node.input is not None:
+                spec["input"] = resolve_reference(node.input, scope)
+            kind = "transform"
+        elif isinstance(node, McpToolNode):
+            kind = "mcp_tool"
+            spec = {"server": self.host.server_spec(self, node.server), "tool": node.tool,
+                    "arguments": interpolate(node.parameters, scope), "timeout": node.timeout}
+        else:  # pragma: no cover - guarded by WORKER_NODE_TYPES
+            raise NodeFailure(self.error_of(run, "unsupported", f"cannot dispatch node type {node.type}"))
+        labels = node.worker.labels if node.worker else {}
+        run.task = Task(0, self, run, kind, spec, node.timeout, labels)
+        self.host.dispatch(run.task)
+
+    # -- outcomes --------------------------------------------------------------------------
+    def task_result(self, task: Task, message: dict) -> None:
+        """A worker finished ``task`` (or the coordinator gave up on it)."""
+        run = task.run
+        if run.task is not task or run.state != "running" or not self.active:
+            return
+        run.task = None
+        if message.get("ok"):
+            meta = {"started": message.get("started"), "finished": message.get("finished"),
+                    "worker": message.get("worker")}
+            if message.get("meta"):
+                meta.update(message["meta"])
+            self.node_succeeded(run, message.get("value"), meta)
+        else:
+            error = dict(message.get("error") or {})
+            error.setdefault("type", "error")
+            error.setdefault("message", "the task failed")
+            error["node_id"] = run.node.id
+            self.attempt_failed(run, error, worker=message.get("worker"))
+
+    def attempt_failed(self, run: NodeRun, error: dict, worker: Any = None) -> None:
+        node = run.node
+        policy = node.retry or (WORKER_LOST_POLICY if error["type"] == "worker_lost" else DEFAULT_POLICY)
+        matches = policy.retries(error["type"]) or policy.retries(str(error.get("exception", "")))
+        if node.retry and policy.non_retryable_errors and str(error.get("exception")) in policy.non_retryable_errors:
+            matches = False
+        self.record(run, "failed", error=error, worker=worker)
+        if run.attempt < policy.max_attempts and matches and run.frame.state == "running":
+            delay = policy.delay(run.attempt)
+            if policy.jitter and delay > 0:
+                delay *= random.uniform(0.75, 1.25)
+            self.counts["retries"] += 1
+            self.emit("node.retrying", run, status="retrying", error=error,
+                      meta={"next_attempt": run.attempt + 1, "delay_s": delay,
+                            "max_attempts": policy.max_attempts, **run.frame.context})
+            run.attempt += 1
+            run.timer = self.host.call_later(delay, lambda: self._retry(run))
+            return
+        self.node_failed_final(run, error, recorded=True)
+
+    def _retry(self, run: NodeRun) -> None:
+        run.timer = None
+        if run.state == "running" and run.frame.state == "running" and self.active:
+            self.execute(run)
+
+    def record(self, run: NodeRun, status: str, *, value: Any = None, error: dict | None = None,
+               worker: Any = None, meta: dict | None = None) -> None:
+        self.records.append({"node_id": run.node.id, "node_type": run.node.type, "attempt": run.attempt,
+                             "status": status, "started": run.started, "finished": time.time(),
+                             "error": error, "worker": worker, "context": run.frame.context or None})
+
+    def node_succeeded(self, run: NodeRun, value: Any, meta: dict, chosen: bool | None = None) -> None:
+        if run.state != "running":
+            return
+        run.state = "completed"
+        self._stop_running(run)
+        frame = run.frame
+        output = run.node.output_variable
+        if output:
+            self.write(frame.scope.target, output, value, node=run, scope="node")
+        if run.node.type in WORKER_NODE_TYPES or output or isinstance(run.node, (LoopNode, ParallelNode)):
+            frame.last_output = value
+        self.counts["completed"] += 1
+        self.record(run, "completed", worker=meta.get("worker"))
+        finished = time.time()
+        self.emit("node.completed", run, status="completed", meta={
+            **meta, "output": self.redact_value(value) if output or run.node.type in WORKER_NODE_TYPES else None,
+            "duration_s": finished - run.started, **frame.context})
+        self._resolved(frame)
+        frame.resolve_edges(run.node.id, chosen)
+        frame.node_resolved()
+
+    def node_failed_final(self, run: NodeRun, error: dict, recorded: bool = False) -> None:
+        if run.state != "running":
+            return
+        run.state = "failed"
+        self._stop_running(run)
+        if not recorded:
+            self.record(run, "failed", error=error)
+        self.counts["failed"] += 1
+        self.emit("node.failed", run, status="failed", error=error,
+                  meta={"duration_s": time.time() - run.started, **run.frame.context})
+        self._resolved(run.frame)
+        run.frame.fail(error)
+
+    def skip(self, frame: Frame, node_id: str, reason: str) -> None:
+        node = self.plan.nodes[node_id]
+        run = frame.runs[node_id] = NodeRun(frame, node, state="skipped")
+        self.counts["skipped"] += 1
+        self.emit("node.skipped", run, status="skipped", meta={"reason": reason, **frame.context})
+        self._resolved(frame)
+        frame.resolve_edges(node_id, None, skipped=True)
+        frame.node_resolved()
+
+    def _resolved(self, frame: Frame) -> None:
+        if frame is self.root:
+            self.main_resolved += 1
+        self.progress()
+
+    # -- views for the control socket ------------------------------------------------------
+    def summary(self) -> dict:
+        return {"execution_id": self.id, "workflow": self.workflow.name, "status": self.status,
+                "started_at": self.started_at, "finished_at": self.finished_at or None,
+                "error": self.error, "progress": self.progress_meta()}
+
+
+def _as_items(node: LoopNode, value: Any) -> list:
+    if isinstance(value, str):
+        import json
+
+        try:
+            value = json.loads(value)
+        except ValueError:
+            pass
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, dict):
+        return [{"key": key, "value": item} for key, item in value.items()]
+    raise NodeFailure({"type": "expression_error", "node_id": node.id,
+                       "message": f"loop '{node.id}': collection '{node.collection}' is a {type(value).__name__}, "
+                                  f"not a list"})

@@ -1,0 +1,77 @@
+"""Local worker processes for the embedded coordinator: start, watch, replace, stop."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+
+class LocalWorkerPool:
+    """``count`` worker processes connected to ``endpoint``; dead ones are replaced on request."""
+
+    def __init__(self, endpoint: str, count: int, *, python_paths: list[str] | None = None,
+                 credits: int = 4, heartbeat_interval: float = 0.25):
+        self.endpoint = endpoint
+        self.count = count
+        self.python_paths = python_paths or []
+        self.credits = credits
+        self.heartbeat_interval = heartbeat_interval
+        self.processes: dict[str, subprocess.Popen] = {}
+        self._serial = 0
+        self.closing = False
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        paths = [p for p in self.python_paths if p] + [os.getcwd()]
+        if env.get("PYTHONPATH"):
+            paths.append(env["PYTHONPATH"])
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        return env
+
+    def spawn(self) -> str:
+        self._serial += 1
+        name = f"local-{os.getpid()}-{self._serial}"
+        command = [sys.executable, "-m", "goflow.workers", "--connect", self.endpoint, "--name", name,
+                   "--credits", str(self.credits), "--heartbeat-interval", str(self.heartbeat_interval)]
+        self.processes[name] = subprocess.Popen(command, env=self._env(), stdin=subprocess.DEVNULL,
+                                                start_new_session=False)
+        return name
+
+    def start(self) -> None:
+        for _ in range(self.count):
+            self.spawn()
+
+    def reap(self) -> list[tuple[str, int]]:
+        """Names and exit codes of workers that exited since the last call."""
+        dead = [(name, proc.returncode) for name, proc in self.processes.items() if proc.poll() is not None]
+        for name, _ in dead:
+            del self.processes[name]
+        return dead
+
+    def owns(self, name: str) -> bool:
+        return name in self.processes
+
+    def kill(self, name: str) -> None:
+        proc = self.processes.get(name)
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+
+    def stop(self, grace: float = 3.0) -> None:
+        """Wait up to ``grace`` seconds for the workers (already told to shut down), then kill."""
+        self.closing = True
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            remaining = max(0.0, deadline - time.monotonic())
+            try:
+                proc.wait(timeout=remaining)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()

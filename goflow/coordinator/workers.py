@@ -1,0 +1,93 @@
+"""The coordinator's view of connected workers: credits, tasks in hand, liveness.
+
+A worker runs the tasks it holds in the order it received them, so the head of
+``in_hand`` is the task running now; the coordinator infers start times from that and
+needs no extra "started" message per task.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from goflow.coordinator.execution import Task
+
+
+@dataclass
+class WorkerInfo:
+    identity: bytes
+    name: str
+    credits: int
+    labels: dict[str, str] = field(default_factory=dict)
+    pid: int | None = None
+    host: str | None = None
+    local: bool = False
+    in_hand: deque = field(default_factory=deque)
+    last_seen: float = field(default_factory=time.monotonic)
+    joined_at: float = field(default_factory=time.time)
+    completed: int = 0
+
+    @property
+    def control_identity(self) -> bytes:
+        return self.identity + b".ctl"
+
+    @property
+    def free(self) -> int:
+        return self.credits - len(self.in_hand)
+
+    def accepts(self, labels: dict[str, str]) -> bool:
+        return all(self.labels.get(key) == value for key, value in labels.items())
+
+    def describe(self) -> dict[str, Any]:
+        return {"worker_id": self.name, "pid": self.pid, "host": self.host, "labels": self.labels,
+                "credits": self.credits, "in_hand": len(self.in_hand), "completed": self.completed,
+                "local": self.local, "joined_at": self.joined_at}
+
+
+class WorkerTable:
+    """Workers by identity, and the choice of worker for each task."""
+
+    def __init__(self) -> None:
+        self.workers: dict[bytes, WorkerInfo] = {}
+
+    def add(self, worker: WorkerInfo) -> None:
+        self.workers[worker.identity] = worker
+
+    def remove(self, identity: bytes) -> WorkerInfo | None:
+        return self.workers.pop(identity, None)
+
+    def get(self, identity: bytes) -> WorkerInfo | None:
+        return self.workers.get(identity)
+
+    def by_name(self, name: str) -> WorkerInfo | None:
+        for worker in self.workers.values():
+            if worker.name == name:
+                return worker
+        return None
+
+    def pick(self, task: Task, *, prefetch: bool) -> WorkerInfo | None:
+        """The least-loaded worker with a free credit that accepts ``task``'s labels.
+
+        Without ``prefetch`` only idle workers qualify: a task expected to be long must not
+        queue behind another task while a different worker may soon be free.
+        """
+        best: WorkerInfo | None = None
+        for worker in self.workers.values():
+            free = worker.free
+            if free <= 0 or (task.labels and not worker.accepts(task.labels)):
+                continue
+            if not prefetch and worker.in_hand:
+                continue
+            if best is None or free > best.free:
+                best = worker
+                if len(worker.in_hand) == 0:
+                    break
+        return best
+
+    def has_capacity(self) -> bool:
+        return any(worker.free > 0 for worker in self.workers.values())
+
+    def __len__(self) -> int:
+        return len(self.workers)

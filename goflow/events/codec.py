@@ -1,0 +1,162 @@
+"""Topic and payload encoding of the event stream (see ``docs/events.md``).
+
+The publisher's hot path lives in :mod:`goflow.events.publisher`; this module holds the
+pieces it shares with subscribers and tests: topic construction, the msgpack fallback for
+values msgpack cannot encode, the bounded/redacted variables encoding, and decoding.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from typing import Any, Iterable, Mapping
+
+import msgpack
+
+from .types import HEARTBEAT, WIRE_VERSION, WORKER_TYPES, Event
+
+#: Payload keys in the order the publisher writes them (a msgpack map: order is not part
+#: of the contract, but it is stable).
+PAYLOAD_KEYS: tuple[str, ...] = (
+    "v", "type", "ts", "epoch", "seq", "eseq", "execution_id", "workflow", "node_id",
+    "node_type", "status", "attempt", "error", "meta", "variables",
+)
+
+SECRET_MASK = "***"
+DEFAULT_MAX_VALUE_BYTES = 4096
+
+
+def topic_for(type: str, execution_id: str | None = None, node_id: str | None = None,
+              worker_id: str | None = None) -> str:
+    """The topic string of an event. Always ends with ``/``."""
+    if execution_id is not None:
+        if node_id is not None:
+            return f"{type}/{execution_id}/{node_id}/"
+        return f"{type}/{execution_id}/"
+    if type == HEARTBEAT:
+        return "heartbeat/"
+    if worker_id is not None:
+        return f"{type}/{worker_id}/"
+    return f"{type}/"
+
+
+def parse_topic(topic: str) -> dict[str, str | None]:
+    """Split a topic into ``type``, ``execution_id``/``worker_id`` and ``node_id``."""
+    parts = topic.split("/")
+    if parts and parts[-1] == "":
+        parts.pop()
+    out: dict[str, str | None] = {"type": parts[0] if parts else "", "execution_id": None,
+                                  "node_id": None, "worker_id": None}
+    if out["type"] in WORKER_TYPES:
+        out["worker_id"] = parts[1] if len(parts) > 1 else None
+    else:
+        out["execution_id"] = parts[1] if len(parts) > 1 else None
+        out["node_id"] = "/".join(parts[2:]) if len(parts) > 2 else None
+    return out
+
+
+def msgpack_default(obj: Any) -> Any:
+    """Make anything encodable rather than fail the coordinator's emit path."""
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (datetime.datetime, datetime.date, datetime.time)):
+        return obj.isoformat()
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, Mapping):
+        return dict(obj)
+    if hasattr(obj, "model_dump"):
+        try:
+            return obj.model_dump()
+        except Exception:  # pragma: no cover - defensive
+            pass
+    return str(obj)
+
+
+def new_packer() -> msgpack.Packer:
+    return msgpack.Packer(default=msgpack_default, use_bin_type=True)
+
+
+def json_type(value: Any) -> str:
+    """JSON type name of a Python value (used in the ``$omitted`` marker)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, Mapping):
+        return "object"
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return "array"
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return "binary"
+    return "string"
+
+
+def encode_variables(variables: Mapping[str, Any], *, secrets: Iterable[str] = (),
+                     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+                     packer: msgpack.Packer | None = None) -> tuple[bytes, int]:
+    """Encode the bounded, redacted variables as concatenated msgpack key/value pairs.
+
+    Returns ``(body, count)``; the caller writes the map header (``pack_map_header(count)``)
+    in front. Secret names become ``"***"``; a value whose encoding exceeds
+    ``max_value_bytes`` becomes ``{"$omitted": True, "type": <json type>, "bytes": N}``.
+    """
+    pk = packer or new_packer()
+    secret_set = secrets if isinstance(secrets, (set, frozenset)) else frozenset(secrets)
+    mask = pk.pack(SECRET_MASK)
+    parts: list[bytes] = []
+    n = 0
+    for name, value in variables.items():
+        key = name if isinstance(name, str) else str(name)
+        parts.append(pk.pack(key))
+        if key in secret_set:
+            parts.append(mask)
+        else:
+            try:
+                encoded = pk.pack(value)
+            except Exception:  # e.g. a recursive structure or an int beyond 64 bits
+                encoded = pk.pack(msgpack_default(value))
+            if len(encoded) > max_value_bytes:
+                encoded = pk.pack({"$omitted": True, "type": json_type(value),
+                                   "bytes": len(encoded)})
+            parts.append(encoded)
+        n += 1
+    return b"".join(parts), n
+
+
+def encode_event(fields: Mapping[str, Any]) -> bytes:
+    """Encode a full payload dict (slow path: tests, tools, other publishers)."""
+    d = {k: fields.get(k) for k in PAYLOAD_KEYS}
+    d["v"] = fields.get("v", WIRE_VERSION)
+    if d["meta"] is None:
+        d["meta"] = {}
+    if d["variables"] is None:
+        d["variables"] = {}
+    for k, v in fields.items():
+        if k not in d and k != "topic":
+            d[k] = v
+    return new_packer().pack(d)
+
+
+def decode_payload(payload: bytes) -> dict[str, Any]:
+    """Decode a payload into a plain dict. Raises ``ValueError`` on garbage."""
+    try:
+        d = msgpack.unpackb(payload, raw=False)
+    except Exception as exc:
+        raise ValueError(f"event payload is not msgpack: {exc}") from exc
+    if not isinstance(d, dict):
+        raise ValueError("event payload is not a msgpack map")
+    return d
+
+
+def decode_event(topic: bytes | str, payload: bytes) -> Event:
+    """Decode one ``[topic, payload]`` message into an :class:`Event`."""
+    d = decode_payload(payload)
+    d["topic"] = topic.decode("utf-8", "replace") if isinstance(topic, (bytes, bytearray)) else topic
+    if d.get("meta") is None:
+        d["meta"] = {}
+    return Event.model_validate(d)

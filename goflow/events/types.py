@@ -1,0 +1,80 @@
+"""Event type names and the :class:`Event` model a subscriber receives.
+
+The wire format itself (topics, payload keys) is documented in ``docs/events.md``; this
+module is the single source of truth for the type names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+#: Every event type the coordinator may publish, in one place.
+EVENT_TYPES: tuple[str, ...] = (
+    "execution.started",
+    "execution.completed",
+    "execution.failed",
+    "execution.cancelled",
+    "execution.resumed",
+    "node.started",
+    "node.completed",
+    "node.failed",
+    "node.skipped",
+    "node.retrying",
+    "variable.changed",
+    "condition.evaluated",
+    "loop.started",
+    "loop.iteration",
+    "loop.completed",
+    "progress.update",
+    "worker.joined",
+    "worker.lost",
+    "heartbeat",
+)
+
+#: Types whose topic is keyed by a worker id (``<type>/<worker_id>/``); they carry no execution.
+WORKER_TYPES: frozenset[str] = frozenset({"worker.joined", "worker.lost"})
+HEARTBEAT = "heartbeat"
+#: Types that belong to an execution (topic ``<type>/<execution_id>/[<node_id>/]``).
+EXECUTION_SCOPED_TYPES: tuple[str, ...] = tuple(
+    t for t in EVENT_TYPES if t not in WORKER_TYPES and t != HEARTBEAT)
+#: The last event of an execution (until a later ``execution.resumed``).
+TERMINAL_TYPES: frozenset[str] = frozenset(
+    {"execution.completed", "execution.failed", "execution.cancelled"})
+
+WIRE_VERSION = 1
+
+
+class Event(BaseModel):
+    """One decoded event: the payload keys of ``docs/events.md`` plus ``topic``.
+
+    Unknown keys sent by a newer publisher are kept (``extra="allow"``).
+    """
+
+    model_config = ConfigDict(extra="allow", frozen=False)
+
+    v: int = WIRE_VERSION
+    type: str
+    ts: float
+    epoch: str
+    seq: int
+    eseq: int | None = None
+    execution_id: str | None = None
+    workflow: str | None = None
+    node_id: str | None = None
+    node_type: str | None = None
+    status: str | None = None
+    attempt: int | None = None
+    variables: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    meta: dict[str, Any] = {}
+    topic: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_TYPES
+
+    def to_wire_dict(self) -> dict[str, Any]:
+        """The payload as published plus ``topic`` (what ``goflow watch --json`` prints)."""
+        return self.model_dump()

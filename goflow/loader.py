@@ -1,0 +1,254 @@
+"""Load a workflow file into a :class:`~goflow.model.Workflow`, collecting every problem.
+
+Loading never stops at the first problem: each variable, server, node and edge is checked
+on its own, so one bad node does not hide the next. Semantic checks (graph, references,
+expressions) live in :mod:`goflow.validation`; :func:`load` runs both.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path as FsPath
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from goflow.errors import WorkflowError
+from goflow.model import (
+    NODE_TYPES,
+    Edge,
+    Metadata,
+    RetryPolicy,
+    Server,
+    Variable,
+    WorkerSelector,
+    Workflow,
+    allowed_keys,
+)
+from goflow.problems import Problem
+from goflow.yaml_source import Path, SourceMap, YamlSyntaxError, load_yaml
+
+_SECTIONS: dict[str, type[BaseModel]] = {"variables": Variable, "servers": Server, "edges": Edge}
+_NESTED: dict[str, type[BaseModel]] = {"retry": RetryPolicy, "worker": WorkerSelector}
+
+
+@dataclass
+class LoadedWorkflow:
+    """A parsed workflow with what is needed to point at its source lines."""
+
+    workflow: Workflow
+    file: str
+    text: str
+    source: SourceMap
+    node_paths: dict[str, Path] = field(default_factory=dict)
+    edge_paths: list[Path] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)
+    parsed: bool = False
+    """True once the text proved to be a YAML mapping; semantic checks need that."""
+    broken_node_ids: set[str] = field(default_factory=set)
+    """Ids of nodes that failed to parse: later checks must not report them as missing."""
+
+    def problem(self, path: Path, message: str, *, severity: str = "error", node: str | None = None,
+                key: bool = False) -> Problem:
+        line, column = self.source.locate(path, key=key)
+        found = Problem(self.file, line, column, severity, message, node)  # type: ignore[arg-type]
+        self.problems.append(found)
+        return found
+
+    @property
+    def errors(self) -> list[Problem]:
+        return [p for p in self.problems if p.severity == "error"]
+
+
+def _suggest(key: str, known: set[str]) -> str:
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(sorted(known))}"
+
+
+def _where(path: Path, raw: Any) -> str:
+    """'in node 'x'' style context for messages."""
+    if len(path) >= 2 and path[0] == "nodes" and isinstance(raw, dict) and isinstance(raw.get("id"), str):
+        return f" in node '{raw['id']}'"
+    if len(path) >= 2 and path[0] in ("variables", "servers") and isinstance(raw, dict):
+        name = raw.get("name") if path[0] == "variables" else raw.get("id")
+        if isinstance(name, str):
+            return f" in {path[0][:-1]} '{name}'"
+    if len(path) >= 2:
+        return f" in {path[0]}[{path[1]}]"
+    return " at the top level"
+
+
+class _Loader:
+    def __init__(self, loaded: LoadedWorkflow):
+        self.loaded = loaded
+
+    def check_keys(self, data: dict, model: type[BaseModel], path: Path, owner: Any, node_id: str | None) -> None:
+        known = allowed_keys(model)
+        for key in data:
+            if key not in known:
+                self.loaded.problem(path + (key,), f"unknown key '{key}'{_where(path, owner)}{_suggest(str(key), known)}",
+                                    node=node_id, key=True)
+
+    def validate_model(self, model: type[BaseModel], data: Any, path: Path, node_id: str | None) -> Any:
+        """``model.model_validate(data)``, or None after reporting each error at its own line."""
+        if not isinstance(data, dict):
+            self.loaded.problem(path, f"expected a mapping{_where(path, data)}, got {type(data).__name__}", node=node_id)
+            return None
+        self.check_keys(data, model, path, data, node_id)
+        clean = {k: v for k, v in data.items() if k in allowed_keys(model)}
+        for key, nested in _NESTED.items():
+            if key in model.model_fields and isinstance(clean.get(key), dict):
+                self.check_keys(clean[key], nested, path + (key,), data, node_id)
+                clean[key] = {k: v for k, v in clean[key].items() if k in allowed_keys(nested)}
+        try:
+            return model.model_validate(clean)
+        except ValidationError as exc:
+            for error in exc.errors():
+                location = tuple(error["loc"])
+                field_name = ".".join(str(part) for part in location) or "value"
+                message = error["msg"]
+                if error["type"] == "missing":
+                    message = f"missing required key '{field_name}'{_where(path, data)}"
+                elif error["type"] == "literal_error":
+                    message = f"invalid value for '{field_name}'{_where(path, data)}: {message}"
+                else:
+                    message = f"invalid '{field_name}'{_where(path, data)}: {message}"
+                if isinstance(error.get("ctx"), dict) and isinstance(error["ctx"].get("error"), ValueError):
+                    message = f"invalid '{field_name}'{_where(path, data)}: {error['ctx']['error']}"
+                self.loaded.problem(path + location, message, node=node_id)
+            return None
+
+    def node(self, raw: Any, index: int) -> Any:
+        path: Path = ("nodes", index)
+        if not isinstance(raw, dict):
+            self.loaded.problem(path, f"nodes[{index}] must be a mapping with 'id' and 'type'")
+            return None
+        node_id = raw.get("id") if isinstance(raw.get("id"), str) else None
+        node_type = raw.get("type")
+        if node_type is None:
+            self.loaded.problem(path, f"node {node_id or f'nodes[{index}]'!r} has no 'type'; "
+                                      f"use one of: {', '.join(NODE_TYPES)}", node=node_id)
+            return None
+        model = NODE_TYPES.get(str(node_type))
+        if model is None:
+            self.loaded.problem(path + ("type",), f"unknown node type '{node_type}' in node '{node_id}'"
+                                f"{_suggest(str(node_type), set(NODE_TYPES)).replace('known keys', 'known types')}",
+                                node=node_id)
+            return None
+        node = self.validate_model(model, raw, path, node_id)
+        if node is None and node_id:
+            self.loaded.broken_node_ids.add(node_id)
+        return node
+
+    def run(self, data: Any) -> Workflow | None:
+        loaded = self.loaded
+        if data is None:
+            loaded.problem((), "the file is empty; a workflow needs at least 'name', 'nodes' and 'edges'")
+            return None
+        if not isinstance(data, dict):
+            loaded.problem((), f"a workflow must be a YAML mapping with 'name', 'nodes' and 'edges', "
+                               f"not a {type(data).__name__}")
+            return None
+        loaded.parsed = True
+        for path, _ in loaded.source.duplicate_keys:
+            loaded.problem(path, f"duplicate key '{path[-1]}'; the later value would silently win", key=True)
+        self.check_keys(data, Workflow, (), data, None)
+
+        parts: dict[str, Any] = {}
+        for key in ("version", "name", "description"):
+            if key in data:
+                parts[key] = data[key]
+        if "metadata" in data:
+            metadata = self.validate_model(Metadata, data["metadata"], ("metadata",), None)
+            if metadata is not None:
+                parts["metadata"] = metadata
+        for section, model in _SECTIONS.items():
+            raw_items = data.get(section) or []
+            if not isinstance(raw_items, list):
+                loaded.problem((section,), f"'{section}' must be a list")
+                raw_items = []
+            items = []
+            for index, raw in enumerate(raw_items):
+                item = self.validate_model(model, raw, (section, index), None)
+                if item is not None:
+                    items.append(item)
+                    if section == "edges":
+                        loaded.edge_paths.append((section, index))
+            parts[section] = items
+        raw_nodes = data.get("nodes") or []
+        if not isinstance(raw_nodes, list):
+            loaded.problem(("nodes",), "'nodes' must be a list")
+            raw_nodes = []
+        nodes = []
+        for index, raw in enumerate(raw_nodes):
+            node = self.node(raw, index)
+            if node is None and isinstance(raw, dict) and isinstance(raw.get("id"), str):
+                loaded.broken_node_ids.add(raw["id"])
+            if node is not None:
+                nodes.append(node)
+                loaded.node_paths.setdefault(node.id, ("nodes", index))
+        parts["nodes"] = nodes
+        if "name" not in parts:
+            loaded.problem((), "missing required key 'name' at the top level")
+            parts["name"] = "unnamed"
+        try:
+            return Workflow.model_validate({k: v for k, v in parts.items()})
+        except ValidationError as exc:
+            for error in exc.errors():
+                location = tuple(error["loc"])
+                if location and location[0] in ("nodes", "variables", "servers", "edges", "metadata"):
+                    continue  # already validated item by item
+                loaded.problem(location, f"invalid '{'.'.join(map(str, location))}': {error['msg']}")
+            safe = {k: v for k, v in parts.items() if k in ("nodes", "variables", "servers", "edges", "metadata")}
+            return Workflow.model_construct(name=str(parts.get("name")), version="1.0", description=None, **safe)
+
+
+def parse(text: str, file: str = "<workflow>") -> LoadedWorkflow:
+    """Parse workflow text without semantic validation. Problems are collected, not raised."""
+    loaded = LoadedWorkflow(workflow=Workflow.model_construct(name="unnamed"), file=file, text=text, source=SourceMap())
+    try:
+        data, loaded.source = load_yaml(text)
+    except YamlSyntaxError as exc:
+        loaded.problems.append(Problem(file, exc.line, exc.column, "error", f"not valid YAML: {exc.message}"))
+        return loaded
+    workflow = _Loader(loaded).run(data)
+    if workflow is not None:
+        loaded.workflow = workflow
+    return loaded
+
+
+def read(path: str | FsPath) -> LoadedWorkflow:
+    """Parse the workflow file at ``path`` (see :func:`parse`)."""
+    file = str(path)
+    try:
+        text = FsPath(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        loaded = parse("", file)
+        loaded.problems[:] = [Problem(file, 1, 1, "error", "no such file")]
+        return loaded
+    except (OSError, UnicodeDecodeError) as exc:
+        loaded = parse("", file)
+        loaded.problems[:] = [Problem(file, 1, 1, "error", f"cannot read the file: {exc}")]
+        return loaded
+    return parse(text, file)
+
+
+def check(loaded: LoadedWorkflow) -> LoadedWorkflow:
+    """Run semantic validation on ``loaded`` (when it is a mapping at all) and return it."""
+    from goflow.validation import validate_loaded
+
+    if loaded.parsed:
+        validate_loaded(loaded)
+    return loaded
+
+
+def load(source: str | FsPath, *, text: str | None = None) -> Workflow:
+    """Load and validate a workflow file (or ``text`` with ``source`` as its name).
+
+    Raises :class:`~goflow.errors.WorkflowError` listing every problem found.
+    """
+    loaded = check(parse(text, str(source)) if text is not None else read(source))
+    if loaded.errors:
+        raise WorkflowError(loaded.problems)
+    return loaded.workflow

@@ -1,0 +1,269 @@
+"""The workflow schema: GoFlow's YAML format as pydantic models.
+
+Both GoFlow dialects load: the parser's (``default:``, ``return:``, ``merge_strategy:``) and the
+CLI loader's / docs' spellings (``default_value:``, ``return_value:``, ``merge:``). Keys are
+checked strictly by :mod:`goflow.loader` before these models see them, so a typo is an error
+that names the key and suggests the nearest known one.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
+
+from goflow.durations import parse_duration
+
+ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
+VARIABLE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+CALL_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+
+VariableType = Literal["string", "number", "boolean", "object", "array", "any"]
+MergeStrategy = Literal["wait_all", "wait_any", "wait_first"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=False)
+
+
+def _duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    return parse_duration(value)
+
+
+class Metadata(BaseModel):
+    """Descriptive metadata. Free-form beyond the documented keys: it is never executed."""
+
+    model_config = ConfigDict(extra="allow")
+    author: str | None = None
+    created: str | None = None
+    last_modified: str | None = None
+    tags: list[str] = Field(default_factory=list)
+    icon: str | None = None
+
+
+class Variable(_Model):
+    name: str
+    type: VariableType = "any"
+    default: Any = Field(default=None, validation_alias=AliasChoices("default", "default_value"))
+    required: bool = False
+    description: str | None = None
+    secret: bool = False
+
+    @property
+    def has_default(self) -> bool:
+        return "default" in self.model_fields_set
+
+
+class Server(_Model):
+    """An MCP server. ``transport`` defaults to stdio (GoFlow's engine rejects an omitted one)."""
+
+    id: str
+    name: str | None = None
+    description: str | None = None
+    command: str | None = None
+    args: list[str] = Field(default_factory=list)
+    transport: Literal["stdio", "sse", "http"] = "stdio"
+    env: dict[str, str] = Field(default_factory=dict)
+    cwd: str | None = None
+    url: str | None = None
+    headers: dict[str, str] = Field(default_factory=dict)
+    credential_ref: str | None = None
+
+
+class RetryPolicy(_Model):
+    """How a failed node is retried.
+
+    ``max_attempts`` counts every attempt, the first included (``3`` = up to two retries).
+    The delay before retry *n* is ``initial_delay * backoff_multiplier**(n-1)`` for
+    ``exponential`` backoff (``initial_delay`` for ``fixed``), capped at ``max_delay``, with
+    +/-25% jitter when ``jitter`` is true. ``on`` (alias ``retryable_errors``) lists the error
+    classes retried (empty = all); ``non_retryable_errors`` wins over it.
+    """
+
+    max_attempts: int = Field(default=3, ge=1, le=1000)
+    backoff: Literal["fixed", "exponential"] = "exponential"
+    initial_delay: float = 1.0
+    max_delay: float = 30.0
+    backoff_multiplier: float = Field(default=2.0, ge=1.0, le=100.0)
+    jitter: bool = True
+    on: list[str] = Field(default_factory=list, validation_alias=AliasChoices("on", "retryable_errors"))
+    non_retryable_errors: list[str] = Field(default_factory=list)
+
+    _durations = field_validator("initial_delay", "max_delay", mode="before")(_duration)
+
+    def delay(self, retry_number: int) -> float:
+        """The delay in seconds before retry ``retry_number`` (1-based), before jitter."""
+        if self.backoff == "fixed":
+            base = self.initial_delay
+        else:
+            base = self.initial_delay * self.backoff_multiplier ** min(retry_number - 1, 64)
+        return min(base, self.max_delay)
+
+    def retries(self, error_type: str) -> bool:
+        """Whether an error of class ``error_type`` may be retried under this policy."""
+        if error_type in self.non_retryable_errors:
+            return False
+        return not self.on or error_type in self.on
+
+
+class WorkerSelector(_Model):
+    labels: dict[str, str] = Field(default_factory=dict)
+
+
+class NodeBase(_Model):
+    id: str
+    description: str | None = None
+    retry: RetryPolicy | None = None
+    timeout: float | None = None
+    condition: str | None = None
+    """On every node but ``condition`` nodes: a guard; when false the node is skipped."""
+    worker: WorkerSelector | None = None
+
+    _timeout = field_validator("timeout", mode="before")(_duration)
+
+    @property
+    def output_variable(self) -> str | None:
+        return getattr(self, "output", None)
+
+
+class StartNode(NodeBase):
+    type: Literal["start"]
+
+
+class EndNode(NodeBase):
+    type: Literal["end"]
+    return_: Any = Field(default=None, validation_alias=AliasChoices("return", "return_value"))
+
+
+class PassthroughNode(NodeBase):
+    type: Literal["passthrough"]
+
+
+class McpToolNode(NodeBase):
+    type: Literal["mcp_tool"]
+    server: str
+    tool: str
+    parameters: Any = Field(default_factory=dict)
+    output: str | None = None
+
+
+class TransformNode(NodeBase):
+    type: Literal["transform"]
+    input: str | None = None
+    expression: str | None = None
+    template: str | None = None
+    output: str | None = None
+
+
+class ConditionNode(NodeBase):
+    type: Literal["condition"]
+    condition: str  # type: ignore[assignment]
+
+
+class LoopNode(NodeBase):
+    type: Literal["loop"]
+    collection: str
+    item: str
+    body: list[str]
+    break_condition: str | None = None
+    output: str | None = None
+    max_parallel: int | None = Field(default=None, ge=1)
+    parallel: bool = False
+    """GoFlow docs' ``parallel: true``: iterations overlap (bounded by ``max_parallel`` if set)."""
+
+
+class ParallelNode(NodeBase):
+    type: Literal["parallel"]
+    branches: list[list[str]]
+    merge_strategy: MergeStrategy = Field(default="wait_all", validation_alias=AliasChoices("merge_strategy", "merge"))
+    max_parallel: int | None = Field(default=None, ge=1)
+
+
+class PythonNode(NodeBase):
+    type: Literal["python"]
+    call: str
+    args: list[Any] = Field(default_factory=list)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    output: str | None = None
+
+
+Node = Annotated[
+    Union[StartNode, EndNode, PassthroughNode, McpToolNode, TransformNode, ConditionNode, LoopNode, ParallelNode, PythonNode],
+    Field(discriminator="type"),
+]
+
+NODE_TYPES: dict[str, type[NodeBase]] = {
+    "start": StartNode,
+    "end": EndNode,
+    "passthrough": PassthroughNode,
+    "mcp_tool": McpToolNode,
+    "transform": TransformNode,
+    "condition": ConditionNode,
+    "loop": LoopNode,
+    "parallel": ParallelNode,
+    "python": PythonNode,
+}
+WORKER_NODE_TYPES = frozenset({"mcp_tool", "transform", "python"})
+
+
+class Edge(_Model):
+    id: str | None = None
+    source: str = Field(validation_alias="from")
+    target: str = Field(validation_alias="to")
+    condition: str | None = None
+    label: str | None = None
+    description: str | None = None
+
+    @field_validator("condition", mode="before")
+    @classmethod
+    def _condition_text(cls, value: Any) -> Any:
+        # YAML reads an unquoted `condition: true` as a bool; GoFlow means the string.
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        return value
+
+
+class Workflow(_Model):
+    version: str = "1.0"
+    name: str
+    description: str | None = None
+    metadata: Metadata | None = None
+    variables: list[Variable] = Field(default_factory=list)
+    servers: list[Server] = Field(default_factory=list)
+    nodes: list[Node] = Field(default_factory=list)
+    edges: list[Edge] = Field(default_factory=list)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _version_text(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, (int, float)) else value
+
+    def node(self, node_id: str) -> NodeBase:
+        """The node with id ``node_id`` (KeyError if none)."""
+        for node in self.nodes:
+            if node.id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    @property
+    def secret_variables(self) -> frozenset[str]:
+        return frozenset(v.name for v in self.variables if v.secret)
+
+
+def allowed_keys(model: type[BaseModel]) -> set[str]:
+    """Every YAML key ``model`` accepts: field names and all their aliases."""
+    keys: set[str] = set()
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            keys.update(str(choice) for choice in alias.choices)
+        elif isinstance(alias, str):
+            keys.add(alias)
+        elif info.alias:
+            keys.add(info.alias)
+        else:
+            keys.add(name)
+    return keys

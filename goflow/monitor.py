@@ -1,0 +1,531 @@
+"""Client side of the event stream: :class:`Monitor`.
+
+``Monitor.subscribe`` yields :class:`~goflow.events.types.Event` objects. In reliable
+mode (the default) every event of the selected stream is delivered exactly once and in
+order, or its loss is counted in ``monitor.stats["lost"]`` and described in
+``monitor.losses``; see ``docs/events.md`` for the protocol.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any, AsyncIterator, Callable, Generator, Iterator, Literal
+
+import zmq
+
+from goflow.control import AsyncControlClient, ControlClient, ControlError
+from goflow.events.codec import decode_event, topic_for
+from goflow.events.filter import EventFilter
+from goflow.events.types import EXECUTION_SCOPED_TYPES, HEARTBEAT, Event
+
+Since = Literal["now", "start"] | int
+_FAR = 2 ** 62           # "after everything": used to ask for the latest eseq/seq only
+_POLL_MS = 500
+DEFAULT_RCVHWM = 100_000
+
+Request = tuple[str, dict]
+
+
+class _Reliable:
+    """Gap detection and repair state for one subscription.
+
+    ``initial`` and ``process`` are generators that yield control requests
+    ``(op, fields)``, receive the reply dict (or a thrown :class:`ControlError`) and
+    return the list of events to deliver, so the same logic drives the blocking and the
+    asyncio subscriber.
+    """
+
+    def __init__(self, filt: EventFilter, stats: dict, losses: deque, can_repair: bool):
+        self.filter = filt
+        self.stats = stats
+        self.losses = losses
+        self.can_repair = can_repair
+        self.per_execution = bool(filt.executions)
+        self.executions = frozenset(filt.executions or ())
+        self.epoch: str | None = None
+        self.expected: dict[str, int] = {}      # per-execution mode: next eseq
+        self.next_seq: int | None = None         # all-executions mode: next seq
+
+    def prefixes(self) -> list[str]:
+        if self.per_execution:   # the whole stream of each execution, plus heartbeats
+            return [f"{t}/{e}/" for e in self.filter.executions for t in EXECUTION_SCOPED_TYPES] \
+                + ["heartbeat/"]
+        return [""]
+
+    # -- bookkeeping ------------------------------------------------------------------
+    def _loss(self, count: int, reason: str, **where: Any) -> None:
+        if count <= 0:
+            return
+        key = "truncated" if reason == "evicted before subscribe" else "lost"
+        self.stats[key] += count
+        self.losses.append({"count": count, "reason": reason, "epoch": self.epoch, **where})
+
+    # -- fetching -----------------------------------------------------------------------
+    def _fetch_execution(self, eid: str, start: int, end: int | None
+                         ) -> Generator[Request, dict, tuple[list[Event], int | None]]:
+        """Events ``start..end`` of one execution (paged). Returns (events, last_eseq)."""
+        out: list[Event] = []
+        last: int | None = None
+        cur = start
+        while end is None or cur <= end:
+            fields = {"execution_id": eid, "from_eseq": cur}
+            if end is not None:
+                fields["to_eseq"] = end
+            try:
+                reply = yield ("replay", fields)
+            except ControlError as exc:
+                if exc.type == "not_found":
+                    return out, None
+                self.losses.append({"count": 0, "reason": f"replay failed: {exc}",
+                                    "execution_id": eid})
+                return out, last
+            if self.epoch is None:
+                self.epoch = reply.get("epoch")
+            if reply.get("epoch") not in (None, self.epoch):
+                return out, last     # the coordinator restarted; the live stream will say so
+            last = reply.get("last_eseq")
+            events = []
+            for p in reply.get("events") or ():
+                ev = decode_event(b"", p)
+                ev.topic = topic_for(ev.type, ev.execution_id, ev.node_id)
+                events.append(ev)
+            if not events:
+                break
+            out.extend(events)
+            cur = events[-1].eseq + 1
+            if reply.get("complete"):
+                break
+        return out, last
+
+    def _fetch_global(self, start: int, end: int | None
+                      ) -> Generator[Request, dict, tuple[list[Event], int | None]]:
+        out: list[Event] = []
+        last: int | None = None
+        cur = start
+        while end is None or cur <= end:
+            try:
+                reply = yield ("replay_seq", {"from_seq": cur})
+            except ControlError as exc:
+                self.losses.append({"count": 0, "reason": f"replay_seq failed: {exc}"})
+                return out, last
+            if self.epoch is None:
+                self.epoch = reply.get("epoch")
+            if reply.get("epoch") not in (None, self.epoch):
+                return out, last
+            last = reply.get("last_seq")
+            events = [decode_event(t, p) for t, p in reply.get("events") or ()]
+            events = [e for e in events if end is None or e.seq <= end]
+            if not events:
+                break
+            out.extend(events)
+            cur = events[-1].seq + 1
+        return out, last
+
+    # -- repair ------------------------------------------------------------------------
+    def _repair_execution(self, eid: str, start: int, end: int | None, reason: str,
+                          counter: str = "repaired") -> Generator[Request, dict, list[Event]]:
+        deliver: list[Event] = []
+        events, last = ([], None)
+        if self.can_repair:
+            events, last = yield from self._fetch_execution(eid, start, end)
+        if end is None:
+            end = last if last is not None else start - 1
+        exp = start
+        for ev in events:
+            if ev.eseq is None or ev.eseq < exp or ev.eseq > end:
+                continue
+            if ev.eseq > exp:
+                self._loss(ev.eseq - exp, "evicted before subscribe" if counter == "replayed"
+                           else "not in replay log", execution_id=eid,
+                           from_eseq=exp, to_eseq=ev.eseq - 1)
+            self.stats[counter] += 1
+            exp = ev.eseq + 1
+            if self.filter.matches(ev):
+                deliver.append(ev)
+        if exp <= end:
+            self._loss(end - exp + 1, reason if self.can_repair else f"{reason} (no control "
+                       f"endpoint to repair from)", execution_id=eid, from_eseq=exp, to_eseq=end)
+            exp = end + 1
+        self.expected[eid] = max(self.expected.get(eid, 1), exp)
+        return deliver
+
+    def _repair_global(self, start: int, end: int | None, reason: str,
+                       counter: str = "repaired") -> Generator[Request, dict, list[Event]]:
+        deliver: list[Event] = []
+        events, last = ([], None)
+        if self.can_repair:
+            events, last = yield from self._fetch_global(start, end)
+        if end is None:
+            end = max(last if last is not None else start - 1,
+                      events[-1].seq if events else start - 1)
+        exp = start
+        for ev in events:
+            if ev.seq < exp or ev.seq > end:
+                continue
+            if ev.seq > exp:
+                self._loss(ev.seq - exp, "evicted before subscribe" if counter == "replayed"
+                           else "not in replay ring", from_seq=exp, to_seq=ev.seq - 1)
+            self.stats[counter] += 1
+            exp = ev.seq + 1
+            if self.filter.matches(ev):
+                deliver.append(ev)
+        if exp <= end:
+            self._loss(end - exp + 1, reason if self.can_repair else f"{reason} (no control "
+                       f"endpoint to repair from)", from_seq=exp, to_seq=end)
+            exp = end + 1
+        self.next_seq = max(self.next_seq or 1, exp)
+        return deliver
+
+    # -- entry points -------------------------------------------------------------------
+    def initial(self, since: Since) -> Generator[Request, dict, list[Event]]:
+        """Position the stream: replay history (``start``/int) or learn the latest seq."""
+        if not self.can_repair:
+            return []
+        out: list[Event] = []
+        if self.per_execution:
+            for eid in self.filter.executions:
+                if since == "now":
+                    try:
+                        reply = yield ("replay", {"execution_id": eid, "from_eseq": _FAR})
+                        self.epoch = self.epoch or reply.get("epoch")
+                        self.expected[eid] = int(reply.get("last_eseq") or 0) + 1
+                    except ControlError:
+                        self.expected[eid] = 1   # not started yet: its first event is eseq 1
+                else:
+                    start = 1 if since == "start" else max(1, int(since))
+                    out += yield from self._repair_execution(eid, start, None, "replay failed",
+                                                             counter="replayed")
+        else:
+            try:
+                reply = yield ("replay_seq", {"from_seq": _FAR})
+            except ControlError:
+                return out
+            self.epoch = reply.get("epoch")
+            if since == "now":
+                self.next_seq = int(reply.get("last_seq") or 0) + 1
+            else:
+                start = 1 if since == "start" else max(1, int(since))
+                out += yield from self._repair_global(start, int(reply.get("last_seq") or 0),
+                                                      "replay failed", counter="replayed")
+        return out
+
+    def process(self, ev: Event) -> Generator[Request, dict, list[Event]]:
+        """One live event in; the events to deliver (repaired ones first) out."""
+        out: list[Event] = []
+        if ev.epoch != self.epoch:
+            if self.epoch is not None:
+                self.stats["epoch_changes"] += 1
+                self.losses.append({"count": None, "reason": "coordinator restarted (epoch "
+                                    f"{self.epoch} -> {ev.epoch}); events of the old epoch "
+                                    "after the last one received are unknown",
+                                    "epoch": ev.epoch})
+                # A new coordinator numbers from 1 again: replay its stream from the start.
+                self.expected = {eid: 1 for eid in self.executions}
+                self.next_seq = 1
+            self.epoch = ev.epoch
+        if ev.type == HEARTBEAT:
+            self.stats["heartbeats"] += 1
+            if self.per_execution:
+                executions = ev.meta.get("executions") or {}
+                for eid in self.filter.executions:
+                    last = executions.get(eid)
+                    if last is None:
+                        continue
+                    exp = self.expected.get(eid)
+                    if exp is None:
+                        self.expected[eid] = last + 1
+                    elif last >= exp:
+                        self.stats["gaps"] += 1
+                        out += yield from self._repair_execution(eid, exp, last, "tail lost")
+            else:
+                if self.next_seq is None:
+                    self.next_seq = ev.seq + 1
+                elif ev.seq >= self.next_seq:
+                    self.stats["gaps"] += 1
+                    out += yield from self._repair_global(self.next_seq, ev.seq, "tail lost")
+            if self.filter.matches(ev):
+                out.append(ev)
+            return out
+        if self.per_execution:
+            eid, eseq = ev.execution_id, ev.eseq
+            if eid is None or eseq is None:
+                return out
+            exp = self.expected.get(eid)
+            if exp is None:
+                exp = eseq
+            if eseq < exp:
+                self.stats["duplicates_dropped"] += 1
+                return out
+            if eseq > exp:
+                self.stats["gaps"] += 1
+                out += yield from self._repair_execution(eid, exp, eseq - 1, "gap")
+            self.expected[eid] = eseq + 1
+        else:
+            seq = ev.seq
+            exp = self.next_seq if self.next_seq is not None else seq
+            if seq < exp:
+                self.stats["duplicates_dropped"] += 1
+                return out
+            if seq > exp:
+                self.stats["gaps"] += 1
+                out += yield from self._repair_global(exp, seq - 1, "gap")
+            self.next_seq = seq + 1
+        if self.filter.matches(ev):
+            out.append(ev)
+        return out
+
+
+def _new_stats() -> dict[str, int]:
+    return {"received": 0, "delivered": 0, "repaired": 0, "replayed": 0, "lost": 0,
+            "truncated": 0, "duplicates_dropped": 0, "gaps": 0, "epoch_changes": 0,
+            "heartbeats": 0, "undecodable": 0}
+
+
+class Monitor:
+    """Subscribe to a coordinator's events and query its control socket.
+
+    ``events``: the PUB endpoint; ``control``: the control endpoint (needed for repair,
+    ``since`` other than ``"now"`` and the query methods). ``curve``:
+    ``{"server_public": key, "public"?: key, "secret"?: key, "control_server_public"?: key}``.
+    """
+
+    def __init__(self, events: str, control: str | None = None, *, context: zmq.Context | None = None,
+                 curve: dict | None = None, control_timeout: float = 5.0,
+                 rcvhwm: int = DEFAULT_RCVHWM):
+        self.events_endpoint = events
+        self.control_endpoint = control
+        self.context = context or zmq.Context.instance()
+        self.curve = curve
+        self.control_timeout = control_timeout
+        self.rcvhwm = rcvhwm
+        self.stats: dict[str, int] = _new_stats()
+        self.losses: deque[dict] = deque(maxlen=1000)
+        self.timed_out = False
+        self._client: ControlClient | None = None
+
+    # -- control queries ---------------------------------------------------------------
+    def _control_curve(self) -> dict | None:
+        if not self.curve:
+            return None
+        c = dict(self.curve)
+        if c.get("control_server_public"):
+            c["server_public"] = c["control_server_public"]
+        return c
+
+    @property
+    def control(self) -> ControlClient:
+        if self.control_endpoint is None:
+            raise ControlError("bad_request", "this Monitor has no control endpoint")
+        if self._client is None:
+            self._client = ControlClient(self.control_endpoint, context=self.context,
+                                         timeout=self.control_timeout, curve=self._control_curve())
+        return self._client
+
+    def request(self, op: str, **fields) -> dict:
+        reply = self.control.request(op, **fields)
+        return {k: v for k, v in reply.items() if k not in ("id", "ok")}
+
+    def progress(self, execution_id: str) -> dict:
+        return self.request("progress", execution_id=execution_id)
+
+    def variables(self, execution_id: str) -> dict:
+        return self.request("variables", execution_id=execution_id)
+
+    def execution(self, execution_id: str) -> dict:
+        return self.request("execution", execution_id=execution_id)
+
+    def executions(self) -> dict:
+        return self.request("executions")
+
+    def replay(self, execution_id: str, from_eseq: int = 1, to_eseq: int | None = None) -> list[Event]:
+        """One execution's logged events (paged until complete)."""
+        tracker = _Reliable(EventFilter(executions=[execution_id]), _new_stats(), deque(), True)
+        return self._drive(tracker._fetch_execution(execution_id, from_eseq, to_eseq))[0]
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- subscription ------------------------------------------------------------------
+    def _setup_sub(self, sock: zmq.Socket, prefixes: list[str]) -> None:
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, int(self.rcvhwm))
+        if self.curve:
+            public, secret = self.curve.get("public"), self.curve.get("secret")
+            if not (public and secret):
+                public, secret = zmq.curve_keypair()
+            sock.curve_serverkey = self.curve["server_public"]
+            sock.curve_publickey = public
+            sock.curve_secretkey = secret
+        for p in prefixes:
+            sock.setsockopt(zmq.SUBSCRIBE, p.encode())
+        sock.connect(self.events_endpoint)
+
+    def _plan(self, filter: EventFilter | None, reliable: bool, since: Since):
+        filt = filter or EventFilter()
+        if since != "now":
+            if not reliable:
+                raise ValueError("since= needs reliable=True (history comes from the replay log)")
+            if self.control_endpoint is None:
+                raise ValueError("since= needs a control endpoint to replay history from")
+            if not (since == "start" or (isinstance(since, int) and not isinstance(since, bool))):
+                raise ValueError("since must be 'now', 'start' or an int")
+        tracker = _Reliable(filt, self.stats, self.losses, self.control_endpoint is not None) \
+            if reliable else None
+        prefixes = tracker.prefixes() if tracker else filt.prefixes()
+        return filt, tracker, prefixes
+
+    def _decode(self, frames: list[bytes]) -> Event | None:
+        if len(frames) != 2:
+            self.stats["undecodable"] += 1
+            return None
+        try:
+            ev = decode_event(frames[0], frames[1])
+        except Exception:
+            self.stats["undecodable"] += 1
+            return None
+        self.stats["received"] += 1
+        return ev
+
+    def _drive(self, gen: Generator[Request, dict, Any]) -> Any:
+        try:
+            req = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        while True:
+            try:
+                reply = self.control.request(req[0], **req[1])
+            except ControlError as exc:
+                try:
+                    req = gen.throw(exc)
+                except StopIteration as stop:
+                    return stop.value
+                continue
+            try:
+                req = gen.send(reply)
+            except StopIteration as stop:
+                return stop.value
+
+    def subscribe(self, filter: EventFilter | None = None, reliable: bool = True,
+                  since: Since = "now", timeout: float | None = None,
+                  until: Callable[[Event], bool] | None = None) -> Iterator[Event]:
+        """Iterate over events.
+
+        ``timeout``: end the iteration after this many seconds without any message
+        (``monitor.timed_out`` is then True). ``until(event)``: stop after yielding the
+        first event for which it returns True. The SUB socket is closed when the iterator
+        ends, is closed, or is garbage-collected.
+        """
+        filt, tracker, prefixes = self._plan(filter, reliable, since)
+        return self._iterate(filt, tracker, prefixes, since, timeout, until)
+
+    def _iterate(self, filt, tracker, prefixes, since, timeout, until) -> Iterator[Event]:
+        sock = self.context.socket(zmq.SUB)
+        self.timed_out = False
+        try:
+            self._setup_sub(sock, prefixes)       # subscribe FIRST, then replay, then dedupe
+            if tracker is not None:
+                for ev in self._drive(tracker.initial(since)):
+                    self.stats["delivered"] += 1
+                    yield ev
+                    if until is not None and until(ev):
+                        return
+            idle_since = time.monotonic()
+            while True:
+                wait = _POLL_MS if timeout is None else max(
+                    0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
+                if not sock.poll(wait, zmq.POLLIN):
+                    if timeout is not None and time.monotonic() - idle_since >= timeout:
+                        self.timed_out = True
+                        return
+                    continue
+                idle_since = time.monotonic()
+                ev = self._decode(sock.recv_multipart())
+                if ev is None:
+                    continue
+                if tracker is None:
+                    batch = [ev] if filt.matches(ev) else []
+                else:
+                    batch = self._drive(tracker.process(ev))
+                for out in batch:
+                    self.stats["delivered"] += 1
+                    yield out
+                    if until is not None and until(out):
+                        return
+        finally:
+            sock.close(0)
+
+    async def asubscribe(self, filter: EventFilter | None = None, reliable: bool = True,
+                         since: Since = "now", timeout: float | None = None,
+                         until: Callable[[Event], bool] | None = None) -> AsyncIterator[Event]:
+        """asyncio twin of :meth:`subscribe` (``async for ev in monitor.asubscribe(...)``)."""
+        import zmq.asyncio
+        filt, tracker, prefixes = self._plan(filter, reliable, since)
+        actx = zmq.asyncio.Context.shadow(self.context)
+        sock = actx.socket(zmq.SUB)
+        client = AsyncControlClient(self.control_endpoint, context=actx,
+                                    timeout=self.control_timeout, curve=self._control_curve()) \
+            if self.control_endpoint else None
+
+        async def drive(gen):
+            try:
+                req = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            while True:
+                try:
+                    if client is None:
+                        raise ControlError("bad_request", "no control endpoint")
+                    reply = await client.request(req[0], **req[1])
+                except ControlError as exc:
+                    try:
+                        req = gen.throw(exc)
+                    except StopIteration as stop:
+                        return stop.value
+                    continue
+                try:
+                    req = gen.send(reply)
+                except StopIteration as stop:
+                    return stop.value
+
+        self.timed_out = False
+        try:
+            self._setup_sub(sock, prefixes)
+            if tracker is not None:
+                for ev in await drive(tracker.initial(since)):
+                    self.stats["delivered"] += 1
+                    yield ev
+                    if until is not None and until(ev):
+                        return
+            idle_since = time.monotonic()
+            while True:
+                wait = _POLL_MS if timeout is None else max(
+                    0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
+                if not await sock.poll(wait, zmq.POLLIN):
+                    if timeout is not None and time.monotonic() - idle_since >= timeout:
+                        self.timed_out = True
+                        return
+                    continue
+                idle_since = time.monotonic()
+                ev = self._decode(await sock.recv_multipart())
+                if ev is None:
+                    continue
+                batch = ([ev] if filt.matches(ev) else []) if tracker is None \
+                    else await drive(tracker.process(ev))
+                for out in batch:
+                    self.stats["delivered"] += 1
+                    yield out
+                    if until is not None and until(out):
+                        return
+        finally:
+            sock.close(0)
+            if client is not None:
+                client.close()

@@ -1,0 +1,53 @@
+"""The coordinator <-> worker protocol, version 1 (documented in docs/protocol.md).
+
+Each worker process holds two DEALER sockets connected to the coordinator's ROUTER:
+
+* the **task lane** (identity ``<worker_id>``): ``ready`` -> ``welcome``; ``task`` in,
+  ``result`` out. A worker announces ``credits`` (how many tasks it accepts in advance)
+  so it always has its next task in hand; each ``result`` returns one credit.
+* the **control lane** (identity ``<worker_id>.ctl``), served by a thread of its own so it
+  keeps working while a task runs: ``heartbeat`` both ways, ``cancel`` and ``shutdown`` in.
+
+Every message is one msgpack map with a ``t`` (type) key; unknown or malformed messages
+are counted and dropped, never fatal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+VERSION = 1
+CONTROL_SUFFIX = b".ctl"
+
+# Message types.
+READY = "ready"
+WELCOME = "welcome"
+TASK = "task"
+RESULT = "result"
+HEARTBEAT = "heartbeat"
+CANCEL = "cancel"
+SHUTDOWN = "shutdown"
+BYE = "bye"
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class ProtocolError(ValueError):
+    """A frame that is not a well-formed protocol message."""
+
+
+def encode(message: dict[str, Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(frame: bytes) -> dict[str, Any]:
+    """The message in ``frame``; raises :class:`ProtocolError` for anything malformed."""
+    try:
+        message = msgpack.unpackb(frame, raw=False, strict_map_key=False)
+    except Exception as exc:  # msgpack raises several unrelated types for garbage
+        raise ProtocolError(f"not msgpack: {exc}") from None
+    if not isinstance(message, dict) or not isinstance(message.get("t"), str):
+        raise ProtocolError("not a protocol message (a map with a 't' key)")
+    return message

@@ -1,0 +1,133 @@
+"""Run workflows on an embedded coordinator with local worker processes.
+
+:class:`EmbeddedRuntime` owns a private temporary directory (for the ipc:// endpoints), a
+:class:`~goflow.coordinator.coordinator.Coordinator` on a background thread and a pool of
+local worker processes; leaving it stops the workers and removes the directory.
+:func:`run` is the one-call Python API.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zmq
+
+from goflow.coordinator.coordinator import Coordinator
+from goflow.coordinator.local_workers import LocalWorkerPool
+from goflow.loader import load
+from goflow.model import Workflow
+
+EXIT_CODES = {"completed": 0, "failed": 1, "timed_out": 1, "cancelled": 130}
+
+
+@dataclass
+class ExecutionResult:
+    """The outcome of one execution (``goflow run --json`` prints :meth:`to_dict`)."""
+
+    execution_id: str
+    workflow: str
+    status: str
+    result: Any = None
+    variables: dict[str, Any] = field(default_factory=dict)
+    error: dict | None = None
+    duration_s: float = 0.0
+    records: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_CODES.get(self.status, 1)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "completed"
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.pop("records")
+        if data["error"] is not None:
+            data["error"] = {key: data["error"].get(key) for key in ("type", "message", "node_id")}
+        return data
+
+    @classmethod
+    def from_summary(cls, summary: dict) -> "ExecutionResult":
+        return cls(**{key: summary.get(key) for key in ("execution_id", "workflow", "status", "result", "variables",
+                                                        "error", "duration_s", "records")})
+
+
+class EmbeddedRuntime:
+    """A coordinator plus ``workers`` local worker processes, for the duration of a ``with``."""
+
+    def __init__(self, *, workers: int | None = None, publish: list[str] | None = None,
+                 control: list[str] | None = None, python_paths: list[str] | None = None,
+                 sndhwm: int | None = None, credits: int = 4):
+        self.tempdir = tempfile.mkdtemp(prefix="goflow-")
+        os.chmod(self.tempdir, 0o700)
+        self.events_endpoint = f"ipc://{self.tempdir}/events"
+        self.control_endpoint = f"ipc://{self.tempdir}/control"
+        self.worker_count = workers or os.cpu_count() or 2
+        try:
+            self.coordinator = Coordinator(
+                workers_endpoint=f"ipc://{self.tempdir}/workers",
+                event_endpoints=[self.events_endpoint, *(publish or [])],
+                control_endpoints=[self.control_endpoint, *(control or [])],
+                sndhwm=sndhwm, context=zmq.Context.instance())
+        except Exception:
+            shutil.rmtree(self.tempdir, ignore_errors=True)
+            raise
+        self.pool = LocalWorkerPool(self.coordinator.workers_endpoint, self.worker_count,
+                                    python_paths=python_paths, credits=credits)
+        self.coordinator.attach_local_pool(self.pool)
+
+    def __enter__(self) -> "EmbeddedRuntime":
+        self.coordinator.start()
+        self.pool.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        try:
+            self.coordinator.stop()
+        finally:
+            shutil.rmtree(self.tempdir, ignore_errors=True)
+
+    def wait_for_workers(self, count: int = 1, timeout: float = 30.0) -> bool:
+        """Block until ``count`` workers have joined (False on timeout)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.coordinator.call(lambda: len(self.coordinator.workers)) >= count:
+                return True
+            time.sleep(0.02)
+        return False
+
+
+def _workflow_and_paths(source: str | os.PathLike | Workflow) -> tuple[Workflow, list[str]]:
+    if isinstance(source, Workflow):
+        return source, []
+    path = Path(source)
+    return load(path), [str(path.resolve().parent)]
+
+
+def run(source: str | os.PathLike | Workflow, variables: dict[str, Any] | None = None, *,
+        workers: int | None = None, timeout: float | None = None) -> ExecutionResult:
+    """Run a workflow (a path or a loaded :class:`Workflow`) to its end and return the result.
+
+    Raises :class:`~goflow.errors.WorkflowError` for an invalid workflow and ValueError for
+    missing required variables, before anything starts.
+    """
+    workflow, paths = _workflow_and_paths(source)
+    with EmbeddedRuntime(workers=workers, python_paths=paths) as runtime:
+        _, future = runtime.coordinator.submit(workflow, variables, timeout=timeout)
+        try:
+            summary = future.result()
+        except KeyboardInterrupt:
+            runtime.coordinator.cancel(_, "interrupted (Ctrl-C)")
+            summary = future.result(timeout=10)
+    return ExecutionResult.from_summary(summary)

@@ -1,0 +1,456 @@
+"""Semantic validation of a parsed workflow: every problem at once, each with its position.
+
+Rules: node ids (syntax, duplicates); exactly one start and at least one end; edges
+(endpoints exist, no self-loops, no duplicates); condition nodes with exactly one "true" and
+one "false" edge; loop bodies and parallel branches (existing nodes, not in the main graph,
+in at most one container); cycles, through edges and through loop bodies and parallel
+branches; every unreachable node; references to undefined variables (scope-aware: loop
+items and ``<item>_index`` only inside their loop); servers referenced but not declared or
+registered; expressions, conditions, templates and interpolations that do not parse;
+variables (names, duplicates, default vs type).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Iterable
+
+from goflow.errors import ExpressionError
+from goflow.expr import compile_transform, interpolation_references, parse_condition, check_interpolation
+from goflow.loader import LoadedWorkflow
+from goflow.model import (
+    ID_PATTERN,
+    VARIABLE_PATTERN,
+    CALL_PATTERN,
+    ConditionNode,
+    EndNode,
+    LoopNode,
+    McpToolNode,
+    NodeBase,
+    ParallelNode,
+    PythonNode,
+    TransformNode,
+)
+from goflow.references import reference_root
+
+_TYPE_CHECKS = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "array": lambda v: isinstance(v, list),
+    "any": lambda v: True,
+}
+
+
+def containers(nodes: Iterable[NodeBase]) -> dict[str, str]:
+    """Map each loop-body / parallel-branch member id to the id of the node that contains it."""
+    owner: dict[str, str] = {}
+    for node in nodes:
+        for member in members(node):
+            owner.setdefault(member, node.id)
+    return owner
+
+
+def members(node: NodeBase) -> list[str]:
+    """Ids that ``node`` runs itself: a loop's body or a parallel node's branches, in order."""
+    if isinstance(node, LoopNode):
+        return list(node.body)
+    if isinstance(node, ParallelNode):
+        return [member for branch in node.branches for member in branch]
+    return []
+
+
+class _Validator:
+    def __init__(self, loaded: LoadedWorkflow):
+        self.loaded = loaded
+        self.workflow = loaded.workflow
+        self.nodes = {node.id: node for node in self.workflow.nodes}
+
+    # -- helpers ---------------------------------------------------------------------------
+    def error(self, path: tuple, message: str, node: str | None = None, severity: str = "error") -> None:
+        self.loaded.problem(path, message, node=node, severity=severity)
+
+    def node_path(self, node_id: str, *rest: Any) -> tuple:
+        return self.loaded.node_paths.get(node_id, ("nodes",)) + rest
+
+    def known(self, node_id: str | None) -> bool:
+        return node_id in self.nodes or node_id in self.loaded.broken_node_ids
+
+    # -- rules -----------------------------------------------------------------------------
+    def run(self) -> None:
+        self.check_ids()
+        self.check_start_end()
+        self.check_variables()
+        self.check_edges()
+        self.check_conditions()
+        self.check_containers()
+        self.check_cycles()
+        self.check_reachability()
+        self.check_servers()
+        self.check_node_fields()
+        self.check_references()
+
+    def check_ids(self) -> None:
+        seen: dict[str, int] = {}
+        for index, node in enumerate(self.workflow.nodes):
+            path = self.node_path(node.id, "id")
+            if not ID_PATTERN.match(node.id):
+                self.error(path, f"invalid node id '{node.id}': use letters, digits, '_' and '-', "
+                                 f"starting with a letter or '_'", node.id)
+            if node.id in seen:
+                self.error(("nodes", index, "id"), f"duplicate node id '{node.id}'; node ids must be unique", node.id)
+            seen[node.id] = index
+
+    def check_start_end(self) -> None:
+        starts = [n.id for n in self.workflow.nodes if n.type == "start"]
+        ends = [n.id for n in self.workflow.nodes if n.type == "end"]
+        if len(starts) != 1:
+            where = self.node_path(starts[1], "type") if len(starts) > 1 else ("nodes",)
+            self.error(where, f"a workflow needs exactly one start node, found {len(starts)}"
+                              + (f" ({', '.join(starts)})" if starts else "; add a node with 'type: start'"))
+        if not ends:
+            self.error(("nodes",), "a workflow needs at least one end node; add a node with 'type: end'")
+
+    def check_variables(self) -> None:
+        seen: set[str] = set()
+        for index, variable in enumerate(self.workflow.variables):
+            path = ("variables", index)
+            if not VARIABLE_PATTERN.match(variable.name):
+                self.error(path + ("name",), f"invalid variable name '{variable.name}': use letters, digits and '_', "
+                                             f"starting with a letter or '_'")
+            if variable.name in seen:
+                self.error(path + ("name",), f"duplicate variable '{variable.name}'")
+            seen.add(variable.name)
+            if variable.has_default and variable.default is not None and not _TYPE_CHECKS[variable.type](variable.default):
+                self.error(path + ("default",), f"default of variable '{variable.name}' is a "
+                                                f"{type(variable.default).__name__}, not a {variable.type}")
+            if variable.required and variable.has_default:
+                self.error(path + ("required",), f"variable '{variable.name}' is required and has a default; "
+                                                 f"the default is never used", severity="warning")
+
+    def check_edges(self) -> None:
+        seen: set[tuple[str, str]] = set()
+        for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
+            for end, key in ((edge.source, "from"), (edge.target, "to")):
+                if not self.known(end):
+                    self.error(path + (key,), f"edge {edge.source} -> {edge.target}: no node '{end}'"
+                                              + self._nearest_node(end))
+            if edge.source == edge.target:
+                self.error(path, f"edge {edge.source} -> {edge.target} is a self-loop", edge.source)
+            pair = (edge.source, edge.target)
+            if pair in seen:
+                self.error(path, f"duplicate edge {edge.source} -> {edge.target}", edge.source)
+            seen.add(pair)
+            source = self.nodes.get(edge.source)
+            if source is not None and source.type == "end":
+                self.error(path, f"edge leaves end node '{edge.source}'; an end node finishes its path", edge.source,
+                           severity="warning")
+            if edge.condition is not None and source is not None and not isinstance(source, ConditionNode):
+                self.error(path + ("condition",), f"edge {edge.source} -> {edge.target} has a condition but "
+                                                  f"'{edge.source}' is not a condition node; it is ignored",
+                           edge.source, severity="warning")
+
+    def _nearest_node(self, name: str) -> str:
+        import difflib
+
+        close = difflib.get_close_matches(name, list(self.nodes), n=1)
+        return f"; did you mean '{close[0]}'?" if close else ""
+
+    def check_conditions(self) -> None:
+        outgoing: dict[str, list[tuple]] = defaultdict(list)
+        for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
+            outgoing[edge.source].append((edge, path))
+        for node in self.workflow.nodes:
+            if not isinstance(node, ConditionNode):
+                continue
+            labels = [edge.condition for edge, _ in outgoing[node.id]]
+            for edge, path in outgoing[node.id]:
+                if edge.condition not in ("true", "false"):
+                    self.error(path + ("condition",), f"edge {edge.source} -> {edge.target} leaves condition node "
+                                                      f"'{node.id}' and must have condition \"true\" or \"false\""
+                                                      f" (found {edge.condition!r})", node.id)
+            for label in ("true", "false"):
+                count = labels.count(label)
+                if count != 1:
+                    self.error(self.node_path(node.id), f"condition node '{node.id}' needs exactly one \"{label}\" "
+                                                        f"edge, found {count}", node.id)
+
+    def check_containers(self) -> None:
+        with_edges = {e.source for e in self.workflow.edges} | {e.target for e in self.workflow.edges}
+        owner: dict[str, str] = {}
+        for node in self.workflow.nodes:
+            if isinstance(node, LoopNode):
+                groups = [("body", node.body)]
+                if not node.body:
+                    self.error(self.node_path(node.id, "body"), f"loop '{node.id}' has an empty body", node.id)
+            elif isinstance(node, ParallelNode):
+                groups = [(f"branches[{i}]", branch) for i, branch in enumerate(node.branches)]
+                if not node.branches or any(not branch for branch in node.branches):
+                    self.error(self.node_path(node.id, "branches"), f"parallel node '{node.id}' has an empty branch "
+                                                                    f"list or an empty branch", node.id)
+                elif len(node.branches) < 2:
+                    self.error(self.node_path(node.id, "branches"), f"parallel node '{node.id}' has only one branch",
+                               node.id, severity="warning")
+            else:
+                continue
+            for label, ids in groups:
+                for member in ids:
+                    if not self.known(member):
+                        self.error(self.node_path(node.id, label.split("[")[0]),
+                                   f"{label} of '{node.id}' names missing node '{member}'{self._nearest_node(member)}",
+                                   node.id)
+                        continue
+                    member_node = self.nodes.get(member)
+                    if member_node is not None and member_node.type in ("start", "end"):
+                        self.error(self.node_path(node.id), f"{label} of '{node.id}' names {member_node.type} node "
+                                                            f"'{member}'", node.id)
+                    if member in with_edges:
+                        self.error(self.node_path(member), f"node '{member}' runs inside '{node.id}' ({label}) and "
+                                                           f"must not also have edges in the main graph", member)
+                    if member in owner and owner[member] != node.id:
+                        self.error(self.node_path(member), f"node '{member}' is in both '{owner[member]}' and "
+                                                           f"'{node.id}'; a node can run inside one container only",
+                                   member)
+                    owner.setdefault(member, node.id)
+
+    def _graph(self) -> dict[str, list[str]]:
+        graph: dict[str, list[str]] = defaultdict(list)
+        for edge in self.workflow.edges:
+            graph[edge.source].append(edge.target)
+        for node in self.workflow.nodes:
+            graph[node.id].extend(members(node))
+        return graph
+
+    def check_cycles(self) -> None:
+        graph = self._graph()
+        # Tarjan's strongly connected components: each cycle is reported once.
+        index: dict[str, int] = {}
+        low: dict[str, int] = {}
+        stack: list[str] = []
+        on_stack: set[str] = set()
+        counter = [0]
+        cycles: list[list[str]] = []
+
+        def visit(root: str) -> None:
+            work = [(root, iter(graph.get(root, ())))]
+            index[root] = low[root] = counter[0]
+            counter[0] += 1
+            stack.append(root)
+            on_stack.add(root)
+            while work:
+                node, children = work[-1]
+                advanced = False
+                for child in children:
+                    if child not in index:
+                        index[child] = low[child] = counter[0]
+                        counter[0] += 1
+                        stack.append(child)
+                        on_stack.add(child)
+                        work.append((child, iter(graph.get(child, ()))))
+                        advanced = True
+                        break
+                    if child in on_stack:
+                        low[node] = min(low[node], index[child])
+                if advanced:
+                    continue
+                work.pop()
+                if work:
+                    low[work[-1][0]] = min(low[work[-1][0]], low[node])
+                if low[node] == index[node]:
+                    component = []
+                    while True:
+                        member = stack.pop()
+                        on_stack.discard(member)
+                        component.append(member)
+                        if member == node:
+                            break
+                    if len(component) > 1:
+                        cycles.append(component)
+
+        for node_id in list(self.nodes):
+            if node_id not in index:
+                visit(node_id)
+        order = {node.id: i for i, node in enumerate(self.workflow.nodes)}
+        for component in cycles:
+            component.sort(key=lambda n: order.get(n, 0))
+            first = component[0]
+            self.error(self.node_path(first), f"cycle through nodes {' -> '.join(component)} -> {first}; "
+                                              f"workflows must be acyclic (use a loop node to repeat work)", first)
+
+    def check_reachability(self) -> None:
+        starts = [n.id for n in self.workflow.nodes if n.type == "start"]
+        if len(starts) != 1:
+            return
+        graph = self._graph()
+        seen = {starts[0]}
+        frontier = [starts[0]]
+        while frontier:
+            for child in graph.get(frontier.pop(), ()):
+                if child not in seen:
+                    seen.add(child)
+                    frontier.append(child)
+        for node in self.workflow.nodes:
+            if node.id not in seen:
+                self.error(self.node_path(node.id), f"node '{node.id}' is unreachable from the start node; "
+                                                    f"add an edge to it or remove it", node.id)
+
+    def check_servers(self) -> None:
+        declared = {server.id for server in self.workflow.servers}
+        registered: set[str] | None = None
+        for index, server in enumerate(self.workflow.servers):
+            path = ("servers", index)
+            if server.transport == "stdio" and not server.command:
+                self.error(path, f"server '{server.id}' uses the stdio transport and needs 'command'")
+            if server.transport in ("sse", "http"):
+                if not server.url or not server.url.startswith(("http://", "https://")):
+                    self.error(path, f"server '{server.id}' uses the {server.transport} transport and needs 'url' "
+                                     f"starting with http:// or https://")
+        for node in self.workflow.nodes:
+            if isinstance(node, McpToolNode) and node.server not in declared:
+                if registered is None:
+                    registered = _registered_servers()
+                if node.server not in registered:
+                    self.error(self.node_path(node.id, "server"),
+                               f"node '{node.id}' uses server '{node.server}', which is neither declared under "
+                               f"'servers:' nor registered (goflow server add {node.server} ...)", node.id)
+
+    def check_node_fields(self) -> None:
+        for node in self.workflow.nodes:
+            if isinstance(node, PythonNode) and not CALL_PATTERN.match(node.call):
+                self.error(self.node_path(node.id, "call"), f"python node '{node.id}': call '{node.call}' must look "
+                                                            f"like 'package.module:function'", node.id)
+            if isinstance(node, TransformNode):
+                if (node.expression is None) == (node.template is None):
+                    self.error(self.node_path(node.id), f"transform node '{node.id}' needs exactly one of "
+                                                        f"'expression' or 'template'", node.id)
+            if isinstance(node, LoopNode) and not VARIABLE_PATTERN.match(node.item):
+                self.error(self.node_path(node.id, "item"), f"loop '{node.id}': item name '{node.item}' is not a "
+                                                            f"valid variable name", node.id)
+            for name in ("output",):
+                value = getattr(node, name, None)
+                if value is not None and not VARIABLE_PATTERN.match(value):
+                    self.error(self.node_path(node.id, name), f"node '{node.id}': output '{value}' is not a valid "
+                                                              f"variable name", node.id)
+
+    # -- references ------------------------------------------------------------------------
+    def check_references(self) -> None:
+        global_names = {v.name for v in self.workflow.variables}
+        for node in self.workflow.nodes:
+            if node.output_variable:
+                global_names.add(node.output_variable)
+        owner = containers(self.workflow.nodes)
+
+        def scope_of(node_id: str) -> set[str]:
+            names = set(global_names)
+            current, hops = owner.get(node_id), 0
+            while current is not None and hops < 1000:
+                container = self.nodes.get(current)
+                if isinstance(container, LoopNode):
+                    names.update((container.item, f"{container.item}_index"))
+                current, hops = owner.get(current), hops + 1
+            return names
+
+        for node in self.workflow.nodes:
+            scope = scope_of(node.id)
+            for field, names, error in self._node_references(node):
+                if error is not None:
+                    self.error(self.node_path(node.id, field), f"node '{node.id}': invalid {field}: {error}", node.id)
+                    continue
+                for name in sorted(names - scope):
+                    self.error(self.node_path(node.id, field), f"node '{node.id}': {field} refers to undefined "
+                                                               f"variable '{name}'{_hint(name, scope)}", node.id)
+
+    def _node_references(self, node: NodeBase):
+        """Yield ``(field, referenced root names, parse error or None)`` for each expression."""
+
+        def condition(field: str, text: str):
+            try:
+                return field, set(parse_condition(text).names), None
+            except ExpressionError as exc:
+                return field, set(), exc.message
+
+        def interpolation(field: str, value: Any):
+            try:
+                _check_all(value)
+                return field, set(interpolation_references(value)), None
+            except ExpressionError as exc:
+                return field, set(), exc.message
+
+        if node.condition is not None:
+            yield condition("condition", node.condition)
+        if isinstance(node, LoopNode):
+            yield self._reference("collection", node.collection)
+            if node.break_condition is not None:
+                # The break condition sees the iteration's item, like the body.
+                field, names, error = condition("break_condition", node.break_condition)
+                yield field, names - {node.item, f"{node.item}_index"}, error
+        elif isinstance(node, TransformNode):
+            if node.input is not None:
+                yield self._reference("input", node.input)
+            field = "expression" if node.expression is not None else "template"
+            text = node.expression if node.expression is not None else node.template
+            if text is not None:
+                try:
+                    transform = compile_transform(expression=node.expression, template=node.template)
+                    yield field, set(transform.names), None
+                except ExpressionError as exc:
+                    yield field, set(), exc.message
+        elif isinstance(node, McpToolNode):
+            yield interpolation("parameters", node.parameters)
+        elif isinstance(node, PythonNode):
+            yield interpolation("args", node.args)
+            yield interpolation("kwargs", node.kwargs)
+        elif isinstance(node, EndNode) and node.return_ is not None:
+            yield interpolation("return", node.return_)
+
+    @staticmethod
+    def _reference(field: str, text: str):
+        try:
+            return field, {reference_root(text)}, None
+        except ExpressionError as exc:
+            return field, set(), exc.message
+
+
+def _check_all(value: Any) -> None:
+    if isinstance(value, str):
+        check_interpolation(value)
+    elif isinstance(value, list):
+        for item in value:
+            _check_all(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            _check_all(item)
+
+
+def _hint(name: str, scope: set[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(scope), n=1)
+    if close:
+        return f"; did you mean '{close[0]}'?"
+    return "; declare it under 'variables:' or set it as some node's 'output'"
+
+
+def _registered_servers() -> set[str]:
+    try:
+        from goflow.servers import load_registry
+    except ImportError:  # registry module not available
+        return set()
+    try:
+        return set(load_registry())
+    except Exception:  # an unreadable registry must not break validation; `goflow server list` reports it
+        return set()
+
+
+def validate_loaded(loaded: LoadedWorkflow) -> None:
+    """Append every semantic problem of ``loaded`` to ``loaded.problems``."""
+    _Validator(loaded).run()
+    loaded.problems.sort(key=lambda p: (p.line, p.column))
+
+
+def validate_file(path: str) -> list:
+    """Every problem (errors and warnings) in the workflow file at ``path``."""
+    from goflow.loader import check, read
+
+    return check(read(path)).problems

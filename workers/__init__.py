@@ -1,0 +1,1 @@
+"""The worker side of goflow (installed as ``goflow.workers``): runtime and node executors."""

@@ -1,0 +1,35 @@
+"""``mcp_tool`` nodes: call a tool through this worker's pooled MCP sessions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from goflow.workers.executors import ExecutorOutput, TaskError
+from goflow.workers.executors.mcp import MCPSessionPool, MCPToolError
+
+DEFAULT_TIMEOUT_S = 60.0
+
+
+class McpNodeExecutor:
+    """Task spec: ``server`` (the server spec), ``tool``, ``arguments``, ``timeout``.
+
+    The value is the tool result under the documented rule (docs/mcp.md); the raw MCP
+    result travels in the node record's ``meta.raw``.
+    """
+
+    def __init__(self) -> None:
+        self.pool = MCPSessionPool()
+
+    def __call__(self, spec: dict) -> Any:
+        try:
+            result = self.pool.call_tool(spec["server"], spec["tool"], spec.get("arguments") or {},
+                                         timeout=spec.get("timeout") or DEFAULT_TIMEOUT_S)
+        except MCPToolError as exc:
+            raise TaskError(exc.error_type, str(exc)) from None
+        return ExecutorOutput(result.value, {"raw": result.raw})
+
+    def cancel(self) -> None:
+        self.pool.cancel()
+
+    def close(self) -> None:
+        self.pool.close()
