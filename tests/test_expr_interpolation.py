@@ -253,3 +253,11 @@ def test_template_names_and_errors():
         render_template("${formatDate('not a date', '2006')}", VARS)
     with pytest.raises(UndefinedVariableError):
         render_template("${ghost}", VARS)
+
+
+def test_template_hyphenated_path_is_a_reference():
+    variables = {"step-1": {"out": "ok"}, "a": 5, "b": 2}
+    assert render_template("${step-1.out}", variables) == "ok"
+    assert render_template("${a - b}", variables) == "3"
+    assert compile_template("${step-1.out} ${true}").names == frozenset({"step-1"})
+    assert render_template("${true}", {}) == "true"

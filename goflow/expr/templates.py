@@ -17,6 +17,8 @@ interpolation).  The inside of a placeholder is a full condition-language expres
   format if it contains ``%``, otherwise a Go layout (``2006-01-02T15:04:05Z07:00``,
   ``Jan 2, 2006``, ``3:04PM`` ...); naive times are treated as UTC
 * ``if(cond, a, b)`` -- ``cond`` must be a boolean; only the chosen branch is evaluated
+* a placeholder that is just a path (``${step-1.result}``, ``${items[0]}``) is a
+  reference, so hyphenated names work as in GoFlow; anything else is an expression
 * plus every condition builtin (``len``, ``abs``, ``int``, ``string``, ``round`` ...).
 
 Each placeholder's value is rendered with ``to_text``; the result is always ``str``.
@@ -28,6 +30,7 @@ values).  An unknown helper is an ExpressionError at compile time:
 from __future__ import annotations
 
 import calendar
+import re
 import datetime as _dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,9 +38,9 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.expr.conditions import (CONDITION_FUNCTIONS, Function, Node, _is_num,
-                                    evaluate_node, parse_expression, root_names)
-from goflow.expr.paths import type_name
+from goflow.expr.conditions import (CONDITION_FUNCTIONS, KEYWORDS, Function, Node, Ref,
+                                    _is_num, evaluate_node, parse_expression, root_names)
+from goflow.expr.paths import parse_path, type_name
 from goflow.expr.scanner import scan
 from goflow.expr.text import to_text
 
@@ -267,6 +270,23 @@ class Template:
         return "".join(out)
 
 
+def _path_node(content: str, pos: int) -> Node | None:
+    """A plain path (``a.b``, ``step-1.out``) is a reference, as in GoFlow templates."""
+    content = content.strip()
+    if not _PATHLIKE.fullmatch(content):
+        return None
+    try:
+        segs = parse_path(content)
+    except ExpressionError:
+        return None
+    if segs[0] in KEYWORDS:
+        return None
+    return Ref(segs, pos)
+
+
+_PATHLIKE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*(?:\.[A-Za-z0-9_][A-Za-z0-9_\-]*|\[[^\]]*\])*")
+
+
 def compile_template(text: str) -> Template:
     """Compile ``text``; ExpressionError (with position in ``text``) on bad syntax."""
     if not isinstance(text, str):
@@ -282,8 +302,10 @@ def _compile_cached(text: str) -> Template:
         if isinstance(p, str):
             parts.append(p)
             continue
-        node = parse_expression(p.content, TEMPLATE_FUNCTIONS, base=p.inner, source=text,
-                                kind="template function")
+        node = _path_node(p.content, p.start)
+        if node is None:
+            node = parse_expression(p.content, TEMPLATE_FUNCTIONS, base=p.inner, source=text,
+                                    kind="template function")
         names |= root_names(node)
         parts.append(node)
     return Template(text, frozenset(names), tuple(parts))

@@ -1,0 +1,47 @@
+"""Helpers shared by the CLI commands."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import IO, Any, Iterable
+
+from goflow.problems import Problem
+
+
+def parse_value(text: str) -> Any:
+    """A ``--var`` value: JSON when it is valid JSON (``5``, ``true``, ``[1]``), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def parse_vars(pairs: Iterable[str], input_file: str | None = None) -> dict[str, Any]:
+    """Variables from ``--input FILE.json`` overlaid with ``--var NAME=VALUE`` pairs.
+
+    Raises ValueError with a message that says how to fix the input.
+    """
+    variables: dict[str, Any] = {}
+    if input_file:
+        try:
+            data = json.loads(Path(input_file).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"cannot read --input {input_file}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise ValueError(f"--input {input_file} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"--input {input_file} must hold a JSON object of variables")
+        variables.update(data)
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"--var {pair!r} must look like NAME=VALUE")
+        variables[name.strip()] = parse_value(value)
+    return variables
+
+
+def print_problems(problems: list[Problem], stream: IO[str] = sys.stderr) -> None:
+    for problem in problems:
+        print(problem, file=stream)

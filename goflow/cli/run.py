@@ -1,0 +1,196 @@
+"""``goflow run FILE``: run a workflow on an embedded coordinator with local workers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from goflow.cli.common import parse_vars, print_problems
+from goflow.cli.run_display import live_panel, plain_line
+from goflow.errors import GoflowError
+from goflow.events.filter import EventFilter
+from goflow.loader import check, read
+from goflow.runner import EXIT_CODES, EmbeddedRuntime, ExecutionResult
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser("run", help="run a workflow with local workers",
+                                   description="Run a workflow on an embedded coordinator with local worker processes.")
+    parser.add_argument("file", help="the workflow YAML file")
+    parser.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
+                        help="set a variable (VALUE is parsed as JSON when valid JSON, else taken as a string)")
+    parser.add_argument("--input", metavar="FILE.json", help="a JSON object of variables")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="execution timeout")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object with the outcome")
+    parser.add_argument("--watch", action="store_true", help="show the full event view (as goflow watch)")
+    parser.add_argument("--publish", action="append", default=[], metavar="ENDPOINT",
+                        help="also publish events on ENDPOINT (e.g. tcp://127.0.0.1:5556)")
+    parser.add_argument("--control", action="append", default=[], metavar="ENDPOINT",
+                        help="also serve control requests (replay, progress, ...) on ENDPOINT")
+    parser.add_argument("--await-subscribers", type=int, default=0, metavar="N",
+                        help="wait until N subscriptions reach the publisher before starting")
+    parser.add_argument("--await-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="how long --await-subscribers waits (default 30)")
+    parser.set_defaults(func=main)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def main(args: argparse.Namespace) -> int:
+    loaded = check(read(args.file))
+    if loaded.errors:
+        print_problems(loaded.problems, stream=sys.stderr)
+        return 2
+    try:
+        variables = parse_vars(args.var, args.input)
+    except ValueError as exc:
+        print(f"goflow run: {exc}", file=sys.stderr)
+        return 2
+    workflow = loaded.workflow
+    from goflow.coordinator.plan import initial_variables
+
+    try:
+        initial_variables(workflow, variables)
+    except ValueError as exc:
+        print(f"{args.file}: error: {exc}", file=sys.stderr)
+        return 2
+    if args.workers is not None and args.workers < 1:
+        print("goflow run: --workers must be at least 1", file=sys.stderr)
+        return 2
+
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        runtime = EmbeddedRuntime(workers=args.workers, publish=args.publish, control=args.control,
+                                  python_paths=[str(Path(args.file).resolve().parent)])
+    except Exception as exc:  # e.g. the publish endpoint is in use
+        print(f"goflow run: cannot start the coordinator: {exc}", file=sys.stderr)
+        return 2
+    try:
+        with runtime:
+            return _run(runtime, workflow, variables, args)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _await_subscribers(runtime: EmbeddedRuntime, count: int, timeout: float, quiet: bool) -> None:
+    if count <= 0:
+        return
+    deadline = time.monotonic() + timeout
+    publisher = runtime.coordinator.publisher
+    while time.monotonic() < deadline:
+        seen = runtime.coordinator.call(lambda: publisher.subscription_count)
+        if seen >= count:
+            return
+        if not quiet:
+            print(f"\rwaiting for {count} subscription(s): {seen} so far, "
+                  f"{deadline - time.monotonic():4.1f}s left", end="", file=sys.stderr, flush=True)
+        time.sleep(0.05)
+    if not quiet:
+        print(f"\ngoflow run: only {publisher.subscription_count} subscription(s) after {timeout:g}s; starting anyway",
+              file=sys.stderr)
+
+
+def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argparse.Namespace) -> int:
+    _await_subscribers(runtime, args.await_subscribers, args.await_timeout, args.json)
+    runtime.wait_for_workers(runtime.worker_count, timeout=30)
+    execution_id = uuid.uuid4().hex
+    display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
+    if display is not None:
+        display.start()
+    _, future = runtime.coordinator.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id)
+    try:
+        try:
+            summary = future.result()
+        except KeyboardInterrupt:
+            runtime.coordinator.cancel(execution_id, "interrupted (Ctrl-C)")
+            summary = future.result(timeout=15)
+    finally:
+        if display is not None:
+            display.stop()
+    result = ExecutionResult.from_summary(summary)
+    if args.json:
+        print(json.dumps(result.to_dict(), default=str))
+    else:
+        _summary(result)
+    return EXIT_CODES.get(result.status, 1)
+
+
+def _summary(result: ExecutionResult) -> None:
+    stream = sys.stdout
+    mark = {"completed": "✓", "failed": "✗", "timed_out": "✗", "cancelled": "■"}.get(result.status, "?")
+    print(f"{mark} {result.workflow}: {result.status} in {result.duration_s:.2f}s (execution {result.execution_id})",
+          file=stream)
+    if result.error:
+        where = f" at node '{result.error.get('node_id')}'" if result.error.get("node_id") else ""
+        print(f"  error{where}: {result.error.get('type')}: {result.error.get('message')}", file=stream)
+    if result.status == "completed":
+        print("  result: " + json.dumps(result.result, default=str, ensure_ascii=False), file=stream)
+
+
+class _Display:
+    """Follows this run's events (reliably, from the first) on a background thread."""
+
+    def __init__(self, runtime: EmbeddedRuntime, workflow: str, execution_id: str, full: bool):
+        self.runtime = runtime
+        self.workflow = workflow
+        self.execution_id = execution_id
+        self.full = full
+        self.tty = sys.stdout.isatty()
+        self.thread = threading.Thread(target=self._follow, name="goflow-display", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        """Wait (briefly) for the display to show the terminal event."""
+        self.thread.join(timeout=5)
+
+    def _follow(self) -> None:
+        from goflow.monitor import Monitor
+
+        monitor = Monitor(self.runtime.events_endpoint, self.runtime.control_endpoint)
+        events = monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
+                                   until=lambda event: event.is_terminal)
+        started = time.time()
+        try:
+            if self.tty:
+                self._live(monitor, events)
+            else:
+                self._lines(monitor, events, started)
+        except GoflowError as exc:
+            print(f"goflow run: event display stopped: {exc}", file=sys.stderr)
+        finally:
+            monitor.close()
+
+    def _lines(self, monitor: Any, events: Any, started: float) -> None:
+        for event in events:
+            if event.type == "execution.started":
+                started = event.ts
+            line = plain_line(event, started)
+            if line:
+                print(line, flush=True)
+
+    def _live(self, monitor: Any, events: Any) -> None:
+        if self.full:
+            from goflow.cli.watch import LiveView
+            from rich.live import Live
+
+            view = LiveView(stats=lambda: monitor.stats)
+            with Live(view.render(), refresh_per_second=10, get_renderable=view.render):
+                for event in events:
+                    view.feed(event)
+            return
+        panel, live = live_panel(self.workflow, sys.stdout)
+        with live:
+            for event in events:
+                panel.feed(event)
