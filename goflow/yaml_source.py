@@ -8,6 +8,7 @@ Python data plus a :class:`SourceMap` from *paths* (tuples of keys and list inde
 from __future__ import annotations
 
 import datetime as _dt
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,22 @@ class YamlSyntaxError(Exception):
         self.column = column
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2 booleans: only true/false are booleans.
+
+    YAML 1.1 also reads ``on``, ``off``, ``yes`` and ``no`` as booleans, which would turn
+    GoFlow's ``retry: {on: [...]}`` key into ``True``.
+    """
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
 def _position(mark: yaml.Mark) -> tuple[int, int]:
     return mark.line + 1, mark.column + 1
 
@@ -58,7 +75,7 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _build(loader: yaml.SafeLoader, node: yaml.Node, path: Path, source: SourceMap) -> Any:
+def _build(loader: _Loader, node: yaml.Node, path: Path, source: SourceMap) -> Any:
     source.values[path] = _position(node.start_mark)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
@@ -83,7 +100,7 @@ def load_yaml(text: str) -> tuple[Any, SourceMap]:
 
     Raises :class:`YamlSyntaxError` with the position of the first syntax error.
     """
-    loader = yaml.SafeLoader(text)
+    loader = _Loader(text)
     source = SourceMap()
     try:
         node = loader.get_single_node()

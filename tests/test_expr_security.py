@@ -194,3 +194,12 @@ def test_template_functions_cannot_reach_python():
         except ExpressionError:
             continue
         assert out == ""
+
+
+@pytest.mark.parametrize("pattern, text", [
+    ("^(\\d{1,3}\\.){3}\\d{1,3}$", "10.0.0.1"),
+    ("^(foo|bar)-\\d+$", "bar-12"),
+    ("^[a-z]+(-[a-z]+)?$", "kebab-case"),
+])
+def test_ordinary_regexes_still_work(pattern, text):
+    assert ev("s matches p", {"s": text, "p": pattern}) is True

@@ -570,17 +570,34 @@ def _regex(ctx: _Ctx, text: Any, pattern: Any, pos: int) -> bool:
     return rx.search(text) is not None
 
 
-# A group that itself contains a quantifier and is followed by a quantifier, e.g. (a+)+,
-# (a|aa)*, (\w*)* -- the classic catastrophic-backtracking shapes.  Also backreferences.
-_NESTED_QUANT = re.compile(r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*(?:[+*]|\{\d*,?\d*\})")
+# A group that itself contains a quantifier (or an alternation) and is repeated without a
+# small bound, e.g. (a+)+, (a|aa)*, (\w*)*, (.*a){20} -- the classic catastrophic
+# backtracking shapes.  Small fixed repeats such as (\d{1,3}\.){3} are allowed.
+_NESTED_QUANT = re.compile(
+    r"\((?:[^()\\]|\\.)*(?:[+*}]|\|)(?:[^()\\]|\\.)*\)\s*([+*]|\{(\d*)(,?)(\d*)\})")
 _BACKREF = re.compile(r"\\[1-9]|\(\?P=")
+_MAX_GROUP_REPEAT = 10
+
+
+def _dangerous_regex(pattern: str) -> bool:
+    if _BACKREF.search(pattern):
+        return True
+    for m in _NESTED_QUANT.finditer(pattern):
+        quant, lo, comma, hi = m.groups()
+        if quant in "+*":
+            return True
+        top = hi if comma else lo
+        if not top or int(top) > _MAX_GROUP_REPEAT:
+            return True
+    return False
 
 
 @lru_cache(maxsize=256)
 def _compile_regex(pattern: str) -> re.Pattern:
-    if _NESTED_QUANT.search(pattern) or _BACKREF.search(pattern):
-        raise ValueError(f"regular expression {pattern!r} is refused: nested quantifiers, "
-                         "quantified alternations and backreferences can take exponential time")
+    if _dangerous_regex(pattern):
+        raise ValueError(f"regular expression {pattern!r} is refused: a repeated group that "
+                         "contains a quantifier or alternation, or a backreference, can take "
+                         "exponential time")
     return re.compile(pattern)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from goflow.errors import ExpressionError
 from goflow.expr.paths import parse_path, resolve_path, type_name
-from goflow.expr.scanner import Placeholder, scan
+from goflow.expr.scanner import scan
 from goflow.expr.text import to_text
 
 __all__ = ["interpolate", "interpolation_references", "check_interpolation", "render_text"]

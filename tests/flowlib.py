@@ -1,0 +1,74 @@
+"""Callables for ``python`` nodes in the tests (imported by real worker processes)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+
+def noop():
+    return None
+
+
+def add(a, b):
+    return a + b
+
+
+def echo(value):
+    return value
+
+
+def timed(seconds: float, value=None):
+    """Sleep, then report when and where it ran (for overlap checks)."""
+    start = time.time()
+    time.sleep(seconds)
+    return {"value": value, "start": start, "end": time.time(), "pid": os.getpid()}
+
+
+def fail(message: str = "boom"):
+    raise ValueError(message)
+
+
+def flaky(counter_file: str, failures: int):
+    """Fail ``failures`` times (counted in ``counter_file``), then return the attempt number."""
+    path = Path(counter_file)
+    count = int(path.read_text()) if path.exists() else 0
+    path.write_text(str(count + 1))
+    if count < failures:
+        raise ConnectionError(f"transient failure {count + 1}")
+    return count + 1
+
+
+def crash_once(marker_file: str):
+    """SIGKILL our own worker process the first time; succeed afterwards."""
+    path = Path(marker_file)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        os.kill(os.getpid(), signal.SIGKILL)
+    return {"recovered": True, "pid": os.getpid(), "first_pid": int(path.read_text())}
+
+
+def stuck_in_c(seconds: float):
+    """Block in C (time.sleep) so cooperative cancellation cannot interrupt it."""
+    time.sleep(seconds)
+    return "finished"
+
+
+def spin(seconds: float):
+    """Busy Python loop (interruptible by cooperative cancellation)."""
+    end = time.time() + seconds
+    n = 0
+    while time.time() < end:
+        n += 1
+    return n
+
+
+def not_serializable():
+    return object()
+
+
+def write_file(path: str, text: str):
+    Path(path).write_text(text)
+    return path
