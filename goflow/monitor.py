@@ -419,8 +419,8 @@ class Monitor:
                   until: Callable[[Event], bool] | None = None) -> Iterator[Event]:
         """Iterate over events.
 
-        ``timeout``: end the iteration after this many seconds without any message
-        (``monitor.timed_out`` is then True). ``until(event)``: stop after yielding the
+        ``timeout``: end the iteration after this many seconds without an event to
+        deliver (heartbeats do not count; ``monitor.timed_out`` is then True). ``until(event)``: stop after yielding the
         first event for which it returns True. The SUB socket is closed when the iterator
         ends, is closed, or is garbage-collected.
         """
@@ -440,14 +440,13 @@ class Monitor:
                         return
             idle_since = time.monotonic()
             while True:
+                if timeout is not None and time.monotonic() - idle_since >= timeout:
+                    self.timed_out = True
+                    return
                 wait = _POLL_MS if timeout is None else max(
                     0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
                 if not sock.poll(wait, zmq.POLLIN):
-                    if timeout is not None and time.monotonic() - idle_since >= timeout:
-                        self.timed_out = True
-                        return
                     continue
-                idle_since = time.monotonic()
                 ev = self._decode(sock.recv_multipart())
                 if ev is None:
                     continue
@@ -455,6 +454,8 @@ class Monitor:
                     batch = [ev] if filt.matches(ev) else []
                 else:
                     batch = self._drive(tracker.process(ev))
+                if batch:
+                    idle_since = time.monotonic()
                 for out in batch:
                     self.stats["delivered"] += 1
                     yield out
@@ -507,19 +508,20 @@ class Monitor:
                         return
             idle_since = time.monotonic()
             while True:
+                if timeout is not None and time.monotonic() - idle_since >= timeout:
+                    self.timed_out = True
+                    return
                 wait = _POLL_MS if timeout is None else max(
                     0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
                 if not await sock.poll(wait, zmq.POLLIN):
-                    if timeout is not None and time.monotonic() - idle_since >= timeout:
-                        self.timed_out = True
-                        return
                     continue
-                idle_since = time.monotonic()
                 ev = self._decode(await sock.recv_multipart())
                 if ev is None:
                     continue
                 batch = ([ev] if filt.matches(ev) else []) if tracker is None \
                     else await drive(tracker.process(ev))
+                if batch:
+                    idle_since = time.monotonic()
                 for out in batch:
                     self.stats["delivered"] += 1
                     yield out
