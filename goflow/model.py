@@ -8,6 +8,7 @@ that names the key and suggests the nearest known one.
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -253,7 +254,8 @@ class Workflow(_Model):
         return frozenset(v.name for v in self.variables if v.secret)
 
 
-def allowed_keys(model: type[BaseModel]) -> set[str]:
+@functools.cache
+def allowed_keys(model: type[BaseModel]) -> frozenset[str]:
     """Every YAML key ``model`` accepts: field names and all their aliases."""
     keys: set[str] = set()
     for name, info in model.model_fields.items():
@@ -266,4 +268,4 @@ def allowed_keys(model: type[BaseModel]) -> set[str]:
             keys.add(info.alias)
         else:
             keys.add(name)
-    return keys
+    return frozenset(keys)

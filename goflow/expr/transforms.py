@@ -154,15 +154,13 @@ def _compile_jq(source: str, program: str) -> Transform:
         msg = str(e).strip()
         raise ExpressionError(f"invalid jq program: {msg}", source=source, position=None) from None
     full = _JQ_PRELUDE + "(" + rewritten + "\n)"
+    static = jq.compile(full) if not refs else None  # no arguments: compile once
 
-    def run(input_value: Any, variables: Mapping[str, Any]) -> Any:
-        args = {var: to_jsonable(resolve_path(variables, segs, source=source, position=pos))
-                for var, segs, pos in refs}
-        data = to_jsonable(_maybe_json(input_value))
+    def execute(data: Any, args: dict) -> Any:
+        program = static if static is not None else jq.compile(full, args=args)
         try:
-            it = jq.compile(full, args=args).input_value(data)
             results = []
-            for v in it:
+            for v in program.input_value(data):
                 results.append(v)
                 if len(results) > MAX_JQ_RESULTS:
                     raise ExpressionError(f"jq program produced more than {MAX_JQ_RESULTS} results",
@@ -173,8 +171,68 @@ def _compile_jq(source: str, program: str) -> Transform:
             return None
         return results[0] if len(results) == 1 else results
 
+    def run(input_value: Any, variables: Mapping[str, Any]) -> Any:
+        args = {var: to_jsonable(resolve_path(variables, segs, source=source, position=pos))
+                for var, segs, pos in refs}
+        data = to_jsonable(_maybe_json(input_value))
+        result = execute(data, args)
+        if _has_int(result) and (_has_float(data) or _has_float(args)):
+            # jq prints whole doubles as integers (36.0 -> 36). Re-run on slightly perturbed
+            # floats: a whole number that moves was computed from floats and stays a float.
+            result = _restore_floats(result, execute(_perturb(data), _perturb(args)))
+        return result
+
     names = frozenset(segs[0] for _, segs, _ in refs) - {INPUT_NAME}
     return Transform(source, "jq", names, run)
+
+
+_PERTURB = 1.0 + 2.0 ** -20
+
+
+def _has_float(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return True
+    if depth > 64:
+        return False
+    if isinstance(value, list):
+        return any(_has_float(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_has_float(v, depth + 1) for v in value.values())
+    return False
+
+
+def _has_int(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return True
+    if depth > 64:
+        return False
+    if isinstance(value, list):
+        return any(_has_int(v, depth + 1) for v in value)
+    if isinstance(value, dict):
+        return any(_has_int(v, depth + 1) for v in value.values())
+    return False
+
+
+def _perturb(value: Any) -> Any:
+    if isinstance(value, float):
+        return value * _PERTURB if value else 2.0 ** -30
+    if isinstance(value, list):
+        return [_perturb(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _perturb(v) for k, v in value.items()}
+    return value
+
+
+def _restore_floats(result: Any, probe: Any) -> Any:
+    """``result`` with each int that differs in ``probe`` (same shape) turned into a float."""
+    if isinstance(result, int) and not isinstance(result, bool):
+        moved = isinstance(probe, (int, float)) and not isinstance(probe, bool) and probe != result
+        return float(result) if moved else result
+    if isinstance(result, list) and isinstance(probe, list) and len(result) == len(probe):
+        return [_restore_floats(r, p) for r, p in zip(result, probe)]
+    if isinstance(result, dict) and isinstance(probe, dict) and result.keys() == probe.keys():
+        return {k: _restore_floats(v, probe[k]) for k, v in result.items()}
+    return result
 
 
 # --------------------------------------------------------------------------- JSONPath
