@@ -167,8 +167,10 @@ class ControlServer:
             data = _packb(reply)
         except Exception as exc:
             self.stats["handler_errors"] += 1
-            data = _packb(_error(reply.get("id") if isinstance(reply.get("id"), (str, int, float, bool, type(None))) else None,
-                                 "internal", f"reply cannot be encoded: {exc}"))
+            req_id = reply.get("id")
+            if not isinstance(req_id, (str, int, float, bool, bytes, type(None))):
+                req_id = None
+            data = _packb(_error(req_id, "internal", f"reply cannot be encoded: {exc}"))
         try:
             self.socket.send_multipart([*envelope, data], _NOBLOCK)
             self.stats["replies"] += 1

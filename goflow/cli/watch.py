@@ -116,7 +116,6 @@ class LiveView:
         elif t in ("node.completed", "node.failed", "node.skipped") and event.node_id:
             st.running.pop(event.node_id, None)
             if t == "node.failed":
-                self.counts["failures"] += 1
                 st.failed_nodes.append(event.node_id)
         elif t == "progress.update":
             total = meta.get("total", meta.get("total_nodes"))
@@ -130,8 +129,8 @@ class LiveView:
                 st.percent = float(pct)
             elif st.total:
                 st.percent = min(100.0, 100.0 * st.completed / st.total)
-        if t == "execution.failed" or t == "node.failed":
-            self.counts["failures"] += 1 if t == "execution.failed" else 0
+        if t in ("execution.failed", "node.failed"):
+            self.counts["failures"] += 1
 
     def stats(self) -> dict:
         if callable(self._stats):

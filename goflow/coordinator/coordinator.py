@@ -203,13 +203,17 @@ class Coordinator:
         heapq.heappush(self.timers, timer)
         return timer
 
-    def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
-             error: dict | None = None, meta: dict | None = None, force: bool = False) -> None:
-        if type == "progress.update" and not force:
+    def progress(self, execution: Execution, force: bool) -> None:
+        """Publish ``progress.update`` at most every ``progress_interval`` per execution
+        (always when ``force``); a suppressed update is sent when the interval ends."""
+        if not force:
             self._progress_later(execution)
             return
-        if type == "progress.update":
-            self.progress_last[execution.id] = time.monotonic()
+        self.progress_last[execution.id] = time.monotonic()
+        self.emit(execution, "progress.update", meta=execution.progress_meta())
+
+    def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
+             error: dict | None = None, meta: dict | None = None) -> None:
         if run is not None:
             self.publisher.emit(type, execution.id, node_id=run.node.id, node_type=run.node.type,
                                 status=status, attempt=run.attempt, variables=execution.variables,

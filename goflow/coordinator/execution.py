@@ -16,6 +16,7 @@ Semantics (docs/semantics.md):
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from collections import ChainMap
@@ -39,6 +40,8 @@ from goflow.model import (
 )
 from goflow.references import resolve_reference
 
+RUNNING_SHOWN = 50
+"""How many running node ids a progress event lists (the count is always exact)."""
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 DEFAULT_POLICY = RetryPolicy(max_attempts=1)
 WORKER_LOST_POLICY = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0, jitter=False)
@@ -51,6 +54,7 @@ class Host(Protocol):
     def cancel_task(self, task: "Task") -> None: ...
     def call_later(self, delay: float, callback: Callable[[], None]) -> Any: ...
     def emit(self, execution: "Execution", type: str, **fields: Any) -> None: ...
+    def progress(self, execution: "Execution", force: bool) -> None: ...
     def execution_finished(self, execution: "Execution") -> None: ...
     def server_spec(self, execution: "Execution", server_id: str) -> dict: ...
 
@@ -475,13 +479,14 @@ class Execution:
         self.host.emit(self, type, run=run, **fields)
 
     def progress(self, force: bool = False) -> None:
-        self.host.emit(self, "progress.update", run=None, force=force, meta=self.progress_meta())
+        """Report progress; the host conflates these and builds the payload only when it sends."""
+        self.host.progress(self, force)
 
     def progress_meta(self) -> dict:
         total = self.main_total or 1
         return {"total": self.main_total, "resolved": self.main_resolved,
                 "percent": round(100.0 * min(self.main_resolved, total) / total, 2),
-                **self.counts, "running_nodes": sorted(self.running_nodes)}
+                **self.counts, "running_nodes": list(itertools.islice(self.running_nodes, RUNNING_SHOWN))}
 
     def error_of(self, run: NodeRun, error_type: str, message: str, **extra: Any) -> dict:
         return {"type": error_type, "message": message, "node_id": run.node.id, **extra}
