@@ -514,7 +514,7 @@ class Coordinator:
             for node_id, run in execution.root.runs.items():
                 nodes[node_id] = {"status": run.state, "attempt": run.attempt}
         return {**execution.summary(), "result": execution.result, "nodes": nodes,
-                "running": sorted(execution.running_nodes), "records": execution.records[-1000:]}
+                "running": sorted(execution.running_nodes), "records": list(execution.records)[-1000:]}
 
     def _op_executions(self, request: dict) -> dict:
         return {"executions": [execution.summary() for execution in self.executions.values()]}

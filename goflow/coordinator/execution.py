@@ -19,11 +19,12 @@ from __future__ import annotations
 import itertools
 import random
 import time
-from collections import ChainMap
+from collections import ChainMap, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from goflow.errors import ExpressionError, UndefinedVariableError
+from goflow.events.codec import bound_value
 from goflow.expr import compile_transform, interpolate
 from goflow.coordinator.plan import Graph, Plan
 from goflow.model import (
@@ -40,6 +41,8 @@ from goflow.model import (
 )
 from goflow.references import resolve_reference
 
+MAX_RECORDS = 10_000
+"""Attempt records kept in memory per execution (the history store keeps all of them)."""
 RUNNING_SHOWN = 50
 """How many running node ids a progress event lists (the count is always exact)."""
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -243,7 +246,7 @@ class LoopRun:
             isolated = self.limit > 1
             scope = frame.scope.child(isolated=isolated, extra=extra)
             context = {**frame.context, "loop": node.id, "index": index}
-            execution.emit("loop.iteration", self.run, meta={"index": index, "item": execution.redact_value(item),
+            execution.emit("loop.iteration", self.run, meta={"index": index, "item": execution.bounded(item),
                                                              **frame.context})
             for name, value in extra.items():
                 execution.variable_changed(name, value, scope="iteration", node=self.run, meta=context)
@@ -395,7 +398,7 @@ class Execution:
         self.root: Frame | None = None
         self.timer: Any = None
         self.node_states: dict[str, str] = {}
-        self.records: list[dict] = []
+        self.records: deque[dict] = deque(maxlen=MAX_RECORDS)
         self.main_total = len(plan.main.nodes)
         self.main_resolved = 0
         self.counts = {"completed": 0, "failed": 0, "skipped": 0, "running": 0, "retries": 0}
@@ -405,7 +408,9 @@ class Execution:
     def start(self) -> None:
         self.status = "running"
         self.started_at = time.time()
-        self.emit("execution.started", None, meta={"inputs": self.redact(self._initial)})
+        self.emit("execution.started", None, meta={"inputs": {k: bound_value(v) for k, v in
+                                                              self.redact(self._initial).items()},
+                                                   "total_nodes": self.main_total})
         for name, value in self._initial.items():
             self.write(self.variables, name, value, node=None, scope="execution")
         self.progress(force=True)
@@ -434,7 +439,7 @@ class Execution:
         duration = self.finished_at - self.started_at
         if status == "completed":
             self.emit("execution.completed", None, status=status,
-                      meta={"result": self.redact_value(self.result), "duration_s": duration})
+                      meta={"result": self.bounded(self.result), "duration_s": duration})
         elif status == "cancelled":
             self.emit("execution.cancelled", None, status=status, meta={"duration_s": duration})
         else:
@@ -454,8 +459,9 @@ class Execution:
         return self.status == "running"
 
     # -- variables -------------------------------------------------------------------------
-    def redact_value(self, value: Any) -> Any:
-        return value
+    def bounded(self, value: Any) -> Any:
+        """``value`` as events may carry it: bounded in size (secrets are redacted by name)."""
+        return bound_value(value)
 
     def redact(self, values: dict) -> dict:
         return {k: ("***" if k in self.plan.secrets else v) for k, v in values.items()}
@@ -471,7 +477,8 @@ class Execution:
                          old: Any = None, meta: dict | None = None) -> None:
         secret = name in self.plan.secrets
         self.emit("variable.changed", node, meta={
-            "name": name, "value": "***" if secret else value, "old": "***" if secret else old, "scope": scope,
+            "name": name, "value": "***" if secret else bound_value(value),
+            "old": "***" if secret else bound_value(old), "scope": scope,
             **(meta or (node.frame.context if node else {}))})
 
     # -- events ----------------------------------------------------------------------------
@@ -539,7 +546,7 @@ class Execution:
             elif isinstance(node, EndNode):
                 value = interpolate(node.return_, scope) if node.return_ is not None else None
                 self.result = value
-                self.node_succeeded(run, value, {"return": self.redact_value(value)})
+                self.node_succeeded(run, value, {"return": self.bounded(value)})
             elif isinstance(node, LoopNode):
                 items = resolve_reference(node.collection, scope)
                 items = _as_items(node, items)
@@ -590,8 +597,8 @@ class Execution:
             meta = {"started": message.get("started"), "finished": message.get("finished"),
                     "worker": message.get("worker")}
             if message.get("meta"):
-                meta.update(message["meta"])
-            self.node_succeeded(run, message.get("value"), meta)
+                meta.update({key: bound_value(value) for key, value in message["meta"].items()})
+            self.node_succeeded(run, message.get("value"), meta, raw=(message.get("meta") or {}).get("raw"))
         else:
             error = dict(message.get("error") or {})
             error.setdefault("type", "error")
@@ -622,15 +629,22 @@ class Execution:
     def _retry(self, run: NodeRun) -> None:
         run.timer = None
         if run.state == "running" and run.frame.state == "running" and self.active:
+            run.started = time.time()
+            self.emit("node.started", run, status="running", meta=dict(run.frame.context))
             self.execute(run)
 
-    def record(self, run: NodeRun, status: str, *, value: Any = None, error: dict | None = None,
-               worker: Any = None, meta: dict | None = None) -> None:
-        self.records.append({"node_id": run.node.id, "node_type": run.node.type, "attempt": run.attempt,
-                             "status": status, "started": run.started, "finished": time.time(),
-                             "error": error, "worker": worker, "context": run.frame.context or None})
+    def record(self, run: NodeRun, status: str, *, error: dict | None = None, worker: Any = None,
+               raw: Any = None) -> None:
+        """Append one attempt's record (``raw``: an MCP tool's unconverted result)."""
+        entry = {"node_id": run.node.id, "node_type": run.node.type, "attempt": run.attempt, "status": status,
+                 "started": run.started, "finished": time.time(), "error": error, "worker": worker,
+                 "context": run.frame.context or None}
+        if raw is not None:
+            entry["raw"] = raw
+        self.records.append(entry)
 
-    def node_succeeded(self, run: NodeRun, value: Any, meta: dict, chosen: bool | None = None) -> None:
+    def node_succeeded(self, run: NodeRun, value: Any, meta: dict, chosen: bool | None = None,
+                       raw: Any = None) -> None:
         if run.state != "running":
             return
         run.state = "completed"
@@ -642,10 +656,10 @@ class Execution:
         if run.node.type in WORKER_NODE_TYPES or output or isinstance(run.node, (LoopNode, ParallelNode)):
             frame.last_output = value
         self.counts["completed"] += 1
-        self.record(run, "completed", worker=meta.get("worker"))
+        self.record(run, "completed", worker=meta.get("worker"), raw=raw)
         finished = time.time()
         self.emit("node.completed", run, status="completed", meta={
-            **meta, "output": self.redact_value(value) if output or run.node.type in WORKER_NODE_TYPES else None,
+            **meta, "output": self.bounded(value) if output or run.node.type in WORKER_NODE_TYPES else None,
             "duration_s": finished - run.started, **frame.context})
         self._resolved(frame)
         frame.resolve_edges(run.node.id, chosen)

@@ -77,6 +77,9 @@ def new_packer() -> msgpack.Packer:
     return msgpack.Packer(default=msgpack_default, use_bin_type=True)
 
 
+_BOUND_PACKER = new_packer()
+
+
 def json_type(value: Any) -> str:
     """JSON type name of a Python value (used in the ``$omitted`` marker)."""
     if value is None:
@@ -94,6 +97,27 @@ def json_type(value: Any) -> str:
     if isinstance(value, (bytes, bytearray, memoryview)):
         return "binary"
     return "string"
+
+
+def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:
+    """``value``, or the ``$omitted`` marker when its msgpack encoding exceeds ``max_bytes``.
+
+    Used for values inside ``meta`` (outputs, variable changes, loop items), which are
+    bounded like the variables snapshot. Small scalars are returned without encoding.
+    """
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, str) and len(value) * 4 <= max_bytes:
+        return value
+    try:
+        size = len(_BOUND_PACKER.pack(value))
+    except Exception:
+        _BOUND_PACKER.reset()
+        value = msgpack_default(value)
+        size = len(_BOUND_PACKER.pack(value))
+    if size > max_bytes:
+        return {"$omitted": True, "type": json_type(value), "bytes": size}
+    return value
 
 
 def encode_variables(variables: Mapping[str, Any], *, secrets: Iterable[str] = (),
