@@ -42,11 +42,12 @@ class ControlError(GoflowError):
     ``timeout``.
     """
 
-    def __init__(self, type: str, message: str, *, reply: dict | None = None):
+    def __init__(self, type: str, message: str, *, reply: dict | None = None, details: dict | None = None):
         super().__init__(f"{type}: {message}")
         self.type = type
         self.message = message
         self.reply = reply
+        self.details = details or (reply or {}).get("error", {}).get("details") or {}
 
 
 class ControlTimeout(ControlError):
@@ -148,7 +149,10 @@ class ControlServer:
         try:
             result = handler(request)
         except ControlError as exc:
-            self._reply(envelope, _error(req_id, exc.type, exc.message))
+            reply = _error(req_id, exc.type, exc.message)
+            if exc.details:
+                reply["error"]["details"] = exc.details
+            self._reply(envelope, reply)
             return
         except Exception as exc:
             self.stats["handler_errors"] += 1

@@ -343,3 +343,39 @@ def test_filesystem_server_reads_json_as_parsed_value(tmp_path):
                 assert result.value == data
                 assert result.raw["content"][0]["type"] == "text"
         assert names & {"read_text_file", "read_file"}
+
+
+@pytest.mark.timeout(40)
+def test_legacy_sse_transport():
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, TEST_SERVER, "--sse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "SSE test server did not start"
+                time.sleep(0.05)
+        spec = {"id": "legacy", "transport": "sse", "url": f"http://127.0.0.1:{port}/sse"}
+        with MCPSessionPool() as p:
+            assert p.call_tool(spec, "add", {"a": 1, "b": 2}).value == 3
+            pid = p.call_tool(spec, "pid", {}).value
+            assert p.call_tool(spec, "pid", {}).value == pid
+            with pytest.raises(MCPToolError) as info:
+                p.call_tool(spec, "slow", {"seconds": 30}, timeout=0.5)
+            assert info.value.error_type == "timeout"
+            # the SDK's SSE client caps one event at 1 MiB: reported clearly, not as a lost server
+            with pytest.raises(MCPToolError) as info:
+                p.call_tool(spec, "big", {"size": 2 * 1024 * 1024})
+            assert info.value.error_type == "tool_error" and "SSE" in str(info.value)
+            assert p.call_tool(spec, "echo", {"message": "again"}).value == "again"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()

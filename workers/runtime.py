@@ -68,10 +68,10 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        if self.curve:
-            sock.curve_secretkey = self.curve["secret_key"]
-            sock.curve_publickey = self.curve["public_key"]
-            sock.curve_serverkey = self.curve["server_key"]
+        if self.curve:  # {"server_public", "public", "secret"}, as goflow.control clients take it
+            sock.curve_secretkey = self.curve["secret"]
+            sock.curve_publickey = self.curve["public"]
+            sock.curve_serverkey = self.curve["server_public"]
         sock.connect(self.endpoint)
         return sock
 

@@ -39,6 +39,18 @@ PREFETCH_BELOW_S = 0.005
 """Tasks measured shorter than this may wait in a busy worker's hand (saves a round trip)."""
 
 
+def _apply_server_curve(sock: zmq.Socket, curve: dict | None) -> None:
+    """Make ``sock`` a CURVE server with the coordinator's key pair (``{"secret", "public"}``).
+
+    Client keys are checked by the ZAP authenticator running on the same context
+    (:mod:`goflow.security`).
+    """
+    if curve:
+        sock.curve_server = True
+        sock.curve_secretkey = curve["secret"]
+        sock.curve_publickey = curve["public"]
+
+
 class Timer:
     """A cancellable timer on the reactor's heap."""
 
@@ -68,7 +80,9 @@ class Coordinator:
                  context: zmq.Context | None = None, sndhwm: int | None = None,
                  worker_liveness: float = 3.0, heartbeat_interval: float = 1.0,
                  progress_interval: float = 0.1, keep_finished: int = 1000,
-                 servers: dict[str, dict] | None = None):
+                 servers: dict[str, dict] | None = None, curve: dict | None = None,
+                 sink: Callable[[str | None, bytes, bytes], None] | None = None,
+                 max_message_bytes: int = protocol.MAX_MESSAGE_BYTES):
         self.context = context or zmq.Context.instance()
         self.epoch = uuid.uuid4().hex
         self.worker_liveness = worker_liveness
@@ -77,25 +91,31 @@ class Coordinator:
         self.keep_finished = keep_finished
         self.registered_servers = servers or {}
 
+        self.accepting = True
         self.worker_socket = self.context.socket(zmq.ROUTER)
         self.worker_socket.setsockopt(zmq.LINGER, 0)
         self.worker_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        self.worker_socket.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
+        self.worker_socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        _apply_server_curve(self.worker_socket, curve)
         self.worker_socket.setsockopt(zmq.SNDHWM, 0)
         self.worker_socket.setsockopt(zmq.RCVHWM, 0)
         self.worker_socket.bind(workers_endpoint)
         self.workers_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
         options = {"sndhwm": sndhwm} if sndhwm is not None else {}
-        self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, **options)
+        self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, sink=sink,
+                                        curve={"secret": curve["secret"]} if curve else None, **options)
         self.control_socket = self.context.socket(zmq.ROUTER)
         self.control_socket.setsockopt(zmq.LINGER, 0)
+        self.control_socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        _apply_server_curve(self.control_socket, curve)
         for endpoint in control_endpoints:
             self.control_socket.bind(endpoint)
         self.control = ControlServer(self.control_socket, {
             **publisher_handlers(self.publisher),
             "progress": self._op_progress, "variables": self._op_variables, "execution": self._op_execution,
             "executions": self._op_executions, "cancel": self._op_cancel, "workers": self._op_workers,
+            "submit": self._op_submit, "status": self._op_status, "list": self._op_executions,
         })
 
         self.workers = WorkerTable()
@@ -158,19 +178,27 @@ class Coordinator:
 
         Raises ValueError (missing required variables) before anything starts.
         """
-        initial = initial_variables(workflow, dict(variables or {}))
+        initial_variables(workflow, dict(variables or {}))  # fail fast, in the caller's thread
         execution_id = execution_id or uuid.uuid4().hex
         future: Future = Future()
+        self.call_soon(lambda: self._start(workflow, variables, timeout=timeout, execution_id=execution_id,
+                                           future=future))
+        return execution_id, future
+
+    def _start(self, workflow: Workflow, variables: dict[str, Any] | None, *, timeout: float | None,
+               execution_id: str | None, future: Future | None = None) -> tuple[str, Future]:
+        """Create and start an execution (reactor thread only)."""
+        execution_id = execution_id or uuid.uuid4().hex
+        if execution_id in self.executions:
+            raise ControlError("bad_request", f"execution id {execution_id!r} is already in use")
+        future = future or Future()
         plan = compile_plan(workflow)
-
-        def start() -> None:
-            execution = Execution(execution_id, plan, initial, self, timeout=timeout)
-            self.executions[execution_id] = execution
-            self.futures[execution_id] = future
-            self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets)
-            execution.start()
-
-        self.call_soon(start)
+        execution = Execution(execution_id, plan, initial_variables(workflow, dict(variables or {})), self,
+                              timeout=timeout)
+        self.executions[execution_id] = execution
+        self.futures[execution_id] = future
+        self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets)
+        execution.start()
         return execution_id, future
 
     def cancel(self, execution_id: str, reason: str = "cancelled by request") -> None:
@@ -524,6 +552,39 @@ class Coordinator:
         if execution.active:
             execution.cancel(str(request.get("reason") or "cancelled by request"))
         return {"execution_id": execution.id, "status": execution.status}
+
+    def _op_submit(self, request: dict) -> dict:
+        """``submit {workflow: YAML text, name?: file name, variables?: {...}, timeout?: s}``.
+
+        Validated before acceptance: an invalid workflow is refused with every problem in
+        ``error.details.problems``; a missing required variable with ``bad_request``.
+        """
+        from goflow.loader import check, parse
+
+        if not self.accepting:
+            raise ControlError("unavailable", "the coordinator is shutting down and accepts no new executions")
+        text, name = request.get("workflow"), request.get("name") or "<submitted>"
+        if not isinstance(text, str):
+            raise ControlError("bad_request", "'workflow' must be the workflow's YAML text")
+        variables = request.get("variables") or {}
+        timeout = request.get("timeout")
+        if not isinstance(variables, dict) or (timeout is not None and not isinstance(timeout, (int, float))):
+            raise ControlError("bad_request", "'variables' must be a map and 'timeout' a number of seconds")
+        loaded = check(parse(text, str(name)))
+        if loaded.errors:
+            raise ControlError("invalid_workflow", f"{len(loaded.errors)} problem(s) in {name}",
+                               details={"problems": [p.to_dict() for p in loaded.problems]})
+        try:
+            initial_variables(loaded.workflow, variables)
+        except ValueError as exc:
+            raise ControlError("bad_request", str(exc)) from None
+        execution_id, _ = self._start(loaded.workflow, variables, timeout=timeout,
+                                      execution_id=request.get("execution_id") or None)
+        return {"execution_id": execution_id, "workflow": loaded.workflow.name}
+
+    def _op_status(self, request: dict) -> dict:
+        execution = self._execution(request)
+        return execution.summary()
 
     def _op_workers(self, request: dict) -> dict:
         return {"workers": [worker.describe() for worker in self.workers.workers.values()]}

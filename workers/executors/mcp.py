@@ -654,6 +654,18 @@ class MCPSessionPool:
     async def _lost(self, entry: _Session, exc: BaseException, tool: str | None, what: str) -> MCPToolError:
         await self._drop(entry)
         sid = entry.server_id
+        cause = _flatten(entry.end_error) if entry.end_error is not None else None
+        if cause is not None and "byte limit" in str(cause):
+            # The SDK's legacy SSE client caps one event at 1 MiB (not configurable): the
+            # server is fine, the result is too big for this transport. Retrying won't help.
+            return MCPToolError(
+                "tool_error",
+                f"the result of {what} on MCP server '{sid}' is larger than the SSE transport allows "
+                f"({_describe_exc(cause)}); use transport 'http' (streamable HTTP) for large results",
+                server_id=sid,
+                tool=tool,
+                retryable=False,
+            )
         return MCPToolError(
             "server_lost",
             entry.with_tail(f"MCP server '{sid}' was lost during {what}: {_describe_exc(exc)}", wait=0.5),
