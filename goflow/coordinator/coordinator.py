@@ -92,6 +92,7 @@ class Coordinator:
         self.registered_servers = servers or {}
 
         self.accepting = True
+        self.dispatching = True
         self.worker_socket = self.context.socket(zmq.ROUTER)
         self.worker_socket.setsockopt(zmq.LINGER, 0)
         self.worker_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -209,6 +210,32 @@ class Coordinator:
 
         self.call_soon(cancel)
 
+    def drain(self, grace: float) -> list[str]:
+        """Stop accepting executions and wait up to ``grace`` seconds for running nodes to finish.
+
+        Executions still running after that are cancelled (reason: shutdown). Returns their ids.
+        Safe from any thread; used by the daemon on SIGTERM before :meth:`stop`.
+        """
+        def stop_dispatching() -> None:
+            self.accepting = False
+            self.dispatching = False
+
+        self.call(stop_dispatching)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            busy = self.call(lambda: any(worker.in_hand for worker in self.workers.workers.values()))
+            if not busy:
+                break
+            time.sleep(0.05)
+
+        def cancel_rest() -> list[str]:
+            unfinished = [e.id for e in self.executions.values() if e.active]
+            for execution_id in unfinished:
+                self.executions[execution_id].cancel("the coordinator shut down before the execution finished")
+            return unfinished
+
+        return self.call(cancel_rest)
+
     def stop(self, timeout: float = 5.0) -> None:
         """Cancel what runs, shut the workers down, flush events and close every socket."""
         if self._thread is None:
@@ -267,7 +294,7 @@ class Coordinator:
     def server_spec(self, execution: Execution, server_id: str) -> dict:
         for server in execution.workflow.servers:
             if server.id == server_id:
-                return server.model_dump()
+                return server.model_dump(exclude={"description"})
         if server_id in self.registered_servers:
             return dict(self.registered_servers[server_id])
         from goflow.servers import load_registry
@@ -321,6 +348,8 @@ class Coordinator:
             pass
 
     def _pump(self) -> None:
+        if not self.dispatching:
+            return
         queue = self.queue
         blocked: list[Task] = []
         while queue:
@@ -354,7 +383,7 @@ class Coordinator:
         worker.in_hand.append(task)
         self.stats["tasks_dispatched"] += 1
         message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,
-                   "execution_id": task.execution.id, "node_id": task.run.node.id, "attempt": task.run.attempt}
+                   "execution_id": task.execution.id, "node_id": task.node_id, "attempt": task.attempt}
         try:
             self.worker_socket.send_multipart([worker.identity, protocol.encode(message)], zmq.NOBLOCK)
         except (TypeError, ValueError) as exc:
@@ -378,7 +407,7 @@ class Coordinator:
             return
         self.cancel_task(task)
         task.execution.task_result(task, {"ok": False, "error": {
-            "type": "timeout", "message": f"node '{task.run.node.id}' exceeded its timeout of {task.timeout:g}s"}})
+            "type": "timeout", "message": f"node '{task.node_id}' exceeded its timeout of {task.timeout:g}s"}})
 
     # -- worker messages -------------------------------------------------------------------
     def _on_worker_socket(self) -> None:

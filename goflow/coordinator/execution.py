@@ -72,11 +72,11 @@ class NodeFailure(Exception):
 
 @dataclass
 class Task:
-    """A unit of work sent to a worker."""
+    """A unit of work sent to a worker (``run`` is None for an execution's own tasks, e.g. preflight)."""
 
     id: int
     execution: "Execution"
-    run: "NodeRun"
+    run: "NodeRun | None"
     kind: str
     spec: dict
     timeout: float | None
@@ -85,6 +85,14 @@ class Task:
     started_at: float | None = None
     timer: Any = None
     done: bool = False
+
+    @property
+    def node_id(self) -> str | None:
+        return self.run.node.id if self.run is not None else None
+
+    @property
+    def attempt(self) -> int:
+        return self.run.attempt if self.run is not None else 1
 
     @property
     def profile(self) -> tuple:
@@ -396,6 +404,7 @@ class Execution:
         self.started_at = 0.0
         self.finished_at = 0.0
         self.root: Frame | None = None
+        self.preflight: Any = None
         self.timer: Any = None
         self.node_states: dict[str, str] = {}
         self.records: deque[dict] = deque(maxlen=MAX_RECORDS)
@@ -416,6 +425,23 @@ class Execution:
         self.progress(force=True)
         if self.timeout:
             self.timer = self.host.call_later(self.timeout, self.timed_out)
+        if any(isinstance(node, McpToolNode) for node in self.workflow.nodes):
+            from goflow.coordinator.preflight import McpPreflight
+
+            self.preflight = McpPreflight(self, self.preflight_done)
+            self.preflight.start()
+        else:
+            self.run_graph()
+
+    def preflight_done(self, error: dict | None) -> None:
+        if not self.active:
+            return
+        if error is not None:
+            self.finish("failed", error)
+        else:
+            self.run_graph()
+
+    def run_graph(self) -> None:
         self.root = Frame(self, self.plan.main, Scope(ChainMap(self.variables), self.variables), self.root_done)
         self.root.start()
 
@@ -435,6 +461,8 @@ class Execution:
             self.timer.cancel()
         if self.root is not None and self.root.state == "running":
             self.root.cancel()
+        if self.preflight is not None:
+            self.preflight.cancel()
         self.progress(force=True)
         duration = self.finished_at - self.started_at
         if status == "completed":
@@ -590,6 +618,10 @@ class Execution:
     def task_result(self, task: Task, message: dict) -> None:
         """A worker finished ``task`` (or the coordinator gave up on it)."""
         run = task.run
+        if run is None:
+            if self.preflight is not None and self.active:
+                self.preflight.result(task, message)
+            return
         if run.task is not task or run.state != "running" or not self.active:
             return
         run.task = None

@@ -28,6 +28,8 @@ class LocalWorkerPool:
         if env.get("PYTHONPATH"):
             paths.append(env["PYTHONPATH"])
         env["PYTHONPATH"] = os.pathsep.join(paths)
+        # `command: python` in a workflow means goflow's own interpreter (and its venv's tools).
+        env["PATH"] = os.pathsep.join(filter(None, [os.path.dirname(sys.executable), env.get("PATH")]))
         return env
 
     def spawn(self) -> str:

@@ -47,6 +47,8 @@ class ExecutorRegistry:
         self._executors: dict[str, Any] = {}
 
     def get(self, kind: str) -> Any:
+        if kind == "mcp_tools":  # listing tools shares the MCP executor's pooled sessions
+            return self.get("mcp_tool").list_tools
         executor = self._executors.get(kind)
         if executor is None:
             executor = self._executors[kind] = _create(kind)
@@ -54,7 +56,7 @@ class ExecutorRegistry:
 
     def cancel(self, kind: str) -> bool:
         """Ask the executor of ``kind`` to cancel its running call; False if it cannot."""
-        executor = self._executors.get(kind)
+        executor = self._executors.get("mcp_tool" if kind == "mcp_tools" else kind)
         cancel = getattr(executor, "cancel", None)
         if cancel is None:
             return False

@@ -28,6 +28,13 @@ class McpNodeExecutor:
             raise TaskError(exc.error_type, str(exc)) from None
         return ExecutorOutput(result.value, {"raw": result.raw})
 
+    def list_tools(self, spec: dict) -> Any:
+        """Task kind ``mcp_tools``: the server's tools (``[{name, description, input_schema}]``)."""
+        try:
+            return self.pool.list_tools(spec["server"], timeout=spec.get("timeout") or DEFAULT_TIMEOUT_S)
+        except MCPToolError as exc:
+            raise TaskError(exc.error_type, str(exc)) from None
+
     def cancel(self) -> None:
         self.pool.cancel()
 
