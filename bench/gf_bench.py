@@ -116,11 +116,11 @@ class RawSubscriber(threading.Thread):
         self.sock.setsockopt(zmq.SUBSCRIBE, b"")
         self.sock.connect(endpoint)
         self.count = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def run(self) -> None:
         sock, recv = self.sock, self.sock.recv_multipart
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             if sock.poll(50):
                 while True:
                     try:
@@ -131,7 +131,7 @@ class RawSubscriber(threading.Thread):
         sock.close(0)
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
         self.join(5)
 
 

@@ -1,0 +1,234 @@
+"""CURVE keys and client authentication for the coordinator's sockets (docs/security.md).
+
+Key files use the ZeroMQ certificate format (``zmq.auth.create_certificates``):
+``NAME.key`` holds the public key only and can be shared; ``NAME.key_secret`` holds both
+keys and is written with mode 0600.
+
+The coordinator is a CURVE *server* on all three sockets (workers, control, events). Which
+clients may connect is decided by :class:`Authenticator`, a ZAP handler running on the
+coordinator's ZeroMQ context: a client is admitted when its public key is in one of the
+``*.key`` files of the authorized-keys directory. :meth:`Authenticator.reload` re-reads the
+directory (the daemon calls it on SIGHUP). Refused clients are logged by public key (z85)
+and peer address, never with secret material.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable
+
+import zmq
+import zmq.auth
+from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
+
+log = logging.getLogger("goflow.security")
+
+PUBLIC_SUFFIX = ".key"
+SECRET_SUFFIX = ".key_secret"
+REFUSAL_LOG_INTERVAL = 60.0
+"""A refused key is logged at most once per this many seconds (a misconfigured client retries fast)."""
+
+
+class KeyFileError(ValueError):
+    """A key file is missing, unreadable or not in the expected format."""
+
+
+def generate_keypair(directory: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``DIR/NAME.key`` (public) and ``DIR/NAME.key_secret`` (mode 0600); return both paths.
+
+    Refuses to overwrite existing files unless ``overwrite``.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"key name {name!r} must be a plain file name")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    public_file, secret_file = directory / f"{name}{PUBLIC_SUFFIX}", directory / f"{name}{SECRET_SUFFIX}"
+    if not overwrite:
+        for path in (public_file, secret_file):
+            if path.exists():
+                raise FileExistsError(f"{path} already exists (remove it first to replace the key pair)")
+    previous = os.umask(0o077)  # the secret file is never readable by others, not even briefly
+    try:
+        for path in (public_file, secret_file):
+            if path.exists():
+                path.unlink()
+        public, secret = zmq.auth.create_certificates(str(directory), name)
+    finally:
+        os.umask(previous)
+    os.chmod(secret, 0o600)
+    os.chmod(public, 0o644)
+    return Path(public), Path(secret)
+
+
+def _load(path: str | os.PathLike) -> tuple[bytes, bytes | None]:
+    path = Path(path)
+    if not path.is_file():
+        raise KeyFileError(f"{path}: no such key file")
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeyFileError(f"{path}: not a ZeroMQ certificate file: {exc}") from None
+    if not public or len(public) != 40:
+        raise KeyFileError(f"{path}: no valid public-key entry")
+    return public, secret
+
+
+def load_secret(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """``(public, secret)`` (z85 bytes) from a ``NAME.key_secret`` file.
+
+    Warns (log) when the file is readable by group or others.
+    """
+    public, secret = _load(path)
+    if not secret or len(secret) != 40:
+        raise KeyFileError(f"{path}: no secret key in this file (is it the public NAME.key file?)")
+    try:
+        mode = os.stat(path).st_mode
+        if mode & 0o077:
+            log.warning("secret key file %s is readable by group/others (mode %o); chmod 600 it",
+                        path, mode & 0o777)
+    except OSError:
+        pass
+    return public, secret
+
+
+def load_public(path: str | os.PathLike) -> bytes:
+    """The public key (z85 bytes) from a ``NAME.key`` (or ``NAME.key_secret``) file."""
+    return _load(path)[0]
+
+
+def client_curve(server_public_file: str | os.PathLike, secret_file: str | os.PathLike) -> dict[str, bytes]:
+    """``{"server_public", "public", "secret"}`` for ControlClient, Monitor and Worker."""
+    public, secret = load_secret(secret_file)
+    return {"server_public": load_public(server_public_file), "public": public, "secret": secret}
+
+
+def server_curve(secret_file: str | os.PathLike) -> dict[str, bytes]:
+    """``{"public", "secret"}`` as ``Coordinator(curve=...)`` takes it."""
+    public, secret = load_secret(secret_file)
+    return {"public": public, "secret": secret}
+
+
+def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
+    """Every public key in ``DIR/*.key`` -> its file name. Bad files are logged and skipped."""
+    keys: dict[bytes, str] = {}
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise KeyFileError(f"{directory}: authorized-keys directory does not exist")
+    for path in sorted(directory.glob(f"*{PUBLIC_SUFFIX}")):
+        try:
+            keys[load_public(path)] = path.name
+        except KeyFileError as exc:
+            log.warning("skipping authorized key file: %s", exc)
+    return keys
+
+
+class _Zap(ThreadAuthenticator):
+    """pyzmq's threaded ZAP handler with our own CURVE decision (a key set swapped on reload)."""
+
+    def __init__(self, context: zmq.Context, owner: "Authenticator"):
+        super().__init__(context=context, log=logging.getLogger("goflow.security.zap"))
+        self.owner = owner
+        self._address = ""
+
+    def _decide(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
+        key = z85.encode(client_key)
+        if key in self.owner.allowed:
+            self.owner.stats["admitted"] += 1
+            return True, b"OK"
+        self.owner._refused(key, self._address)
+        return False, b"Unknown key"
+
+
+# pyzmq >= 25 made the ZAP handlers coroutines; support both shapes.
+if inspect.iscoroutinefunction(ThreadAuthenticator.handle_zap_message):
+    async def _handle(self, msg):  # type: ignore[no-redef]
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+        await ThreadAuthenticator.handle_zap_message(self, msg)
+
+    async def _curve(self, domain, client_key):  # type: ignore[no-redef]
+        return self._decide(domain, client_key)
+else:  # pragma: no cover - older pyzmq
+    def _handle(self, msg):  # type: ignore[no-redef]
+        self._address = msg[3].decode("utf-8", "replace") if len(msg) > 3 else ""
+        ThreadAuthenticator.handle_zap_message(self, msg)
+
+    def _curve(self, domain, client_key):  # type: ignore[no-redef]
+        return self._decide(domain, client_key)
+_Zap.handle_zap_message = _handle  # type: ignore[method-assign]
+_Zap._authenticate_curve = _curve  # type: ignore[method-assign]
+
+
+class Authenticator:
+    """CURVE client authentication on ``context``: keys from ``authorized_keys_dir/*.key``.
+
+    ``extra_keys``: public keys (z85 bytes) always admitted, e.g. the coordinator's own
+    key for its local worker processes. Start it BEFORE binding the CURVE server sockets.
+    """
+
+    def __init__(self, context: zmq.Context, authorized_keys_dir: str | os.PathLike, *,
+                 extra_keys: Iterable[bytes] = ()):
+        self.context = context
+        self.directory = Path(authorized_keys_dir)
+        self.extra_keys = frozenset(extra_keys)
+        self.allowed: frozenset[bytes] = frozenset()
+        self.names: dict[bytes, str] = {}
+        self.stats = {"admitted": 0, "refused": 0, "reloads": 0}
+        self._last_logged: dict[bytes, float] = {}
+        self._lock = threading.Lock()
+        self._zap: _Zap | None = None
+        self.reload()
+
+    def start(self) -> "Authenticator":
+        self._zap = _Zap(self.context, self)
+        self._zap.start()
+        return self
+
+    def stop(self) -> None:
+        if self._zap is not None:
+            self._zap.stop()
+            self._zap = None
+
+    def reload(self) -> int:
+        """Re-read the authorized-keys directory; returns how many keys are admitted.
+
+        On an unreadable directory the previous key set stays (and the error is logged).
+        """
+        try:
+            names = load_authorized_keys(self.directory)
+        except KeyFileError as exc:
+            log.error("authorized keys not reloaded: %s", exc)
+            return len(self.allowed)
+        with self._lock:
+            added = set(names) - set(self.names)
+            removed = set(self.names) - set(names)
+            self.names = names
+            self.allowed = frozenset(names) | self.extra_keys  # one atomic swap; the ZAP thread reads it
+            self.stats["reloads"] += 1
+        log.info("authorized keys loaded: %d (added %d, removed %d) from %s", len(names), len(added),
+                 len(removed), self.directory,
+                 extra={"fields": {"keys": len(names), "added": sorted(k.decode() for k in added),
+                                   "removed": sorted(k.decode() for k in removed)}})
+        return len(self.allowed)
+
+    def _refused(self, key: bytes, address: str) -> None:
+        self.stats["refused"] += 1
+        now = time.monotonic()
+        if now - self._last_logged.get(key, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+            return
+        if len(self._last_logged) > 10_000:
+            self._last_logged.clear()
+        self._last_logged[key] = now
+        log.warning("refused CURVE client key %s from %s (not in %s)", key.decode(), address or "?",
+                    self.directory, extra={"fields": {"client_key": key.decode(), "address": address}})
+
+    def __enter__(self) -> "Authenticator":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,825 @@
+"""Execution history in SQLite, built from the coordinator's published events.
+
+The coordinator's :class:`~goflow.events.publisher.EventPublisher` calls
+``sink(execution_id, topic, payload)`` for every event, on the reactor thread.
+:meth:`Store.sink` only appends to a bounded in-memory queue (it never blocks, never raises);
+a writer thread decodes the events and writes them in batches (every ``flush_interval``
+seconds or ``batch_size`` events, one transaction per batch) to a WAL-mode SQLite file.
+
+Queries may be made from any thread (each thread gets its own read connection). When the
+file cannot be written (disk full, read-only path, ...) the failure is reported once
+(``store.healthy`` becomes False, ``store.last_error`` says why, one log record) and the
+store keeps recent history in an in-memory database instead: nothing is raised into the
+coordinator. See ``docs/history.md``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import msgpack
+
+log = logging.getLogger("goflow.store")
+
+TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
+TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
+SECRET_MASK = "***"
+
+DEFAULT_QUEUE_CAPACITY = 100_000
+DEFAULT_BATCH_SIZE = 1000
+DEFAULT_FLUSH_INTERVAL = 0.05
+DEFAULT_MEMORY_EVENTS = 50_000
+MEMORY_EXECUTIONS = 1000
+
+_SUBMISSION = 1
+_EVENT = 0
+_memory_ids = itertools.count(1)
+
+
+class HistoryError(Exception):
+    """A query could not be answered (unknown or ambiguous id, ...)."""
+
+
+class NotFound(HistoryError):
+    pass
+
+
+class AmbiguousId(HistoryError):
+    def __init__(self, prefix: str, candidates: list[str]):
+        self.prefix = prefix
+        self.candidates = candidates
+        super().__init__(f"execution id prefix {prefix!r} is ambiguous: it matches "
+                         + ", ".join(candidates[:10]) + (" ..." if len(candidates) > 10 else ""))
+
+
+# -- paths -----------------------------------------------------------------------------------
+def default_db_path() -> Path:
+    """``$GOFLOW_HOME/history.db``, else ``$XDG_DATA_HOME/goflow/history.db``,
+    else ``~/.local/share/goflow/history.db``."""
+    home = os.environ.get("GOFLOW_HOME")
+    if home:
+        return Path(home).expanduser() / "history.db"
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "goflow" / "history.db"
+
+
+# -- schema ----------------------------------------------------------------------------------
+MIGRATIONS: list[tuple[int, str]] = [
+    (1, """
+CREATE TABLE executions (
+    id            TEXT PRIMARY KEY,
+    workflow      TEXT,
+    workflow_hash TEXT,              -- sha256 of workflow_text
+    workflow_text TEXT,              -- as submitted (YAML), for crash recovery and `goflow execution`
+    status        TEXT NOT NULL,     -- submitted, running, completed, failed, cancelled, timed_out
+    variables_in  TEXT,              -- JSON: the variables supplied at submit (secrets '***')
+    inputs        TEXT,              -- JSON: execution.started meta.inputs (defaults included, bounded)
+    variables_out TEXT,              -- JSON: the terminal event's variables snapshot (bounded, redacted)
+    result        TEXT,              -- JSON: execution.completed meta.result
+    error         TEXT,              -- JSON: {type, message, node_id, ...}
+    submitted_at  REAL,
+    started_at    REAL,
+    finished_at   REAL,
+    duration_s    REAL,
+    epoch         TEXT,              -- coordinator incarnation of the latest event
+    last_eseq     INTEGER,
+    events        INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX executions_started_at ON executions(started_at);
+CREATE INDEX executions_workflow ON executions(workflow, started_at);
+CREATE INDEX executions_status ON executions(status, started_at);
+CREATE INDEX executions_finished_at ON executions(finished_at);
+
+CREATE TABLE node_executions (     -- one row per attempt
+    id           INTEGER PRIMARY KEY,
+    execution_id TEXT NOT NULL,
+    node_id      TEXT NOT NULL,
+    node_type    TEXT,
+    attempt      INTEGER NOT NULL,
+    status       TEXT NOT NULL,     -- running, completed, failed, skipped
+    worker       TEXT,
+    inputs       TEXT,              -- JSON; only when node.started carries meta.inputs
+    output       TEXT,              -- JSON (bounded like every event value)
+    error        TEXT,              -- JSON
+    started_at   REAL,
+    finished_at  REAL,
+    duration_s   REAL,
+    context      TEXT               -- JSON {loop, index} / {parallel, branch}; NULL in the main graph
+);
+CREATE INDEX node_executions_run ON node_executions(execution_id, node_id, attempt);
+
+CREATE TABLE variable_changes (
+    id           INTEGER PRIMARY KEY,
+    execution_id TEXT NOT NULL,
+    seq          INTEGER,           -- the event's publisher-wide seq
+    eseq         INTEGER,           -- the event's per-execution seq
+    name         TEXT NOT NULL,
+    old          TEXT,              -- JSON
+    new          TEXT,              -- JSON
+    scope        TEXT,
+    node_id      TEXT,
+    ts           REAL
+);
+CREATE INDEX variable_changes_execution ON variable_changes(execution_id, id);
+
+CREATE TABLE events (
+    id           INTEGER PRIMARY KEY,   -- arrival order
+    execution_id TEXT NOT NULL,
+    epoch        TEXT,
+    eseq         INTEGER,
+    seq          INTEGER,
+    type         TEXT NOT NULL,
+    node_id      TEXT,
+    ts           REAL,
+    topic        TEXT NOT NULL,
+    payload      BLOB NOT NULL,         -- exactly as published
+    UNIQUE (execution_id, epoch, eseq)
+);
+"""),
+]
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
+    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
+    return int(row[0] or 0)
+
+
+def migrate(conn: sqlite3.Connection, migrations: list[tuple[int, str]] | None = None) -> int:
+    """Apply the missing migration steps in order (each in its own transaction). Returns the version."""
+    steps = MIGRATIONS if migrations is None else migrations
+    current = schema_version(conn)
+    for version, script in steps:
+        if version <= current:
+            continue
+        # executescript commits first; wrap each step so a failure leaves the previous version.
+        conn.executescript(f"BEGIN;\n{script}\nINSERT INTO schema_version VALUES ({int(version)}, {time.time()!r});\n"
+                           f"COMMIT;")
+        current = version
+    return current
+
+
+def _connect(target: str, *, uri: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(target, uri=uri, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout = 10000")
+    return conn
+
+
+# -- value helpers ---------------------------------------------------------------------------
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        import base64
+
+        return {"$base64": base64.b64encode(bytes(obj)).decode()}
+    if isinstance(obj, (set, frozenset, tuple)):
+        return list(obj)
+    if isinstance(obj, (_dt.datetime, _dt.date)):
+        return obj.isoformat()
+    return str(obj)
+
+
+def _dumps(value: Any) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else json.loads(text)
+
+
+_CONTEXT_KEYS = ("loop", "index", "parallel", "branch")
+
+
+def _context(meta: dict) -> str | None:
+    ctx = {k: meta[k] for k in _CONTEXT_KEYS if meta.get(k) is not None}
+    return _dumps(ctx) if ctx else None
+
+
+def workflow_source(workflow: Any) -> str:
+    """Text for a workflow object whose YAML is unknown: its model as JSON (valid YAML)."""
+    if isinstance(workflow, str):
+        return workflow
+    dump = getattr(workflow, "model_dump", None)
+    if dump is not None:
+        return json.dumps(dump(mode="json", by_alias=True, exclude_none=True), default=str, indent=1)
+    return str(workflow)
+
+
+def _since_to_ts(since: Any) -> float | None:
+    if since is None:
+        return None
+    if isinstance(since, _dt.datetime):
+        return since.timestamp()
+    if isinstance(since, _dt.timedelta):
+        return time.time() - since.total_seconds()
+    return time.time() - float(since)
+
+
+def parse_since(text: str) -> float:
+    """``30s``/``15m``/``24h``/``7d``/``2w`` (ago) or an ISO date/time -> unix time."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+    if text and text[-1] in units:
+        try:
+            return time.time() - float(text[:-1]) * units[text[-1]]
+        except ValueError:
+            pass
+    try:
+        moment = _dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise ValueError(f"--since {text!r}: use 30m, 24h, 7d or an ISO date like 2024-05-01T12:00") from None
+    return moment.timestamp()
+
+
+@dataclass
+class Unfinished:
+    """An execution without a terminal event (what crash recovery needs)."""
+
+    id: str
+    workflow: str | None
+    workflow_text: str | None
+    variables_in: dict | None
+    completed: dict[str, Any]      # main-graph node id -> output (bounded; may be an $omitted marker)
+    epoch: str | None
+    last_eseq: int | None
+
+
+# -- the store -------------------------------------------------------------------------------
+class Store:
+    """SQLite execution history fed by :meth:`sink` (see module docstring).
+
+    ``path``: the database file (default :func:`default_db_path`; ``":memory:"`` for a
+    private in-memory history). ``start=False`` skips the writer thread (read-only use,
+    e.g. the CLI; calling :meth:`sink` then only queues).
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, *, queue_capacity: int = DEFAULT_QUEUE_CAPACITY,
+                 batch_size: int = DEFAULT_BATCH_SIZE, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
+                 memory_events: int = DEFAULT_MEMORY_EVENTS, start: bool = True, readonly: bool = False):
+        self.path = str(path) if path is not None else str(default_db_path())
+        self.queue_capacity = max(1, int(queue_capacity))
+        self.batch_size = max(1, int(batch_size))
+        self.flush_interval = float(flush_interval)
+        self.memory_events = max(1, int(memory_events))
+        self.readonly = readonly
+        self.healthy = True
+        self.last_error: str | None = None
+        self.in_memory = False
+        self.dropped_from_history = 0
+        self.stats = {"events_written": 0, "batches": 0, "bad_events": 0, "submissions": 0,
+                      "dropped_from_history": 0, "last_batch_lag_s": 0.0}
+        self._queue: deque = deque()
+        self._wake = threading.Event()
+        self._idle = threading.Event()
+        self._idle.set()
+        self._closing = False
+        self._closed = False
+        self._warned_full = False
+        self._local = threading.local()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._target, self._uri = self.path, False
+        self._writer: sqlite3.Connection | None = None
+        self._known: set[str] = set()
+        self._thread: threading.Thread | None = None
+        if self.path == ":memory:":
+            self._use_memory(reason=None)
+        elif readonly:
+            if not Path(self.path).exists():
+                raise NotFound(f"no history database at {self.path}")
+            self._target, self._uri = Path(self.path).resolve().as_uri() + "?mode=ro", True
+        else:
+            try:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                self._writer = self._open_writer(self.path, uri=False)
+            except (OSError, sqlite3.Error) as exc:
+                self._degrade(exc, during="opening")
+        if start and not readonly:
+            self._thread = threading.Thread(target=self._run, name="goflow-history", daemon=True)
+            self._thread.start()
+
+    # -- connections ---------------------------------------------------------------------
+    def _open_writer(self, target: str, *, uri: bool) -> sqlite3.Connection:
+        conn = _connect(target, uri=uri)
+        try:
+            if not uri:
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    log.warning("history store %s: journal_mode is %s, not WAL", target, mode)
+                conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = OFF")
+            migrate(conn)
+        except Exception:
+            conn.close()
+            raise
+        return conn
+
+    def _use_memory(self, reason: str | None) -> None:
+        self._target = f"file:goflow-history-{os.getpid()}-{next(_memory_ids)}?mode=memory&cache=shared"
+        self._uri = True
+        self.in_memory = True
+        self._writer = self._open_writer(self._target, uri=True)
+        self._drop_readers()
+
+    def _drop_readers(self) -> None:
+        with self._readers_lock:
+            readers, self._readers = self._readers, []
+        self._local = threading.local()
+        for conn in readers:
+            try:
+                conn.close()
+            except Exception:
+                pass
+
+    def _reader(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None or getattr(self._local, "target", None) != self._target:
+            if self._closed:
+                raise HistoryError("the history store is closed")
+            conn = _connect(self._target, uri=self._uri)
+            conn.row_factory = sqlite3.Row
+            self._local.conn = conn
+            self._local.target = self._target
+            with self._readers_lock:
+                self._readers.append(conn)
+        return conn
+
+    def _degrade(self, exc: BaseException, *, during: str) -> None:
+        """Report a write failure once and continue with in-memory history."""
+        if self.in_memory:
+            # Even the in-memory database failed (out of memory?): keep counting, never raise.
+            self.last_error = f"{during}: {exc}"
+            return
+        self.healthy = False
+        self.last_error = f"{during} {self.path}: {type(exc).__name__}: {exc}"
+        log.error("history store failed (%s); keeping recent history in memory from now on", self.last_error)
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+        self._writer = None
+        self._known.clear()
+        try:
+            self._use_memory(reason=self.last_error)
+        except Exception as exc2:  # pragma: no cover - sqlite without memory databases?
+            log.error("history store: in-memory fallback failed too: %s", exc2)
+
+    # -- feeding (any thread; the reactor calls sink) -------------------------------------
+    def sink(self, execution_id: str | None, topic: bytes, payload: bytes) -> None:
+        """Queue one published event. O(1), never blocks, never raises."""
+        try:
+            q = self._queue
+            if len(q) >= self.queue_capacity:
+                self.dropped_from_history += 1
+                if not self._warned_full:
+                    self._warned_full = True
+                    log.warning("history queue full (%d events): events are dropped from history",
+                                self.queue_capacity)
+                return
+            q.append((_EVENT, execution_id, topic, payload, time.monotonic()))
+            if len(q) % self.batch_size == 0:
+                self._wake.set()
+        except Exception:  # pragma: no cover - never into the reactor
+            pass
+
+    def record_submission(self, execution_id: str, workflow_name: str | None, workflow_text: Any,
+                          variables: dict | None, *, secrets: Iterable[str] = ()) -> None:
+        """Remember what was submitted (workflow text + sha256, supplied variables).
+
+        ``workflow_text`` may be the YAML text or a workflow model (stored as JSON).
+        Variables named in ``secrets`` are stored as ``"***"``. Queued like events (never
+        blocks, never raises, not subject to the queue cap).
+        """
+        try:
+            text = workflow_source(workflow_text) if workflow_text is not None else None
+            secret_set = frozenset(secrets)
+            redacted = {k: (SECRET_MASK if k in secret_set else v) for k, v in (variables or {}).items()}
+            self._queue.append((_SUBMISSION, execution_id, workflow_name, text, redacted, time.time(),
+                                time.monotonic()))
+        except Exception:
+            log.exception("history: cannot record the submission of %s", execution_id)
+
+    # -- the writer thread -----------------------------------------------------------------
+    def _run(self) -> None:
+        q = self._queue
+        while True:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            while q:
+                self._idle.clear()
+                batch = []
+                popleft = q.popleft
+                try:
+                    for _ in range(self.batch_size):
+                        batch.append(popleft())
+                except IndexError:
+                    pass
+                self._write(batch)
+            self._idle.set()
+            if self._closing and not q:
+                return
+
+    def _write(self, batch: list) -> None:
+        if self._writer is None:
+            return
+        try:
+            self._apply(self._writer, batch)
+        except (sqlite3.Error, OSError) as exc:
+            try:
+                self._writer.execute("ROLLBACK")
+            except Exception:
+                pass
+            self._degrade(exc, during="writing")
+            if self._writer is not None:
+                try:
+                    self._apply(self._writer, batch)
+                except Exception as exc2:
+                    self.last_error = f"in-memory history: {exc2}"
+                    log.exception("history: in-memory write failed")
+            return
+        except Exception:  # a bug: never kill the writer thread
+            log.exception("history: batch of %d dropped", len(batch))
+            return
+        self.stats["batches"] += 1
+        first = batch[0]
+        self.stats["last_batch_lag_s"] = time.monotonic() - first[-1]
+        if self.in_memory:
+            self._bound_memory(self._writer)
+
+    def _apply(self, conn: sqlite3.Connection, batch: list) -> None:
+        unpack = msgpack.unpackb
+        events, nodes_sql, variables, execs = [], [], [], []
+        conn.execute("BEGIN")
+        for item in batch:
+            if item[0] == _SUBMISSION:
+                _, eid, name, text, variables_in, ts, _mono = item
+                digest = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
+                conn.execute(
+                    "INSERT INTO executions (id, workflow, workflow_hash, workflow_text, status, variables_in, "
+                    "submitted_at) VALUES (?, ?, ?, ?, 'submitted', ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "workflow = COALESCE(workflow, excluded.workflow), workflow_hash = excluded.workflow_hash, "
+                    "workflow_text = excluded.workflow_text, variables_in = excluded.variables_in, "
+                    "submitted_at = excluded.submitted_at",
+                    (eid, name, digest, text, _dumps(variables_in), ts))
+                self._known.add(eid)
+                self.stats["submissions"] += 1
+                continue
+            _, eid, topic, payload, _mono = item
+            if eid is None:
+                continue           # worker events and heartbeats are not execution history
+            try:
+                ev = unpack(payload, raw=False)
+                etype = ev["type"]
+            except Exception:
+                self.stats["bad_events"] += 1
+                continue
+            topic_text = topic.decode("utf-8", "replace") if isinstance(topic, (bytes, bytearray)) else str(topic)
+            cur = conn.execute(
+                "INSERT OR IGNORE INTO events (execution_id, epoch, eseq, seq, type, node_id, ts, topic, payload) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (eid, ev.get("epoch"), ev.get("eseq"), ev.get("seq"), etype, ev.get("node_id"), ev.get("ts"),
+                 topic_text, bytes(payload)))
+            if cur.rowcount == 0:
+                continue           # a duplicate (same execution, epoch, eseq): already applied
+            self.stats["events_written"] += 1
+            self._apply_event(conn, eid, etype, ev)
+        conn.execute("COMMIT")
+
+    def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict) -> None:
+        ts = ev.get("ts")
+        meta = ev.get("meta") or {}
+        if eid not in self._known:
+            conn.execute("INSERT OR IGNORE INTO executions (id, workflow, status, started_at, epoch) "
+                         "VALUES (?, ?, 'running', ?, ?)", (eid, ev.get("workflow"), ts, ev.get("epoch")))
+            if len(self._known) > 100_000:
+                self._known.clear()
+            self._known.add(eid)
+        conn.execute("UPDATE executions SET epoch = ?, last_eseq = ?, events = events + 1, "
+                     "workflow = COALESCE(workflow, ?) WHERE id = ?",
+                     (ev.get("epoch"), ev.get("eseq"), ev.get("workflow"), eid))
+        node_id = ev.get("node_id")
+        if etype == "execution.started":
+            conn.execute("UPDATE executions SET status = 'running', started_at = ?, inputs = ? WHERE id = ?",
+                         (ts, _dumps(meta.get("inputs")), eid))
+        elif etype == "execution.resumed":
+            conn.execute("UPDATE executions SET status = 'running', finished_at = NULL WHERE id = ?", (eid,))
+        elif etype in TERMINAL_TYPES:
+            status = ev.get("status") or etype.split(".", 1)[1]
+            conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
+                         "error = ?, variables_out = ? WHERE id = ?",
+                         (status, ts, meta.get("duration_s"), _dumps(meta.get("result")), _dumps(ev.get("error")),
+                          _dumps(ev.get("variables")), eid))
+        elif etype == "node.started" and node_id is not None:
+            conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, "
+                         "inputs, started_at, context) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
+                         (eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, _dumps(meta.get("inputs")),
+                          ts, _context(meta)))
+        elif etype in ("node.completed", "node.failed", "node.retrying") and node_id is not None:
+            status = "completed" if etype == "node.completed" else "failed"
+            output = None
+            if etype == "node.completed":
+                output = meta.get("output")
+                if output is None:
+                    output = meta.get("return", meta.get("result"))
+            ctx = _context(meta)
+            attempt = ev.get("attempt") or 1
+            values = (status, meta.get("worker"), _dumps(output), _dumps(ev.get("error")), ts,
+                      meta.get("duration_s"))
+            cur = conn.execute(
+                "UPDATE node_executions SET status = ?, worker = COALESCE(?, worker), output = ?, error = ?, "
+                "finished_at = ?, duration_s = COALESCE(?, ? - started_at) WHERE id = ("
+                "SELECT id FROM node_executions WHERE execution_id = ? AND node_id = ? AND attempt = ? "
+                "AND context IS ? AND status = 'running' ORDER BY id DESC LIMIT 1)",
+                (*values[:5], values[5], ts, eid, node_id, attempt, ctx))
+            if cur.rowcount == 0:   # its node.started is not in the store (e.g. dropped): keep the outcome
+                conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, "
+                             "worker, output, error, finished_at, duration_s, context) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                             (eid, node_id, ev.get("node_type"), attempt, *values, ctx))
+        elif etype == "node.skipped" and node_id is not None:
+            conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, error, "
+                         "started_at, finished_at, duration_s, context) VALUES (?, ?, ?, ?, 'skipped', ?, ?, ?, 0, ?)",
+                         (eid, node_id, ev.get("node_type"), ev.get("attempt") or 1,
+                          _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None, ts, ts,
+                          _context(meta)))
+        elif etype == "variable.changed":
+            conn.execute("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, node_id, ts) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),
+                          _dumps(meta.get("value")), meta.get("scope"), node_id, ts))
+
+    def _bound_memory(self, conn: sqlite3.Connection) -> None:
+        """In-memory mode: keep the last ``memory_events`` events and ``MEMORY_EXECUTIONS`` runs."""
+        row = conn.execute("SELECT MAX(id) FROM events").fetchone()
+        if row[0] is not None and row[0] > self.memory_events:
+            conn.execute("DELETE FROM events WHERE id <= ?", (row[0] - self.memory_events,))
+        count = conn.execute("SELECT COUNT(*) FROM executions").fetchone()[0]
+        if count > MEMORY_EXECUTIONS:
+            victims = [r[0] for r in conn.execute(
+                "SELECT id FROM executions WHERE finished_at IS NOT NULL ORDER BY finished_at LIMIT ?",
+                (count - MEMORY_EXECUTIONS,))]
+            self._delete(conn, victims)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue)
+
+    def write_lag(self) -> float:
+        """Seconds the oldest queued event has been waiting (0 when the queue is empty)."""
+        try:
+            return max(0.0, time.monotonic() - self._queue[0][-1])
+        except IndexError:
+            return 0.0
+
+    def gauges(self) -> dict[str, float]:
+        """Scrape-time values for :class:`goflow.metrics.Metrics` (``set_gauge_source``)."""
+        return {"store_queue_depth": len(self._queue), "store_write_lag_seconds": self.write_lag(),
+                "store_dropped_events": self.dropped_from_history, "store_healthy": 1.0 if self.healthy else 0.0,
+                "store_events_written": self.stats["events_written"]}
+
+    def flush(self, timeout: float = 5.0) -> bool:
+        """Wait until everything queued so far is written (True) or ``timeout`` passes (False)."""
+        if self._thread is None or not self._thread.is_alive():
+            return not self._queue
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self._queue and self._idle.is_set():
+                # the writer may have popped a batch without clearing _idle yet: confirm
+                time.sleep(0.001)
+                if not self._queue and self._idle.is_set():
+                    return True
+            self._wake.set()
+            time.sleep(0.002)
+        return False
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Drain the queue (up to ``timeout``), stop the writer and close every connection."""
+        if self._closed:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("history store: %d event(s) not written at close", len(self._queue))
+        self.stats["dropped_from_history"] = self.dropped_from_history
+        self._closed = True
+        self._drop_readers()
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- queries (any thread) ----------------------------------------------------------------
+    def _query(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        return self._reader().execute(sql, tuple(params)).fetchall()
+
+    @staticmethod
+    def _execution_row(row: sqlite3.Row, full: bool = False) -> dict[str, Any]:
+        d = dict(row)
+        for key in ("variables_in", "inputs", "variables_out", "result", "error"):
+            if key in d:
+                d[key] = _loads(d[key])
+        if d.get("duration_s") is None and d.get("finished_at") and d.get("started_at"):
+            d["duration_s"] = d["finished_at"] - d["started_at"]
+        if not full:
+            d.pop("workflow_text", None)
+        return d
+
+    def list_executions(self, workflow: str | None = None, status: str | None = None, since: Any = None,
+                        limit: int | None = 50) -> list[dict[str, Any]]:
+        """Newest first. ``since``: seconds ago, a timedelta or a datetime."""
+        where, params = [], []
+        if workflow:
+            where.append("workflow = ?")
+            params.append(workflow)
+        if status:
+            where.append("status = ?")
+            params.append(status)
+        cutoff = _since_to_ts(since)
+        if cutoff is not None:
+            where.append("COALESCE(started_at, submitted_at) >= ?")
+            params.append(cutoff)
+        sql = ("SELECT id, workflow, workflow_hash, status, submitted_at, started_at, finished_at, duration_s, "
+               "error, epoch, last_eseq, events FROM executions")
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY COALESCE(started_at, submitted_at) DESC, id"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(int(limit))
+        return [self._execution_row(r) for r in self._query(sql, params)]
+
+    def resolve_id(self, id_or_prefix: str) -> str:
+        """The full execution id for an id or an unambiguous prefix of >= 4 characters."""
+        rows = self._query("SELECT id FROM executions WHERE id = ?", (id_or_prefix,))
+        if rows:
+            return rows[0][0]
+        if len(id_or_prefix) < 4:
+            raise NotFound(f"no execution {id_or_prefix!r} (a prefix needs at least 4 characters)")
+        rows = self._query("SELECT id FROM executions WHERE id >= ? AND id < ? ORDER BY id LIMIT 51",
+                           (id_or_prefix, id_or_prefix + "\U0010ffff"))
+        ids = [r[0] for r in rows]
+        if not ids:
+            raise NotFound(f"no execution {id_or_prefix!r} in the history")
+        if len(ids) > 1:
+            raise AmbiguousId(id_or_prefix, ids)
+        return ids[0]
+
+    def get_execution(self, id_or_prefix: str) -> dict[str, Any]:
+        """One execution (workflow text included) with ``nodes`` (every attempt) and ``variable_changes``."""
+        eid = self.resolve_id(id_or_prefix)
+        rows = self._query("SELECT * FROM executions WHERE id = ?", (eid,))
+        if not rows:
+            raise NotFound(f"no execution {eid!r}")
+        d = self._execution_row(rows[0], full=True)
+        d["nodes"] = self.node_attempts(eid)
+        d["variable_changes"] = self.variable_changes(eid)
+        return d
+
+    def node_attempts(self, execution_id: str) -> list[dict[str, Any]]:
+        """Every attempt of every node, in start order."""
+        rows = self._query("SELECT node_id, node_type, attempt, status, worker, inputs, output, error, started_at, "
+                           "finished_at, duration_s, context FROM node_executions WHERE execution_id = ? "
+                           "ORDER BY COALESCE(started_at, finished_at), id", (execution_id,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            for key in ("inputs", "output", "error", "context"):
+                d[key] = _loads(d[key])
+            out.append(d)
+        return out
+
+    def variable_changes(self, execution_id: str) -> list[dict[str, Any]]:
+        rows = self._query("SELECT seq, eseq, name, old, new, scope, node_id, ts FROM variable_changes "
+                           "WHERE execution_id = ? ORDER BY id", (execution_id,))
+        out = []
+        for r in rows:
+            d = dict(r)
+            d["old"], d["new"] = _loads(d["old"]), _loads(d["new"])
+            out.append(d)
+        return out
+
+    def events(self, execution_id: str, from_eseq: int = 1, types: Iterable[str] | None = None,
+               nodes: Iterable[str] | None = None, *, with_topic: bool = False) -> list[Any]:
+        """Stored payloads (bytes, exactly as published) in order; ``(topic, payload)`` with ``with_topic``.
+
+        ``from_eseq`` counts in the execution's latest epoch; events of earlier epochs (before
+        a coordinator restart) are included only when ``from_eseq <= 1``.
+        """
+        where, params = ["execution_id = ?"], [execution_id]
+        if from_eseq > 1:
+            row = self._query("SELECT epoch FROM executions WHERE id = ?", (execution_id,))
+            where.append("eseq >= ? AND epoch IS ?")
+            params += [int(from_eseq), row[0][0] if row else None]
+        types = list(types or ())
+        if types:
+            where.append(f"type IN ({','.join('?' * len(types))})")
+            params += types
+        nodes = list(nodes or ())
+        if nodes:
+            where.append(f"node_id IN ({','.join('?' * len(nodes))})")
+            params += nodes
+        rows = self._query(f"SELECT topic, payload FROM events WHERE {' AND '.join(where)} ORDER BY id", params)
+        if with_topic:
+            return [(r[0], bytes(r[1])) for r in rows]
+        return [bytes(r[1]) for r in rows]
+
+    def last_event(self, execution_id: str) -> dict[str, Any] | None:
+        rows = self._query("SELECT epoch, eseq, type FROM events WHERE execution_id = ? ORDER BY id DESC LIMIT 1",
+                           (execution_id,))
+        return dict(rows[0]) if rows else None
+
+    def unfinished_executions(self) -> list[Unfinished]:
+        """Executions without a terminal event, oldest first, with their completed main-graph nodes."""
+        placeholders = ",".join("?" * len(TERMINAL_STATUSES))
+        rows = self._query(f"SELECT id, workflow, workflow_text, variables_in, epoch, last_eseq FROM executions "
+                           f"WHERE status NOT IN ({placeholders}) ORDER BY COALESCE(started_at, submitted_at)",
+                           TERMINAL_STATUSES)
+        out = []
+        for r in rows:
+            completed = {n[0]: _loads(n[1]) for n in self._query(
+                "SELECT node_id, output FROM node_executions WHERE execution_id = ? AND status = 'completed' "
+                "AND context IS NULL ORDER BY id", (r["id"],))}
+            out.append(Unfinished(r["id"], r["workflow"], r["workflow_text"], _loads(r["variables_in"]), completed,
+                                  r["epoch"], r["last_eseq"]))
+        return out
+
+    def prune(self, older_than_days: float) -> int:
+        """Delete executions that finished more than ``older_than_days`` days ago. Returns how many.
+
+        Unfinished executions are kept (crash recovery needs them). Runs on the caller's
+        thread with its own connection (WAL: the writer is not blocked for long).
+        """
+        cutoff = time.time() - float(older_than_days) * 86400.0
+        conn = self._reader()
+        ids = [r[0] for r in conn.execute("SELECT id FROM executions WHERE finished_at IS NOT NULL "
+                                          "AND finished_at < ?", (cutoff,))]
+        if not ids:
+            return 0
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                self._delete(conn, chunk)
+                conn.execute("COMMIT")
+            except Exception:
+                conn.execute("ROLLBACK")
+                raise
+        return len(ids)
+
+    @staticmethod
+    def _delete(conn: sqlite3.Connection, ids: list[str]) -> None:
+        if not ids:
+            return
+        marks = ",".join("?" * len(ids))
+        for table, column in (("events", "execution_id"), ("node_executions", "execution_id"),
+                              ("variable_changes", "execution_id"), ("executions", "id")):
+            conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
+
+
+def open_store(path: str | os.PathLike | None = None) -> Store:
+    """A query-only store on an existing database (the CLI): no writer thread."""
+    return Store(path, start=False, readonly=True)
+
+
+def combine_sinks(*sinks: Callable[[str | None, bytes, bytes], None] | None
+                  ) -> Callable[[str | None, bytes, bytes], None]:
+    """One sink calling each given sink in turn (``None`` entries are skipped); a failing
+    sink does not stop the others and never raises."""
+    active = tuple(s for s in sinks if s is not None)
+    if len(active) == 1:
+        return active[0]
+
+    def sink(execution_id: str | None, topic: bytes, payload: bytes) -> None:
+        for each in active:
+            try:
+                each(execution_id, topic, payload)
+            except Exception:
+                log.exception("event sink %r failed", each)
+
+    return sink
