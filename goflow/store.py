@@ -302,7 +302,14 @@ class Store:
         elif readonly:
             if not Path(self.path).exists():
                 raise NotFound(f"no history database at {self.path}")
-            self._target, self._uri = Path(self.path).resolve().as_uri() + "?mode=ro", True
+            try:   # bring an older file up to date; harmless when it is current or not writable
+                conn = _connect(self.path)
+                try:
+                    migrate(conn)
+                finally:
+                    conn.close()
+            except sqlite3.Error as exc:
+                log.debug("history store %s: not migrated: %s", self.path, exc)
         else:
             try:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
@@ -353,6 +360,8 @@ class Store:
                 raise HistoryError("the history store is closed")
             conn = _connect(self._target, uri=self._uri)
             conn.row_factory = sqlite3.Row
+            if self.in_memory:   # shared-cache tables lock readers out of a writing transaction otherwise
+                conn.execute("PRAGMA read_uncommitted = 1")
             self._local.conn = conn
             self._local.target = self._target
             with self._readers_lock:
@@ -441,10 +450,6 @@ class Store:
         try:
             self._apply(self._writer, batch)
         except (sqlite3.Error, OSError) as exc:
-            try:
-                self._writer.execute("ROLLBACK")
-            except Exception:
-                pass
             self._degrade(exc, during="writing")
             if self._writer is not None:
                 try:
@@ -464,8 +469,18 @@ class Store:
 
     def _apply(self, conn: sqlite3.Connection, batch: list) -> None:
         unpack = msgpack.unpackb
-        events, nodes_sql, variables, execs = [], [], [], []
         conn.execute("BEGIN")
+        try:
+            self._apply_batch(conn, batch, unpack)
+        except BaseException:
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise
+        conn.execute("COMMIT")
+
+    def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable) -> None:
         for item in batch:
             if item[0] == _SUBMISSION:
                 _, eid, name, text, variables_in, ts, _mono = item
@@ -499,7 +514,6 @@ class Store:
                 continue           # a duplicate (same execution, epoch, eseq): already applied
             self.stats["events_written"] += 1
             self._apply_event(conn, eid, etype, ev)
-        conn.execute("COMMIT")
 
     def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict) -> None:
         ts = ev.get("ts")

@@ -134,7 +134,10 @@ def _summary(result: ExecutionResult) -> None:
         where = f" at node '{result.error.get('node_id')}'" if result.error.get("node_id") else ""
         print(f"  error{where}: {result.error.get('type')}: {result.error.get('message')}", file=stream)
     if result.status == "completed":
-        print("  result: " + json.dumps(result.result, default=str, ensure_ascii=False), file=stream)
+        text = json.dumps(result.result, default=str, ensure_ascii=False)
+        if stream.isatty() and len(text) > 600:
+            text = text[:600] + f"… ({len(text)} characters; --json prints all of it)"
+        print("  result: " + text, file=stream)
 
 
 class _Display:

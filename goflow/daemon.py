@@ -1,0 +1,328 @@
+"""``goflow-coordinator``: the coordinator as a long-running service (docs/deployment.md).
+
+Binds three sockets: workers (ROUTER, where ``goflow-worker`` connects), events (XPUB,
+``goflow watch`` / Monitor) and control (ROUTER, ``goflow submit/status/cancel/ls``). By
+default all on 127.0.0.1 (ports 5557, 5556, 5555). Binding anything that is not loopback
+requires CURVE (``--curve-secret-key`` + ``--authorized-keys``) or an explicit
+``--insecure``.
+
+Signals: SIGTERM/SIGINT drain (no new executions, running nodes get ``--grace`` seconds,
+whatever is still running is cancelled and logged) and exit 0; SIGHUP re-reads the
+authorized-keys directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
+DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
+DEFAULT_WORKERS = "tcp://127.0.0.1:5557"
+DEFAULT_GRACE = 30.0
+DEFAULT_LIVENESS = 5.0
+
+log = logging.getLogger("goflow.daemon")
+
+_RESERVED = {"name", "msg", "args", "levelname", "levelno", "pathname", "filename", "module", "exc_info",
+             "exc_text", "stack_info", "lineno", "funcName", "created", "msecs", "relativeCreated", "thread",
+             "threadName", "processName", "process", "taskName", "message", "asctime", "fields"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, plus the record's ``fields`` extra."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
+                                "logger": record.name, "msg": record.getMessage()}
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            data.update({k: v for k, v in fields.items() if k not in data})
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return json.dumps(data, default=str, separators=(",", ":"))
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        return super().format(record)
+
+
+def setup_logging(fmt: str, level: str = "info") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("goflow.security.zap").setLevel(logging.WARNING)  # pyzmq's per-request debug lines
+
+
+# -- endpoints ------------------------------------------------------------------------------
+def endpoint_host(endpoint: str) -> str | None:
+    """The host part of a tcp:// endpoint (None for ipc://, inproc://)."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise ValueError(f"endpoint {endpoint!r} must look like tcp://HOST:PORT")
+    if scheme != "tcp":
+        return None
+    if ";" in rest:  # tcp://source;dest form: the bind address is the second part
+        rest = rest.split(";", 1)[1]
+    host, colon, port = rest.rpartition(":")
+    if not colon:
+        raise ValueError(f"endpoint {endpoint!r} has no port")
+    return host.strip("[]")
+
+
+def is_loopback(endpoint: str) -> bool:
+    host = endpoint_host(endpoint)
+    if host is None:
+        return True  # ipc:// and inproc:// never leave the machine
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "lo"  # an interface name: only the loopback interface counts
+
+
+# -- arguments ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="goflow-coordinator",
+        description="Run the goflow coordinator as a service: workers connect to it, clients submit to it.")
+    parser.add_argument("--workers-endpoint", default=DEFAULT_WORKERS, metavar="ENDPOINT",
+                        help=f"where goflow-worker processes connect (default {DEFAULT_WORKERS})")
+    parser.add_argument("--events-endpoint", action="append", default=None, metavar="ENDPOINT",
+                        help=f"where events are published; repeatable (default {DEFAULT_EVENTS})")
+    parser.add_argument("--control-endpoint", action="append", default=None, metavar="ENDPOINT",
+                        help=f"where control requests are served; repeatable (default {DEFAULT_CONTROL})")
+    parser.add_argument("--db", metavar="PATH", help="record submissions and events in this SQLite file")
+    parser.add_argument("--local-workers", type=int, default=0, metavar="N",
+                        help="also run N worker processes on this machine (default 0)")
+    parser.add_argument("--curve-secret-key", metavar="FILE",
+                        help="the coordinator's CURVE key pair (NAME.key_secret, from `goflow keys generate`)")
+    parser.add_argument("--authorized-keys", metavar="DIR",
+                        help="directory of client public keys (*.key) admitted on every socket")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow binding non-loopback addresses without CURVE (anyone who can reach the "
+                             "ports can run code on the workers)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="stderr log format (json: one object per line)")
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    parser.add_argument("--grace", type=float, default=DEFAULT_GRACE, metavar="SECONDS",
+                        help=f"on SIGTERM, how long running nodes may finish (default {DEFAULT_GRACE:g})")
+    parser.add_argument("--liveness", type=float, default=DEFAULT_LIVENESS, metavar="SECONDS",
+                        help=f"declare a worker lost after this long without a heartbeat "
+                             f"(default {DEFAULT_LIVENESS:g})")
+    parser.add_argument("--heartbeat-interval", type=float, default=1.0, metavar="SECONDS",
+                        help="coordinator heartbeats to workers and subscribers (default 1)")
+    return parser
+
+
+def check_args(args: argparse.Namespace) -> list[str]:
+    """Configuration errors (empty when fine). Fills default endpoints."""
+    errors = []
+    args.events_endpoint = args.events_endpoint or [DEFAULT_EVENTS]
+    args.control_endpoint = args.control_endpoint or [DEFAULT_CONTROL]
+    endpoints = [args.workers_endpoint, *args.events_endpoint, *args.control_endpoint]
+    exposed = []
+    for endpoint in endpoints:
+        try:
+            if not is_loopback(endpoint):
+                exposed.append(endpoint)
+        except ValueError as exc:
+            errors.append(str(exc))
+    if bool(args.curve_secret_key) != bool(args.authorized_keys):
+        errors.append("--curve-secret-key and --authorized-keys go together")
+    if exposed and not args.curve_secret_key and not args.insecure:
+        errors.append(f"refusing to bind {', '.join(exposed)} without authentication: give --curve-secret-key "
+                      f"and --authorized-keys, or --insecure to accept the risk")
+    if args.local_workers < 0:
+        errors.append("--local-workers must be >= 0")
+    if args.grace < 0 or args.liveness <= 0 or args.heartbeat_interval <= 0:
+        errors.append("--grace must be >= 0, --liveness and --heartbeat-interval > 0")
+    args.exposed = exposed
+    return errors
+
+
+def _open_store(path: str):
+    """The history store (goflow.store.Store), or None when that module is not available."""
+    try:
+        from goflow.store import Store  # type: ignore[import-not-found]
+    except ImportError:
+        log.warning("--db %s given but goflow.store is not available in this build; events are not recorded",
+                    path)
+        return None
+    return Store(path)
+
+
+def _local_pool(endpoint: str, count: int, secret_file: str | None):
+    """LocalWorkerPool; with CURVE its processes authenticate with the coordinator's own key pair."""
+    from goflow.coordinator.local_workers import LocalWorkerPool
+
+    if not secret_file:
+        return LocalWorkerPool(endpoint, count)
+
+    class CurvePool(LocalWorkerPool):
+        def spawn(self) -> str:  # LocalWorkerPool.spawn plus the key files
+            import subprocess
+
+            self._serial += 1
+            name = f"local-{os.getpid()}-{self._serial}"
+            command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", self.endpoint,
+                       "--name", name, "--credits", str(self.credits),
+                       "--heartbeat-interval", str(self.heartbeat_interval),
+                       "--curve-server-key", secret_file, "--curve-secret-key", secret_file]
+            self.processes[name] = subprocess.Popen(command, env=self._env(), stdin=subprocess.DEVNULL)
+            return name
+
+    return CurvePool(endpoint, count)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    errors = check_args(args)
+    if errors:
+        for error in errors:
+            log.error(error)
+        return 2
+    if args.exposed and not args.curve_secret_key:
+        log.warning("INSECURE: %s bound without authentication or encryption; anyone who can reach these ports "
+                    "can submit workflows and run code on the workers", ", ".join(args.exposed),
+                    extra={"fields": {"endpoints": args.exposed}})
+
+    import zmq
+
+    from goflow import security
+    from goflow.coordinator.coordinator import Coordinator
+
+    context = zmq.Context()
+    authenticator = None
+    curve = None
+    try:
+        if args.curve_secret_key:
+            curve = security.server_curve(args.curve_secret_key)
+            authenticator = security.Authenticator(context, args.authorized_keys, extra_keys=[curve["public"]])
+            authenticator.start()
+    except (security.KeyFileError, OSError) as exc:
+        log.error("cannot load keys: %s", exc)
+        context.destroy(linger=0)
+        return 2
+
+    store = _open_store(args.db) if args.db else None
+    try:
+        coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
+                                  control_endpoints=args.control_endpoint, context=context, curve=curve,
+                                  worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
+                                  sink=store.sink if store is not None else None)
+    except zmq.ZMQError as exc:
+        log.error("cannot bind: %s", exc)
+        if authenticator is not None:
+            authenticator.stop()
+        if store is not None:
+            store.close()
+        context.destroy(linger=0)
+        return 2
+    if store is not None and hasattr(store, "record_submission"):
+        _wrap_submit(coordinator, store)
+
+    pool = None
+    if args.local_workers:
+        pool = _local_pool(coordinator.workers_endpoint, args.local_workers, args.curve_secret_key)
+        coordinator.attach_local_pool(pool)
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_stop(signum: int, frame: Any) -> None:
+        received.append(signum)
+        stop.set()
+
+    def on_hup(signum: int, frame: Any) -> None:
+        if authenticator is None:
+            log.info("SIGHUP: no authorized keys to reload (CURVE is off)")
+            return
+        threading.Thread(target=authenticator.reload, name="goflow-reload-keys", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+
+    coordinator.start()
+    if pool is not None:
+        pool.start()
+    log.info("coordinator ready: workers %s, events %s, control %s%s", coordinator.workers_endpoint,
+             ", ".join(args.events_endpoint), ", ".join(args.control_endpoint),
+             " (CURVE)" if curve else "",
+             extra={"fields": {"epoch": coordinator.epoch, "workers_endpoint": coordinator.workers_endpoint,
+                               "events_endpoints": args.events_endpoint,
+                               "control_endpoints": args.control_endpoint, "curve": bool(curve),
+                               "pid": os.getpid()}})
+    while not stop.wait(0.5):
+        pass
+
+    signame = signal.Signals(received[0]).name if received else "stop"
+    log.info("%s: draining (grace %gs)", signame, args.grace, extra={"fields": {"grace": args.grace}})
+    started = time.monotonic()
+    unfinished: list[str] = []
+    try:
+        unfinished = coordinator.drain(args.grace)
+    except Exception:
+        log.exception("drain failed")
+    if unfinished:
+        log.warning("%d execution(s) unfinished at shutdown, cancelled: %s", len(unfinished), ", ".join(unfinished),
+                    extra={"fields": {"unfinished": unfinished}})
+    else:
+        log.info("drained in %.2fs: nothing unfinished", time.monotonic() - started,
+                 extra={"fields": {"unfinished": []}})
+    try:
+        coordinator.stop()
+    finally:
+        if authenticator is not None:
+            authenticator.stop()
+        if store is not None:
+            try:
+                store.close()
+            except Exception:
+                log.exception("closing the store failed")
+        context.destroy(linger=0)
+    log.info("coordinator stopped")
+    return 0
+
+
+def _wrap_submit(coordinator: Any, store: Any) -> None:
+    """Record accepted submissions in the store (wraps the ``submit`` control op)."""
+    handler = coordinator.control.handlers.get("submit")
+    if handler is None:
+        return
+
+    def submit(request: dict) -> dict:
+        reply = handler(request)
+        try:
+            store.record_submission(reply.get("execution_id"), workflow=reply.get("workflow"),
+                                    text=request.get("workflow"), name=request.get("name"),
+                                    variables=request.get("variables") or {}, timeout=request.get("timeout"))
+        except Exception:
+            log.exception("recording the submission failed")
+        return reply
+
+    coordinator.control.register("submit", submit)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
