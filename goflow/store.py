@@ -763,6 +763,10 @@ class Store:
             return [(r[0], bytes(r[1])) for r in rows]
         return [bytes(r[1]) for r in rows]
 
+    def execution_status(self, execution_id: str) -> str | None:
+        rows = self._query("SELECT status FROM executions WHERE id = ?", (execution_id,))
+        return rows[0][0] if rows else None
+
     def last_event(self, execution_id: str) -> dict[str, Any] | None:
         rows = self._query("SELECT epoch, eseq, type FROM events WHERE execution_id = ? ORDER BY id DESC LIMIT 1",
                            (execution_id,))

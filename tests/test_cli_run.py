@@ -144,7 +144,8 @@ def _alive(pid: int) -> bool:
     return "State:\tZ" not in status
 
 
-def test_ctrl_c_cancels_cleanly_and_leaves_no_process(write_flow):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_cancels_cleanly_and_leaves_no_process(write_flow, signum):
     path = write_flow("""
         name: long
         nodes:
@@ -171,7 +172,7 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_process(write_flow):
     assert workers, "no worker processes found"
     tempdirs = {Path(arg.split("ipc://", 1)[1]).parent for pid in workers
                 for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") if "ipc://" in arg}
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 130, err
     assert "cancelled" in out
@@ -221,3 +222,14 @@ def test_validate_non_workflow_files_get_one_clear_error(tmp_path, content, expe
 def test_validate_missing_file(tmp_path):
     proc = goflow("validate", str(tmp_path / "nope.yaml"))
     assert proc.returncode == 2 and "no such file" in proc.stdout
+
+
+@pytest.mark.parametrize("example, expected", [
+    ("demo.yaml", lambda result: "Revenue" in result["summary"] and len(result["scores"]) == 8),
+    ("goflow-parser-dialect.yaml", lambda result: result == ["#0: high", "#1: low"]),
+])
+def test_examples_run(example, expected):
+    path = Path(__file__).resolve().parent.parent / "examples" / example
+    proc = goflow("run", str(path), "--json", "--workers", "2")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert expected(json.loads(proc.stdout)["result"])

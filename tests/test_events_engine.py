@@ -343,3 +343,40 @@ def test_many_subscribers_each_receive_everything(write_flow, tmp_path):
                 got.append(msgpack.unpackb(sub.recv_multipart()[1], raw=False)["seq"])
             assert got == expected
             sub.close(0)
+
+
+def test_garbage_on_the_coordinators_sockets_never_stops_it(runtime, write_flow):
+    context = zmq.Context.instance()
+    control = context.socket(zmq.DEALER)
+    control.connect(runtime.control_endpoint)
+    for frames in ([b"\xff\x00garbage"], [b""], [b"a", b"b", b"c", b"d", b"e"], [msgpack.packb([1, 2])],
+                   [msgpack.packb({"no": "op"})], [msgpack.packb({"op": "execution", "execution_id": 5})]):
+        control.send_multipart(frames)
+        if control.poll(2000):
+            reply = msgpack.unpackb(control.recv_multipart()[-1], raw=False)
+            assert reply["ok"] is False and reply["error"]["type"] in ("bad_request", "not_found")
+    worker = context.socket(zmq.DEALER)
+    worker.connect(runtime.coordinator.workers_endpoint)
+    for frames in ([b"\x00\x01"], [msgpack.packb({"t": "result", "id": "nope"})], [b"x", b"y"],
+                   [msgpack.packb({"t": "ready", "v": 99})]):
+        worker.send_multipart(frames)
+    sub_garbage = context.socket(zmq.PUB)  # a publisher-side peer sending junk subscriptions
+    sub_garbage.connect(runtime.events_endpoint)
+    time.sleep(0.2)
+    result = runtime.coordinator.submit(load(write_flow("""
+        name: still-alive
+        nodes:
+          - {id: start, type: start}
+          - {id: add, type: python, call: "flowlib:add", args: [1, 2], output: three}
+          - {id: end, type: end, return: "${three}"}
+        edges:
+          - {from: start, to: add}
+          - {from: add, to: end}
+    """)))[1].result(30)
+    assert result["status"] == "completed" and result["result"] == 3
+    control.send(msgpack.packb({"op": "executions", "id": 7}))
+    assert control.poll(5000)
+    reply = msgpack.unpackb(control.recv(), raw=False)
+    assert reply["ok"] and reply["id"] == 7
+    for sock in (control, worker, sub_garbage):
+        sock.close(0)

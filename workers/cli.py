@@ -1,36 +1,277 @@
-"""``goflow-worker``: run worker processes connected to a coordinator."""
+"""``goflow-worker``: worker processes connected to a coordinator, under a supervisor.
+
+``goflow-worker --connect tcp://HOST:5557 --concurrency N`` starts N worker processes
+(each one ``python -m goflow.workers --single ...``, running one task at a time) and keeps
+them running: a child that exits is restarted after an exponential backoff (0.5 s doubling
+up to ``--max-backoff``, reset once a child stayed up for a minute). Exit code 75 means the
+child heard nothing from the coordinator for ``--coordinator-liveness`` seconds (the
+coordinator restarted or the network broke): it is restarted at once so it reconnects.
+SIGTERM/SIGINT stop the children cleanly (SIGTERM to each; they finish the task at hand,
+say goodbye; SIGKILL after ``--stop-grace``) and exit 0.
+
+``python -m goflow.workers ...`` (how the embedded coordinator starts local workers) and
+``--single`` run one worker process in the foreground, without a supervisor.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
-from goflow.workers.runtime import serve
+EXIT_COORDINATOR_LOST = 75
+BACKOFF_BASE = 0.5
+STABLE_AFTER = 60.0
+
+log = logging.getLogger("goflow.worker")
 
 
 def _labels(text: str) -> dict[str, str]:
     labels = {}
     for part in filter(None, text.split(",")):
         key, sep, value = part.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise argparse.ArgumentTypeError(f"label {part!r} must look like key=value")
         labels[key.strip()] = value.strip()
     return labels
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="goflow-worker", description="Run a goflow worker.")
-    parser.add_argument("--connect", required=True, help="the coordinator's workers endpoint, e.g. tcp://host:5555")
-    parser.add_argument("--name", help="worker id (default: generated)")
-    parser.add_argument("--credits", type=int, default=4, help="tasks held in hand (default 4)")
-    parser.add_argument("--labels", type=_labels, default={}, help="k=v,... for node worker selectors")
-    parser.add_argument("--heartbeat-interval", type=float, default=0.5)
-    args = parser.parse_args(argv)
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="goflow-worker", description="Run goflow worker processes connected to a "
+                                                                       "coordinator (goflow-coordinator).")
+    parser.add_argument("--connect", required=True, metavar="ENDPOINT",
+                        help="the coordinator's workers endpoint, e.g. tcp://host:5557")
+    parser.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
+                        help="worker processes to run (default: CPU count); each runs one task at a time")
+    parser.add_argument("--name", help="worker name prefix (default: the host name); processes are NAME-1, NAME-2...")
+    parser.add_argument("--labels", type=_labels, default={}, metavar="K=V,...",
+                        help="labels matched by nodes' worker selectors")
+    parser.add_argument("--curve-server-key", metavar="FILE",
+                        help="the coordinator's public key file (NAME.key); env GOFLOW_CURVE_SERVER_KEY")
+    parser.add_argument("--curve-secret-key", metavar="FILE",
+                        help="this worker's key pair (NAME.key_secret); env GOFLOW_CURVE_SECRET_KEY")
+    parser.add_argument("--credits", type=_positive_int, default=4, help="tasks each process holds in hand (default 4)")
+    parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="SECONDS",
+                        help="worker -> coordinator heartbeats (default 0.5)")
+    parser.add_argument("--coordinator-liveness", type=float, default=10.0, metavar="SECONDS",
+                        help="a process that hears nothing from the coordinator this long reconnects (default 10)")
+    parser.add_argument("--max-backoff", type=float, default=30.0, metavar="SECONDS",
+                        help="cap of the restart backoff (default 30)")
+    parser.add_argument("--stop-grace", type=float, default=30.0, metavar="SECONDS",
+                        help="on SIGTERM, how long a running task may finish before SIGKILL (default 30)")
+    parser.add_argument("--status-file", metavar="PATH",
+                        help="write the supervisor's status (JSON) here every second (for health probes)")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text")
+    parser.add_argument("--single", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+def _curve(args: argparse.Namespace) -> dict | None:
+    server = args.curve_server_key or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
+    secret = args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
+    if not server and not secret:
+        return None
+    if not (server and secret):
+        raise SystemExit("goflow-worker: --curve-server-key and --curve-secret-key go together")
+    from goflow.security import client_curve
+
     try:
-        return serve(args.connect, worker_id=args.name, credits=args.credits, labels=args.labels,
-                     heartbeat_interval=args.heartbeat_interval)
-    except KeyboardInterrupt:
-        return 130
+        return client_curve(server, secret)
+    except ValueError as exc:
+        raise SystemExit(f"goflow-worker: {exc}") from None
+
+
+def _invoked_as_module() -> bool:
+    """``python -m goflow.workers``: the embedded coordinator's LocalWorkerPool wants one process."""
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    return spec is not None and spec.name == "goflow.workers.__main__"
+
+
+def run_single(args: argparse.Namespace) -> int:
+    """One worker process in the foreground. SIGTERM: finish the task at hand, say goodbye, exit 0."""
+    from goflow.workers.runtime import Worker, _die_with_parent
+
+    curve = _curve(args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the supervisor / coordinator
+    _die_with_parent()
+    worker = Worker(args.connect, worker_id=args.name, credits=args.credits, labels=args.labels,
+                    heartbeat_interval=args.heartbeat_interval, coordinator_liveness=args.coordinator_liveness,
+                    curve=curve)
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.stopping.set())
+    return worker.run()
+
+
+# -- supervisor -------------------------------------------------------------------------------
+class Child:
+    __slots__ = ("index", "generation", "process", "started", "failures", "restart_at", "name")
+
+    def __init__(self, index: int):
+        self.index = index
+        self.generation = 0
+        self.process: subprocess.Popen | None = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at = 0.0
+        self.name = ""
+
+
+class Supervisor:
+    """Keep ``count`` worker processes running; restart with backoff; stop them on request."""
+
+    def __init__(self, args: argparse.Namespace, count: int):
+        self.args = args
+        self.count = count
+        self.prefix = args.name or socket.gethostname()
+        self.children = [Child(i + 1) for i in range(count)]
+        self.stopping = False
+        self.stop_signal: int | None = None
+        self.restarts = 0
+
+    def command(self, child: Child) -> list[str]:
+        args = self.args
+        command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", args.connect,
+                   "--name", child.name, "--credits", str(args.credits),
+                   "--heartbeat-interval", str(args.heartbeat_interval),
+                   "--coordinator-liveness", str(args.coordinator_liveness)]
+        if args.labels:
+            command += ["--labels", ",".join(f"{k}={v}" for k, v in args.labels.items())]
+        server = args.curve_server_key or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
+        secret = args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
+        if server and secret:
+            command += ["--curve-server-key", os.path.abspath(server), "--curve-secret-key", os.path.abspath(secret)]
+        return command
+
+    def spawn(self, child: Child) -> None:
+        child.generation += 1
+        # A fresh identity per start: the coordinator may still hold the previous connection.
+        child.name = f"{self.prefix}-{child.index}" + (f".{child.generation}" if child.generation > 1 else "")
+        child.process = subprocess.Popen(self.command(child), stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        log.info("started worker %s (pid %d)", child.name, child.process.pid,
+                 extra={"fields": {"worker": child.name, "pid": child.process.pid}})
+
+    def on_exit(self, child: Child, code: int) -> None:
+        uptime = time.monotonic() - child.started
+        child.process = None
+        if self.stopping:
+            return
+        if uptime >= STABLE_AFTER:
+            child.failures = 0
+        if code == EXIT_COORDINATOR_LOST:
+            delay = 0.0 if child.failures == 0 else min(self.args.max_backoff, BACKOFF_BASE * 2 ** (child.failures - 1))
+            why = "lost the coordinator; reconnecting"
+        else:
+            delay = min(self.args.max_backoff, BACKOFF_BASE * 2 ** child.failures)
+            why = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+        child.failures += 1
+        child.restart_at = time.monotonic() + delay
+        self.restarts += 1
+        log.warning("worker %s %s after %.1fs; restarting in %.1fs", child.name, why, uptime, delay,
+                    extra={"fields": {"worker": child.name, "code": code, "uptime_s": round(uptime, 3),
+                                      "restart_in_s": delay}})
+
+    def _signal(self, signum: int, frame: Any) -> None:
+        if not self.stopping:
+            self.stopping = True
+            self.stop_signal = signum
+        else:  # a second signal: stop waiting
+            for child in self.children:
+                if child.process is not None and child.process.poll() is None:
+                    child.process.kill()
+
+    def write_status(self) -> None:
+        path = self.args.status_file
+        if not path:
+            return
+        status = {"pid": os.getpid(), "ts": time.time(), "connect": self.args.connect, "restarts": self.restarts,
+                  "children": [{"name": c.name, "pid": c.process.pid if c.process else None,
+                                "alive": bool(c.process and c.process.poll() is None)} for c in self.children]}
+        tmp = f"{path}.tmp"
+        try:
+            Path(tmp).write_text(json.dumps(status))
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("cannot write status file %s: %s", path, exc)
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._signal)
+        signal.signal(signal.SIGINT, self._signal)
+        log.info("supervising %d worker process(es) connected to %s", self.count, self.args.connect,
+                 extra={"fields": {"concurrency": self.count, "connect": self.args.connect}})
+        next_status = 0.0
+        while not self.stopping:
+            now = time.monotonic()
+            for child in self.children:
+                if child.process is not None:
+                    code = child.process.poll()
+                    if code is not None:
+                        self.on_exit(child, code)
+                if child.process is None and not self.stopping and now >= child.restart_at:
+                    self.spawn(child)
+            if now >= next_status:
+                self.write_status()
+                next_status = now + 1.0
+            time.sleep(0.1)
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
+        alive = [c for c in self.children if c.process is not None and c.process.poll() is None]
+        log.info("%s: stopping %d worker process(es) (grace %gs)", name, len(alive), self.args.stop_grace)
+        for child in alive:
+            try:
+                child.process.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + self.args.stop_grace
+        for child in alive:
+            try:
+                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                log.warning("worker %s did not stop within the grace period; killing it", child.name)
+                child.process.kill()
+                child.process.wait()
+        if self.args.status_file:
+            try:
+                os.unlink(self.args.status_file)
+            except OSError:
+                pass
+        log.info("stopped")
+        return 0
+
+
+def _setup_logging(fmt: str) -> None:
+    from goflow.daemon import setup_logging
+
+    setup_logging(fmt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.single or _invoked_as_module():
+        try:
+            return run_single(args)
+        except KeyboardInterrupt:
+            return 130
+    _setup_logging(args.log_format)
+    _curve(args)  # fail fast on bad key files, before any child starts
+    count = args.concurrency or os.cpu_count() or 1
+    return Supervisor(args, count).run()
 
 
 if __name__ == "__main__":
