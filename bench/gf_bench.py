@@ -97,6 +97,15 @@ def maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def current_rss_bytes() -> int:
     with open("/proc/self/status") as fh:
         for line in fh:
@@ -380,13 +389,17 @@ def cmd_sub(a) -> None:
         mon = Monitor(a.endpoint, context=ctx, rcvhwm=0)
         filt = EventFilter(executions=[EIDS[0]]) if a.filter else None
         it = mon.subscribe(filt, reliable=False, timeout=a.timeout)
-        print("ready", flush=True)
-        for ev in it:
+        print("ready", flush=True)     # the publisher waits until every SUB has subscribed
+        for ev in it:                  # the generator connects on its first next()
             if ev.type != "node.completed":
                 continue
             count += 1
             if first is None:
+                if a.drain:            # everything else is queued here: time the drain alone
+                    sys.stdin.readline()
                 first = time.time()
+                count = 0
+                expect -= 1
             if count >= expect:
                 break
         last = time.time()
@@ -398,6 +411,8 @@ def cmd_sub(a) -> None:
         s.setsockopt(zmq.SUBSCRIBE, f"node.completed/{EIDS[0]}/".encode() if a.filter else b"")
         s.connect(a.endpoint)
         print("ready", flush=True)
+        if a.drain:
+            sys.stdin.readline()      # wait until the publisher is done: measure the drain alone
         unpackb = msgpack.unpackb
         recv = s.recv_multipart
         if s.poll(int(a.timeout * 1000)):
@@ -415,8 +430,9 @@ def cmd_sub(a) -> None:
 
 
 def cmd_delivery(a) -> dict:
-    scenarios = [  # (mode, transport, subs, filter)
+    scenarios = [  # (mode, transport, subs, filter); "drain" = subscriber starts after the publisher ends
         ("raw", "ipc", 1, False), ("typed", "ipc", 1, False),
+        ("raw", "ipc", 1, "drain"), ("typed", "ipc", 1, "drain"),
         ("raw", "tcp", 1, False), ("typed", "tcp", 1, False),
         ("raw", "ipc", 10, False), ("typed", "ipc", 10, False),
         ("raw", "ipc", 1, True), ("typed", "ipc", 1, True),
@@ -427,7 +443,9 @@ def cmd_delivery(a) -> dict:
     me = os.path.abspath(__file__)
     for rep in range(a.reps):
         for mode, transport, subs, filt in scenarios:
-            key = f"{mode}/{transport}/{subs}sub/{'10%' if filt else 'all'}"
+            drain = filt == "drain"
+            filt = filt is True
+            key = f"{mode}/{transport}/{subs}sub/{'10%' if filt else 'all'}" + ("/drain" if drain else "")
             tmp = tempfile.mkdtemp(prefix="gfbench-")
             if transport == "ipc":
                 endpoint = f"ipc://{tmp}/ev"
@@ -447,10 +465,17 @@ def cmd_delivery(a) -> dict:
                        "--timeout", "10"]
                 if filt:
                     cmd.append("--filter")
-                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+                if drain:
+                    cmd.append("--drain")
+                p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
                 assert p.stdout.readline().strip() == "ready"
                 sub_procs.append(p)
             pub_res = json.loads(pub.stdout.readline())
+            if drain:
+                time.sleep(0.5)        # let the last events reach the subscriber's queue
+            for p in sub_procs:
+                p.stdin.write("go\n")
+                p.stdin.flush()
             subs_res = []
             for p in sub_procs:
                 line = p.stdout.read().strip().splitlines()[-1]
@@ -465,7 +490,7 @@ def cmd_delivery(a) -> dict:
             results.setdefault(key, []).append({
                 "per_sub_events_per_s": sorted(rates)[len(rates) // 2] if rates else None,
                 "all_subs_events_per_s": sum(rates),
-                "published_per_s_sustained": a.n / (last - pub_res["t_start"]) if last else None,
+                "published_per_s_sustained": None if drain else (a.n / (last - pub_res["t_start"]) if last else None),
                 "publisher_emit_per_s": a.n / (pub_res["t_end"] - pub_res["t_start"]),
                 "delivered_pct": 100.0 * sum(r["count"] for r in subs_res) / (expect * subs),
             })
@@ -541,11 +566,19 @@ def cmd_scale(a) -> dict:
     try:
         run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
         gc.collect()
+        peak_unreset = maxrss_bytes()
+        # Loading a 100k-node YAML peaks far above the run: reset the kernel's peak-RSS mark
+        # (Linux /proc/self/clear_refs "5"; getrusage's ru_maxrss follows it) so the
+        # before/after difference is the execution's own peak growth.
+        reset = reset_peak_rss()
         rss0, peak0 = current_rss_bytes(), maxrss_bytes()
         r = run_once(rt, wf, variables)
         peak1 = maxrss_bytes()
         rss1 = current_rss_bytes()
         pub_stats = rt.coordinator.call(rt.coordinator.publisher.stats)
+        pub = rt.coordinator.publisher
+        log_bytes = rt.coordinator.call(lambda: sum(len(t) + len(p) for _, t, p in pub._ring))
+        records = rt.coordinator.call(lambda: len(rt.coordinator.executions[r["eid"]].records))
     finally:
         rt.close()
     finished = r["completed"] or 0
@@ -553,7 +586,9 @@ def cmd_scale(a) -> dict:
               "peak_rss_before": peak0, "peak_rss_after": peak1, "rss_before": rss0, "rss_after": rss1,
               "peak_growth_per_node_B": (peak1 - peak0) / finished if finished else None,
               "rss_growth_per_node_B": (rss1 - rss0) / finished if finished else None,
-              "events_published": pub_stats["published"], "log_events": pub_stats["log_events"]})
+              "events_published": pub_stats["published"], "log_events": pub_stats["log_events"],
+              "ring_events": pub_stats["ring_events"], "event_log_payload_bytes": log_bytes,
+              "records": records, "peak_reset": reset, "peak_rss_after_load": peak_unreset})
     return r
 
 
@@ -616,10 +651,10 @@ def cmd_profile(a) -> dict:
     sub = None
     try:
         run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
-        sub = RawSubscriber(rt.coordinator.context, rt.events_endpoint)
-        sub.start()
-        wait_subscriptions(rt, 1)
-        prof.clear() if hasattr(prof, "clear") else None
+        if not a.no_sub:
+            sub = RawSubscriber(rt.coordinator.context, rt.events_endpoint)
+            sub.start()
+            wait_subscriptions(rt, 1)
         r = run_once(rt, wf)
     finally:
         if sub is not None:
@@ -632,9 +667,11 @@ def cmd_profile(a) -> dict:
     buf.write("\n\n=== by cumulative ===\n")
     st.sort_stats("cumulative").print_stats(35)
     with open(a.out, "w") as fh:
-        fh.write(f"# cProfile of Coordinator._loop, {a.kind} n={a.n}, wall (profiled) {r['wall_s']:.3f}s\n")
+        fh.write(f"# cProfile of Coordinator._loop (reactor thread only), {a.kind} n={a.n}, "
+                 f"{'no subscriber' if a.no_sub else '1 raw SUB thread in-process'}, wall (profiled) {r['wall_s']:.3f}s\n"
+                 f"# (includes start-up and the warm-up execution; the workload dominates)\n")
         fh.write(buf.getvalue())
-    return {"kind": a.kind, "n": a.n, "wall_s_profiled": r["wall_s"], "file": a.out}
+    return {"kind": a.kind, "n": a.n, "sub": not a.no_sub, "wall_s_profiled": r["wall_s"], "file": a.out}
 
 
 def main() -> None:
@@ -648,6 +685,7 @@ def main() -> None:
     ap.add_argument("--round", type=int, default=0)
     ap.add_argument("--stalled-rcvhwm", type=int, default=10)
     ap.add_argument("--no-slowsub", action="store_true")
+    ap.add_argument("--no-sub", action="store_true")
     ap.add_argument("--kind", default="fanout")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--endpoint")
@@ -656,6 +694,7 @@ def main() -> None:
     ap.add_argument("--expect", type=int, default=0)
     ap.add_argument("--timeout", type=float, default=10.0)
     ap.add_argument("--filter", action="store_true")
+    ap.add_argument("--drain", action="store_true")
     ap.add_argument("--out", default="/dev/null")
     a = ap.parse_args()
     if a.cmd == "_pub":

@@ -147,6 +147,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
             errors.append(str(exc))
     if bool(args.curve_secret_key) != bool(args.authorized_keys):
         errors.append("--curve-secret-key and --authorized-keys go together")
+    elif args.authorized_keys and not os.path.isdir(args.authorized_keys):
+        errors.append(f"--authorized-keys {args.authorized_keys}: not a directory")
     if exposed and not args.curve_secret_key and not args.insecure:
         errors.append(f"refusing to bind {', '.join(exposed)} without authentication: give --curve-secret-key "
                       f"and --authorized-keys, or --insecure to accept the risk")
@@ -311,12 +313,14 @@ def _wrap_submit(coordinator: Any, store: Any) -> None:
     if handler is None:
         return
 
-    def submit(request: dict) -> dict:
+    def submit(request: dict) -> dict:  # runs on the reactor thread
         reply = handler(request)
+        execution_id = reply.get("execution_id")
         try:
-            store.record_submission(reply.get("execution_id"), workflow=reply.get("workflow"),
-                                    text=request.get("workflow"), name=request.get("name"),
-                                    variables=request.get("variables") or {}, timeout=request.get("timeout"))
+            execution = coordinator.executions.get(execution_id)
+            secrets = execution.plan.secrets if execution is not None else ()
+            store.record_submission(execution_id, reply.get("workflow"), request.get("workflow"),
+                                    request.get("variables") or {}, secrets=secrets)
         except Exception:
             log.exception("recording the submission failed")
         return reply

@@ -4,9 +4,13 @@
 process-global one, so several coordinators or tests never collide). It is fed two ways:
 
 - ``observe_event(topic, payload)``: the coordinator's event sink (combine it with the
-  history store's with :func:`goflow.store.combine_sinks`). Runs on the reactor thread,
-  so it is cheap: the type comes from the topic, and only the few payload keys a metric
-  needs are decoded (``msgpack.Unpacker.skip`` jumps over the variables snapshot).
+  history store's with :func:`goflow.store.combine_sinks`). It runs on the reactor
+  thread, so it only appends to a bounded queue (~0.3 us); a daemon thread applies the
+  queued events every ``interval`` seconds, and every scrape applies what is queued
+  first, so a scrape always reflects every event observed before it. Applying decodes
+  only the payload keys a metric needs (``msgpack.Unpacker.skip`` jumps over the
+  variables snapshot). Measured inline on the reactor it cost ~11 us per event, twice
+  the publisher's own emit: hence the queue.
 - ``set_gauge_source(fn)``: ``fn() -> {name: number}`` read at scrape time, on the HTTP
   thread, for state that is not an event (workers connected, subscriptions, control
   requests, store queue depth and write lag). :func:`coordinator_gauges` builds one.
@@ -21,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any, Callable
 
 import msgpack
@@ -93,12 +97,28 @@ class _SourceCollector:
             yield family
 
 
+class _DrainFirst:
+    """Registered before every metric, so a scrape applies the queued events first."""
+
+    def __init__(self, metrics: "Metrics"):
+        self.metrics = metrics
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self):
+        self.metrics.drain()
+        return iter(())
+
+
 class Metrics:
     """goflow's Prometheus metrics in a private registry (see module docstring)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None, *, interval: float = 0.1,
+                 queue_capacity: int = 100_000):
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
+        r.register(_DrainFirst(self))
         self.executions = Counter("goflow_executions", "Executions finished, by final status", ["status"],
                                   registry=r)
         self.executions_started = Counter("goflow_executions_started", "Executions started", registry=r)
@@ -120,7 +140,17 @@ class Metrics:
         self.workers_lost = Counter("goflow_workers_lost", "worker.lost events", registry=r)
         self.bad_events = Counter("goflow_metrics_bad_events", "Events the metrics sink could not decode",
                                   registry=r)
+        self.dropped = Counter("goflow_metrics_dropped_events",
+                               "Events not counted because the metrics queue was full", registry=r)
         r.register(_SourceCollector(self))
+        self.queue_capacity = max(1, int(queue_capacity))
+        self.interval = float(interval)
+        self._queue: deque[tuple[bytes, bytes]] = deque()
+        self._drain_lock = threading.Lock()
+        self._dropped = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="goflow-metrics", daemon=True)
+        self._thread.start()
         self._source: Callable[[], dict[str, Any]] | None = None
         self._source_errors = 0
         self._pending: OrderedDict[tuple, float] = OrderedDict()   # node.started ts per running attempt
@@ -138,16 +168,52 @@ class Metrics:
         self._dispatch_from_events = False
         self.dispatch_latency.observe(max(0.0, seconds))
 
-    def observe_event(self, topic: bytes | str, payload: bytes, execution_id: Any = None) -> None:
-        """Update the metrics from one published event. Never raises."""
-        try:
-            self._observe(topic if isinstance(topic, bytes) else topic.encode(), payload)
-        except Exception:
-            self.bad_events.inc()
+    def observe_event(self, topic: bytes | str, payload: bytes) -> None:
+        """Queue one published event for the metrics. O(1), never blocks, never raises."""
+        if len(self._queue) >= self.queue_capacity:
+            self._dropped += 1
+            return
+        self._queue.append((topic, payload))
 
     def sink(self, execution_id: str | None, topic: bytes, payload: bytes) -> None:
         """The event-sink signature (``sink(execution_id, topic, payload)``)."""
-        self.observe_event(topic, payload)
+        if len(self._queue) >= self.queue_capacity:
+            self._dropped += 1
+            return
+        self._queue.append((topic, payload))
+
+    def drain(self) -> int:
+        """Apply every queued event now (any thread). Returns how many were applied."""
+        q = self._queue
+        applied = 0
+        with self._drain_lock:
+            if self._dropped:
+                dropped, self._dropped = self._dropped, 0
+                self.dropped.inc(dropped)
+            while q:
+                try:
+                    topic, payload = q.popleft()
+                except IndexError:
+                    break
+                applied += 1
+                try:
+                    self._observe(topic if isinstance(topic, bytes) else str(topic).encode(), payload)
+                except Exception:
+                    self.bad_events.inc()
+        return applied
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.drain()
+            except Exception:  # pragma: no cover - never die
+                log.exception("metrics drain failed")
+
+    def close(self) -> None:
+        """Apply what is queued and stop the background thread."""
+        self._stop.set()
+        self._thread.join(5)
+        self.drain()
 
     def _observe(self, topic: bytes, payload: bytes) -> None:
         cut = topic.find(b"/")
@@ -196,8 +262,11 @@ class Metrics:
         if kind in _NODE_OUTCOMES:
             ev = _decode(payload)
             ntype = ev.get("node_type") or "unknown"
-            self.nodes.labels(kind.split(".", 1)[1], ntype).inc()
             meta = ev.get("meta") or {}
+            if meta.get("resumed"):      # restored after a coordinator restart: not a run
+                self._pending.pop(_key(ev), None)
+                return
+            self.nodes.labels(kind.split(".", 1)[1], ntype).inc()
             duration = meta.get("duration_s")
             if isinstance(duration, (int, float)) and kind != "node.skipped":
                 self.node_duration.labels(ntype).observe(max(0.0, duration))

@@ -36,6 +36,8 @@ log = logging.getLogger("goflow.store")
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
 TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 SECRET_MASK = "***"
+INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
+                     "node_id": None}
 
 DEFAULT_QUEUE_CAPACITY = 100_000
 DEFAULT_BATCH_SIZE = 1000
@@ -529,10 +531,15 @@ class Store:
                      (ev.get("epoch"), ev.get("eseq"), ev.get("workflow"), eid))
         node_id = ev.get("node_id")
         if etype == "execution.started":
-            conn.execute("UPDATE executions SET status = 'running', started_at = ?, inputs = ? WHERE id = ?",
-                         (ts, _dumps(meta.get("inputs")), eid))
+            # COALESCE: a resumed execution keeps its original start time
+            conn.execute("UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), "
+                         "inputs = ? WHERE id = ?", (ts, _dumps(meta.get("inputs")), eid))
         elif etype == "execution.resumed":
             conn.execute("UPDATE executions SET status = 'running', finished_at = NULL WHERE id = ?", (eid,))
+            # attempts in flight when the previous coordinator stopped will never report
+            conn.execute("UPDATE node_executions SET status = 'interrupted', finished_at = ?, error = ? "
+                         "WHERE execution_id = ? AND status = 'running'",
+                         (ts, _dumps(INTERRUPTED_ERROR), eid))
         elif etype in TERMINAL_TYPES:
             status = ev.get("status") or etype.split(".", 1)[1]
             conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
@@ -544,6 +551,11 @@ class Store:
                          "inputs, started_at, context) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
                          (eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, _dumps(meta.get("inputs")),
                           ts, _context(meta)))
+        elif etype == "node.completed" and node_id is not None and meta.get("resumed"):
+            # a node restored from history after a restart: its real attempt is already stored
+            conn.execute("DELETE FROM node_executions WHERE id = (SELECT id FROM node_executions WHERE "
+                         "execution_id = ? AND node_id = ? AND context IS ? AND status = 'running' "
+                         "ORDER BY id DESC LIMIT 1)", (eid, node_id, _context(meta)))
         elif etype in ("node.completed", "node.failed", "node.retrying") and node_id is not None:
             status = "completed" if etype == "node.completed" else "failed"
             output = None
@@ -826,10 +838,12 @@ def open_store(path: str | os.PathLike | None = None) -> Store:
 
 
 def combine_sinks(*sinks: Callable[[str | None, bytes, bytes], None] | None
-                  ) -> Callable[[str | None, bytes, bytes], None]:
-    """One sink calling each given sink in turn (``None`` entries are skipped); a failing
-    sink does not stop the others and never raises."""
+                  ) -> Callable[[str | None, bytes, bytes], None] | None:
+    """One sink calling each given sink in turn (``None`` entries are skipped; None when
+    none is left); a failing sink does not stop the others and never raises."""
     active = tuple(s for s in sinks if s is not None)
+    if not active:
+        return None
     if len(active) == 1:
         return active[0]
 

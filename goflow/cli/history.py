@@ -237,7 +237,8 @@ def _print_execution(d: dict) -> None:
 # -- goflow logs -------------------------------------------------------------------------------
 def log_line(event: Event, base_ts: float | None) -> str:
     """One readable line: time offset, type, node, short detail."""
-    offset = f"+{event.ts - base_ts:9.3f}s" if base_ts is not None else f"{event.ts:.3f}"
+    offset = f"+{event.ts - base_ts:.3f}s" if base_ts is not None else f"{event.ts:.3f}"
+    offset = offset.rjust(10)
     meta = event.meta or {}
     node = event.node_id or "-"
     if event.node_id and meta.get("index") is not None:

@@ -186,8 +186,22 @@ class Coordinator:
                                            future=future))
         return execution_id, future
 
+    def resume(self, execution_id: str, workflow: Workflow, variables: dict[str, Any],
+               completed: dict[str, Any], *, timeout: float | None = None) -> Future:
+        """Restart an execution a previous coordinator left unfinished (thread-safe).
+
+        ``completed`` maps main-graph node ids to their recorded outputs: those nodes are
+        not run again (their events say ``meta.resumed``); nodes that were in flight run
+        again as new attempts. An ``execution.resumed`` event comes first.
+        """
+        future: Future = Future()
+        self.call_soon(lambda: self._start(workflow, variables, timeout=timeout, execution_id=execution_id,
+                                           future=future, restored=dict(completed)))
+        return future
+
     def _start(self, workflow: Workflow, variables: dict[str, Any] | None, *, timeout: float | None,
-               execution_id: str | None, future: Future | None = None) -> tuple[str, Future]:
+               execution_id: str | None, future: Future | None = None,
+               restored: dict[str, Any] | None = None) -> tuple[str, Future]:
         """Create and start an execution (reactor thread only)."""
         execution_id = execution_id or uuid.uuid4().hex
         if execution_id in self.executions:
@@ -195,7 +209,7 @@ class Coordinator:
         future = future or Future()
         plan = compile_plan(workflow)
         execution = Execution(execution_id, plan, initial_variables(workflow, dict(variables or {})), self,
-                              timeout=timeout)
+                              timeout=timeout, restored=restored)
         self.executions[execution_id] = execution
         self.futures[execution_id] = future
         self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets)

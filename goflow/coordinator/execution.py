@@ -389,7 +389,7 @@ class Execution:
     """The state of one run of a workflow."""
 
     def __init__(self, execution_id: str, plan: Plan, variables: dict[str, Any], host: Host, *,
-                 timeout: float | None = None):
+                 timeout: float | None = None, restored: dict[str, Any] | None = None):
         self.id = execution_id
         self.plan = plan
         self.workflow = plan.workflow
@@ -403,6 +403,8 @@ class Execution:
         self.error: dict | None = None
         self.started_at = 0.0
         self.finished_at = 0.0
+        self.restored = restored
+        """Main-graph node id -> output, for nodes completed before a coordinator restart."""
         self.root: Frame | None = None
         self.preflight: Any = None
         self.timer: Any = None
@@ -417,6 +419,8 @@ class Execution:
     def start(self) -> None:
         self.status = "running"
         self.started_at = time.time()
+        if self.restored is not None:
+            self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored)})
         self.emit("execution.started", None, meta={"inputs": {k: bound_value(v) for k, v in
                                                               self.redact(self._initial).items()},
                                                    "total_nodes": self.main_total})
@@ -544,6 +548,13 @@ class Execution:
                 self.skip(frame, node_id, "its guard condition is false")
                 return
         self.start_node(run)
+        if self.restored is not None and frame is self.root and node_id in self.restored:
+            value = self.restored[node_id]
+            if isinstance(node, EndNode):
+                self.result = value
+            self.node_succeeded(run, value, {"resumed": True},
+                                chosen=bool(value) if isinstance(node, ConditionNode) else None)
+            return
         self.execute(run)
 
     def start_node(self, run: NodeRun) -> None:
@@ -691,7 +702,7 @@ class Execution:
         self.record(run, "completed", worker=meta.get("worker"), raw=raw)
         finished = time.time()
         self.emit("node.completed", run, status="completed", meta={
-            **meta, "output": self.bounded(value) if output or run.node.type in WORKER_NODE_TYPES else None,
+            **meta, "output": self.bounded(value),
             "duration_s": finished - run.started, **frame.context})
         self._resolved(frame)
         frame.resolve_edges(run.node.id, chosen)

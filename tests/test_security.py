@@ -1,0 +1,190 @@
+"""CURVE keys, the authenticator, and a CURVE coordinator refusing what it must refuse."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import stat
+import time
+
+import pytest
+import zmq
+
+from goflow import security
+from goflow.control import ControlClient, ControlTimeout
+from test_daemon import FLOW, Daemon, WorkerGroup, cli, wait_for_workers  # noqa: F401 (fixtures below)
+from test_daemon import daemon, workers  # noqa: F401  pytest fixtures
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_generate_and_load_keys(tmp_path):
+    public_file, secret_file = security.generate_keypair(tmp_path / "keys", "alice")
+    assert public_file.name == "alice.key" and secret_file.name == "alice.key_secret"
+    assert stat.S_IMODE(secret_file.stat().st_mode) == 0o600
+    assert "secret-key" not in public_file.read_text()
+    public, secret = security.load_secret(secret_file)
+    assert len(public) == 40 and len(secret) == 40
+    assert security.load_public(public_file) == public
+    with pytest.raises(security.KeyFileError):
+        security.load_secret(public_file)
+    with pytest.raises(security.KeyFileError):
+        security.load_public(tmp_path / "missing.key")
+    with pytest.raises(FileExistsError):
+        security.generate_keypair(tmp_path / "keys", "alice")
+    server_public, _ = security.generate_keypair(tmp_path / "keys", "server")
+    curve = security.client_curve(server_public, secret_file)
+    assert curve == {"server_public": security.load_public(server_public), "public": public, "secret": secret}
+
+
+def test_keys_generate_command(tmp_path):
+    done = cli("keys", "generate", "bob", "--dir", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "bob.key").exists()
+    assert stat.S_IMODE((tmp_path / "bob.key_secret").stat().st_mode) == 0o600
+    again = cli("keys", "generate", "bob", "--dir", str(tmp_path))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_authenticator_skips_bad_files_and_reloads(tmp_path, caplog):
+    auth_dir = tmp_path / "authorized"
+    security.generate_keypair(auth_dir, "a")
+    (auth_dir / "broken.key").write_text("not a certificate")
+    ctx = zmq.Context()
+    try:
+        with caplog.at_level(logging.INFO, logger="goflow.security"):
+            auth = security.Authenticator(ctx, auth_dir)
+        assert len(auth.names) == 1
+        assert any("skipping" in r.getMessage() for r in caplog.records)
+        security.generate_keypair(auth_dir, "b")
+        assert auth.reload() == 2
+        shutil.rmtree(auth_dir)
+        assert auth.reload() == 2, "an unreadable directory must keep the previous keys"
+    finally:
+        ctx.destroy(linger=0)
+
+
+@pytest.fixture
+def keys(tmp_path):
+    keydir, authorized = tmp_path / "keys", tmp_path / "authorized"
+    authorized.mkdir()
+    server_public, server_secret = security.generate_keypair(keydir, "server")
+    paths = {"server_public": server_public, "server_secret": server_secret, "authorized": authorized}
+    for name in ("worker", "client", "stranger", "latecomer"):
+        public, secret = security.generate_keypair(keydir, name)
+        paths[name] = secret
+        if name in ("worker", "client"):
+            shutil.copy(public, authorized / public.name)
+    return paths
+
+
+def _curve_args(keys):
+    return ["--curve-secret-key", str(keys["server_secret"]), "--authorized-keys", str(keys["authorized"])]
+
+
+def _client_keys(keys, name):
+    return ["--curve-server-key", str(keys["server_public"]), "--curve-secret-key", str(keys[name])]
+
+
+def _sub_receives(endpoint, curve, seconds=2.0) -> int:
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        if curve:
+            sub.curve_serverkey, sub.curve_publickey, sub.curve_secretkey = (
+                curve["server_public"], curve["public"], curve["secret"])
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(endpoint)
+        received, deadline = 0, time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if sub.poll(100):
+                sub.recv_multipart()
+                received += 1
+        return received
+    finally:
+        ctx.destroy(linger=0)
+
+
+def test_curve_coordinator_admits_only_authorized_keys(daemon, workers, keys, tmp_path):  # noqa: F811
+    d = daemon(*_curve_args(keys), host="0.0.0.0")
+    good = security.client_curve(keys["server_public"], keys["client"])
+    stranger = security.client_curve(keys["server_public"], keys["stranger"])
+    local = d.control.replace("0.0.0.0", "127.0.0.1")
+    events = d.events.replace("0.0.0.0", "127.0.0.1")
+    worker_ep = d.workers.replace("0.0.0.0", "127.0.0.1")
+
+    # workers: an unknown key never joins; an authorized one does.
+    workers(worker_ep, "--concurrency", "1", "--name", "intruder", *_client_keys(keys, "stranger"))
+    workers(worker_ep, "--concurrency", "1", "--name", "plain")
+    workers(worker_ep, "--concurrency", "1", "--name", "trusted", *_client_keys(keys, "worker"))
+    joined = wait_for_workers(local, 1, curve=good)
+    time.sleep(1.5)
+    with ControlClient(local, curve=good) as client:
+        names = [w["worker_id"] for w in client.request("workers")["workers"]]
+    assert names == ["trusted-1"], names
+
+    # control: unknown key and plaintext get no reply at all.
+    with ControlClient(local, curve=stranger, timeout=1.0) as client, pytest.raises(ControlTimeout):
+        client.request("list")
+    with ControlClient(local, timeout=1.0) as client, pytest.raises(ControlTimeout):
+        client.request("list")
+    refused = cli("ls", "--coordinator", local, "--request-timeout", "1", *_client_keys(keys, "stranger"))
+    assert refused.returncode == 3
+
+    # events: heartbeats flow every second to the authorized subscriber only.
+    assert _sub_receives(events, good) >= 1
+    assert _sub_receives(events, stranger) == 0
+    assert _sub_receives(events, None) == 0
+
+    # The authorized client runs a workflow end to end (on the authorized worker).
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(FLOW)
+    done = cli("submit", str(flow), "--coordinator", local, "--events", events, "--wait", "--json",
+               *_client_keys(keys, "client"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed" and result["result"] == 11
+    assert result["variables"]["a_out"]["pid"] == joined[0]["pid"]
+
+    # Refusals are logged with the public key only.
+    stranger_public, stranger_secret = security.load_secret(keys["stranger"])
+    log = d.log()
+    assert stranger_public.decode() in log and "refused CURVE client key" in log
+    assert stranger_secret.decode() not in log
+    assert d.stop() == 0
+
+
+def test_sighup_reload_admits_a_new_key(daemon, keys):  # noqa: F811
+    d = daemon(*_curve_args(keys))
+    latecomer = security.client_curve(keys["server_public"], keys["latecomer"])
+    with ControlClient(d.control, curve=latecomer, timeout=1.0) as client, pytest.raises(ControlTimeout):
+        client.request("list")
+    shutil.copy(keys["latecomer"].with_suffix(".key"), keys["authorized"] / "latecomer.key")
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "added 1" not in d.log():
+        time.sleep(0.05)
+    with ControlClient(d.control, curve=latecomer, timeout=3.0) as client:
+        assert client.request("list")["executions"] == []
+    # ... and removing a key refuses it again for new connections.
+    (keys["authorized"] / "latecomer.key").unlink()
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "removed 1" not in d.log():
+        time.sleep(0.05)
+    with ControlClient(d.control, curve=latecomer, timeout=1.0) as client, pytest.raises(ControlTimeout):
+        client.request("list")
+    assert d.alive() and d.stop() == 0
+
+
+def test_local_workers_authenticate_with_the_coordinator_key(daemon, keys, tmp_path):  # noqa: F811
+    d = daemon(*_curve_args(keys), "--local-workers", "2")
+    good = security.client_curve(keys["server_public"], keys["client"])
+    assert len(wait_for_workers(d.control, 2, curve=good)) == 2
+    flow = tmp_path / "flow.yaml"
+    flow.write_text(FLOW)
+    done = cli("submit", str(flow), "--coordinator", d.control, "--wait", "--json", *_client_keys(keys, "client"))
+    assert done.returncode == 0, done.stderr
+    assert d.stop() == 0
