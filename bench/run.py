@@ -155,7 +155,7 @@ def sec_dispatch(cfg, peers) -> dict:
             log(f"dispatch round {r + 1}/{cfg['reps']}: {sysname}")
             if sysname == "goflow":
                 res = gf("dispatch", "--n", str(cfg["n"]), "--chain-n", str(cfg["chain_n"]), "--round", str(r),
-                         timeout=300)
+                         "--pairs", str(cfg["slowsub_pairs"]), timeout=300)
             else:
                 res = run_json([PEER_PY, PEERS_SCRIPT, sysname, "--n", str(cfg["n"]), "--chain-n",
                                 str(cfg["chain_n"]), "--window", "64"], timeout=400)
@@ -172,11 +172,12 @@ def sec_dispatch(cfg, peers) -> dict:
         "events_per_fanout_node": med([x["fanout_1sub"]["events_received"] / cfg["n"] for x in g]),
     }
     if g and "fanout_none" in g[0]:
+        pairs = [(n_["nodes_per_s"], s_["nodes_per_s"]) for x in g
+                 for n_, s_ in zip(x["fanout_none_all"], x["fanout_stalled_all"])]
         s["slowsub"] = {
-            "none": spread([x["fanout_none"]["nodes_per_s"] for x in g]),
-            "stalled": spread([x["fanout_stalled"]["nodes_per_s"] for x in g]),
-            "paired_cost_pct": spread([100 * (1 - x["fanout_stalled"]["nodes_per_s"] / x["fanout_none"]["nodes_per_s"])
-                                       for x in g]),
+            "none": spread([p[0] for p in pairs]),
+            "stalled": spread([p[1] for p in pairs]),
+            "paired_cost_pct": spread([100 * (1 - b / a) for a, b in pairs]),
             "cost_pct_of_medians": None,
         }
         a, b = s["slowsub"]["none"]["median"], s["slowsub"]["stalled"]["median"]
@@ -357,7 +358,7 @@ def table(results) -> str:
             ss = s["slowsub"]
             L.append("")
             L.append(f"## Slow subscriber: {d['n']:,}-node fan-out nodes/s (same runtime, order alternates per round)")
-            L.append("| no subscriber | 1 stalled subscriber (RCVHWM 10) | cost, paired rounds % |")
+            L.append("| no subscriber | 1 stalled subscriber (RCVHWM 10) | cost, paired runs % (median, range) |")
             L.append("|---|---|---|")
             L.append(f"| {sp(ss['none'])} | {sp(ss['stalled'])} | {sp(ss['paired_cost_pct'])} |")
     e = results.get("emission")
@@ -439,11 +440,11 @@ def main() -> None:
     cfg = {"quick": q, "stamp": stamp,
            "reps": a.reps or (2 if q else 5), "slow_peer_reps": 3,
            "n": 5_000 if q else 10_000, "chain_n": 500 if q else 1_000,
-           "emit_n": 20_000 if q else 100_000, "emit_reps": 2 if q else 5,
+           "emit_n": 20_000 if q else 100_000, "emit_reps": 2 if q else 4, "slowsub_pairs": 1 if q else 2,
            "deliv_n": 30_000 if q else 100_000, "deliv_reps": 1 if q else 3,
            "lat_n": 2_000 if q else 10_000, "lat_reps": 1 if q else 3,
            "scale_n": 20_000 if q else 100_000, "validate_n": 10_000, "validate_reps": 1 if q else 3,
-           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 10, "mcp_reps": 1 if q else 3}
+           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 8, "mcp_reps": 1 if q else 2}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]

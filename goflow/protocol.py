@@ -6,7 +6,8 @@ Each worker process holds two DEALER sockets connected to the coordinator's ROUT
   ``result`` out. A worker announces ``credits`` (how many tasks it accepts in advance)
   so it always has its next task in hand; each ``result`` returns one credit.
 * the **control lane** (identity ``<worker_id>.ctl``), served by a thread of its own so it
-  keeps working while a task runs: ``heartbeat`` both ways, ``cancel`` and ``shutdown`` in.
+  keeps working while a task runs: ``heartbeat`` both ways, ``cancel``, ``shutdown`` and
+  ``reconnect`` in.
 
 Every message is one msgpack map with a ``t`` (type) key; unknown or malformed messages
 are counted and dropped, never fatal.
@@ -30,6 +31,9 @@ HEARTBEAT = "heartbeat"
 CANCEL = "cancel"
 SHUTDOWN = "shutdown"
 BYE = "bye"
+RECONNECT = "reconnect"
+"""Sent to a worker the coordinator does not know (it restarted, or declared the worker lost):
+a worker that was welcomed before must drop what it holds and register again."""
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 

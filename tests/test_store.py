@@ -256,6 +256,48 @@ def test_unfinished_executions_for_recovery(store, publisher):
     assert unfinished["queued-only"].completed == {}
 
 
+def test_resumed_execution_after_a_coordinator_restart(store, publisher):
+    """What Coordinator.resume publishes: a new epoch, execution.resumed, execution.started,
+    restored nodes as started+completed with meta.resumed, then the rest for real."""
+    eid = publisher.run(finish=False)
+    publisher.pub.emit("node.started", eid, node_id="end", node_type="python", status="running", attempt=1,
+                       meta={})           # in flight when the coordinator dies
+    assert store.flush(5)
+    before = store.get_execution(eid)
+    assert store.unfinished_executions()[0].completed == {"fetch": [1, 2]}
+
+    second = Publisher(store.sink)        # the restarted coordinator: new epoch, eseq from 1
+    try:
+        p = second.pub
+        p.open_execution(eid, "demo")
+        p.emit("execution.resumed", eid, status="running", meta={"completed_nodes": ["fetch"]})
+        p.emit("execution.started", eid, status="running", meta={"inputs": {"x": 1}, "total_nodes": 4})
+        p.emit("node.started", eid, node_id="fetch", node_type="python", status="running", attempt=1, meta={})
+        p.emit("node.completed", eid, node_id="fetch", node_type="python", status="completed", attempt=1,
+               meta={"resumed": True, "output": [1, 2], "duration_s": 0.0})
+        p.emit("node.started", eid, node_id="end", node_type="python", status="running", attempt=1, meta={})
+        p.emit("node.completed", eid, node_id="end", node_type="python", status="completed", attempt=1,
+               meta={"output": 7, "duration_s": 0.1, "worker": "w-new"})
+        p.emit("execution.completed", eid, status="completed", meta={"result": 7, "duration_s": 0.2})
+        assert store.flush(5)
+        after = store.get_execution(eid)
+        assert after["status"] == "completed" and after["result"] == 7
+        assert after["started_at"] == before["started_at"]            # the original start
+        assert after["epoch"] == p.epoch and after["last_eseq"] == 7
+        rows = [(n["node_id"], n["attempt"], n["status"], n["worker"]) for n in after["nodes"]]
+        assert rows.count(("fetch", 2, "completed", "w-1")) == 1
+        assert not [r for r in rows if r[0] == "fetch" and r[2] == "running"]   # no restored duplicate
+        assert ("end", 1, "interrupted", None) in rows and ("end", 1, "completed", "w-new") in rows
+        interrupted = next(n for n in after["nodes"] if n["status"] == "interrupted")
+        assert interrupted["error"]["type"] == "interrupted"
+        everything = store.events(eid)
+        assert everything == publisher.pub.replay(eid) + p.replay(eid)  # both epochs, in order
+        assert store.events(eid, from_eseq=6) == p.replay(eid, from_eseq=6)  # latest epoch
+        assert store.unfinished_executions() == []
+    finally:
+        second.close()
+
+
 def test_prune(store, publisher, tmp_path):
     old, new, running = publisher.run(), publisher.run(), publisher.run(finish=False)
     assert store.flush(5)

@@ -60,6 +60,8 @@ class Worker:
         self.stopping = threading.Event()
         self.main_thread_id = threading.get_ident()
         self.last_heard = time.monotonic()
+        self.welcomed: str | None = None
+        """The epoch of the coordinator that welcomed us (None until then)."""
         self.packer = msgpack.Packer(use_bin_type=True)
 
     # -- sockets ---------------------------------------------------------------------------
@@ -93,6 +95,9 @@ class Worker:
                     kind = message["t"]
                     if kind == protocol.CANCEL:
                         self._cancel(message.get("id"))
+                    elif kind == protocol.RECONNECT and self.welcomed is not None and (
+                            message.get("lost") or message.get("epoch") != self.welcomed):
+                        os._exit(EXIT_COORDINATOR_LOST)  # a new coordinator, or we were declared lost
                     elif kind == protocol.SHUTDOWN:
                         self.stopping.set()
                 now = time.monotonic()
@@ -211,6 +216,8 @@ class Worker:
             kind = message["t"]
             if kind == protocol.TASK:
                 self.queue.append(message)
+            elif kind == protocol.WELCOME:
+                self.welcomed = message.get("epoch")
             elif kind == protocol.SHUTDOWN:
                 self.stopping.set()
                 return

@@ -10,6 +10,7 @@ from goflow import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from goflow.cli import run, validate, watch
+    from goflow.cli.remote import add_parsers as add_remote_parsers
     from goflow.cli.server_commands import add_parsers as add_server_parsers
 
     parser = argparse.ArgumentParser(prog="goflow", description="Run GoFlow-compatible workflows on worker "
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_parser(subparsers)
     watch.add_parser(subparsers)
     add_server_parsers(subparsers)
+    add_remote_parsers(subparsers)
     return parser
 
 

@@ -120,6 +120,7 @@ class Coordinator:
         })
 
         self.workers = WorkerTable()
+        self.lost_names: deque[str] = deque(maxlen=1000)
         self.local_pool: LocalWorkerPool | None = None
         self.queue: deque[Task] = deque()
         self.tasks: dict[int, Task] = {}
@@ -459,9 +460,12 @@ class Coordinator:
             self._on_ready(identity, message)
         elif kind == protocol.BYE and worker is not None:
             self._worker_lost(worker, "the worker said goodbye")
-        elif kind == protocol.HEARTBEAT:
-            if worker is None and not control:
-                self._send(identity, {"t": protocol.SHUTDOWN})  # unknown worker: it must say ready first
+        elif kind == protocol.HEARTBEAT and worker is None:
+            # A worker we do not know: from before a restart (its epoch differs) or one we
+            # declared lost (named in ``lost_names``); a worker that is still registering
+            # ignores this (same epoch, not lost).
+            self._send(identity, {"t": protocol.RECONNECT, "epoch": self.epoch,
+                                  "lost": base.decode(errors="replace") in self.lost_names})
 
     def _on_ready(self, identity: bytes, message: dict) -> None:
         if message.get("v") != protocol.VERSION:
@@ -506,6 +510,7 @@ class Coordinator:
     def _worker_lost(self, worker: WorkerInfo, reason: str) -> None:
         if self.workers.remove(worker.identity) is None:
             return
+        self.lost_names.append(worker.identity.decode(errors="replace"))
         self.stats["workers_lost"] += 1
         self.publisher.emit("worker.lost", None, worker_id=worker.name,
                             meta={"worker_id": worker.name, "reason": reason, "in_hand": len(worker.in_hand)})

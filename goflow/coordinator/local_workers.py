@@ -35,7 +35,7 @@ class LocalWorkerPool:
     def spawn(self) -> str:
         self._serial += 1
         name = f"local-{os.getpid()}-{self._serial}"
-        command = [sys.executable, "-m", "goflow.workers", "--connect", self.endpoint, "--name", name,
+        command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", self.endpoint, "--name", name,
                    "--credits", str(self.credits), "--heartbeat-interval", str(self.heartbeat_interval)]
         self.processes[name] = subprocess.Popen(command, env=self._env(), stdin=subprocess.DEVNULL,
                                                 start_new_session=False)
