@@ -108,6 +108,19 @@ def client_curve(server_public_file: str | os.PathLike, secret_file: str | os.Pa
     return {"server_public": load_public(server_public_file), "public": public, "secret": secret}
 
 
+def client_curve_from(server_public_file: str | None, secret_file: str | None) -> dict[str, bytes] | None:
+    """Client CURVE options from key files, else from ``GOFLOW_CURVE_SERVER_KEY`` and
+    ``GOFLOW_CURVE_SECRET_KEY``; None when neither is given. ValueError when only one is,
+    or when a key file cannot be read."""
+    server = server_public_file or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
+    secret = secret_file or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
+    if not server and not secret:
+        return None
+    if not (server and secret):
+        raise ValueError("--curve-server-key and --curve-secret-key go together")
+    return client_curve(server, secret)
+
+
 def server_curve(secret_file: str | os.PathLike) -> dict[str, bytes]:
     """``{"public", "secret"}`` as ``Coordinator(curve=...)`` takes it."""
     public, secret = load_secret(secret_file)

@@ -82,16 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _curve(args: argparse.Namespace) -> dict | None:
-    server = args.curve_server_key or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
-    secret = args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
-    if not server and not secret:
-        return None
-    if not (server and secret):
-        raise SystemExit("goflow-worker: --curve-server-key and --curve-secret-key go together")
-    from goflow.security import client_curve
+    from goflow.security import client_curve_from
 
     try:
-        return client_curve(server, secret)
+        return client_curve_from(args.curve_server_key, args.curve_secret_key)
     except ValueError as exc:
         raise SystemExit(f"goflow-worker: {exc}") from None
 

@@ -49,16 +49,10 @@ def _endpoint(args: argparse.Namespace) -> str:
 
 
 def _curve(args: argparse.Namespace) -> dict | None:
-    server = args.curve_server_key or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
-    secret = args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
-    if not server and not secret:
-        return None
-    if not (server and secret):
-        raise UsageError("--curve-server-key and --curve-secret-key go together")
-    from goflow.security import client_curve
+    from goflow.security import client_curve_from
 
     try:
-        return client_curve(server, secret)
+        return client_curve_from(args.curve_server_key, args.curve_secret_key)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
 
@@ -389,25 +383,10 @@ def add_parsers(subparsers: Any) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m goflow.cli.remote COMMAND ...``: the goflow CLI with these commands registered
-    (equivalent to ``goflow COMMAND ...`` once ``add_parsers`` is wired into ``build_parser``)."""
-    from goflow.cli import build_parser
+    """``python -m goflow.cli.remote ...`` is ``goflow ...`` (kept for scripts)."""
+    from goflow.cli import main as goflow_main
 
-    parser = build_parser()
-    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if "submit" not in subparsers.choices:
-        add_parsers(subparsers)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except BrokenPipeError:
-        return 0
+    return goflow_main(argv)
 
 
 if __name__ == "__main__":

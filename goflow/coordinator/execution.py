@@ -209,7 +209,31 @@ class Frame:
                 run.state = "cancelled"
 
 
-class LoopRun:
+class _ContainerRun:
+    """What loop and parallel nodes share: child frames in ``active``, failing and cancelling."""
+
+    execution: "Execution"
+    run: NodeRun
+    active: dict[int, Frame]
+    state: str
+
+    def fail(self, error: dict) -> None:
+        if self.state != "running":
+            return
+        self.state = "failed"
+        self.cancel_children()
+        self.execution.node_failed_final(self.run, error)
+
+    def cancel(self) -> None:
+        self.state = "cancelled"
+        self.cancel_children()
+
+    def cancel_children(self) -> None:
+        for child in list(self.active.values()):
+            child.cancel()
+
+
+class LoopRun(_ContainerRun):
     """A loop node's iterations."""
 
     def __init__(self, execution: "Execution", run: NodeRun, items: list):
@@ -290,21 +314,8 @@ class LoopRun:
         self.execution.emit("loop.completed", self.run, meta=meta)
         self.execution.node_succeeded(self.run, outputs, meta)
 
-    def fail(self, error: dict) -> None:
-        if self.state != "running":
-            return
-        self.state = "failed"
-        for child in list(self.active.values()):
-            child.cancel()
-        self.execution.node_failed_final(self.run, error)
 
-    def cancel(self) -> None:
-        self.state = "cancelled"
-        for child in list(self.active.values()):
-            child.cancel()
-
-
-class ParallelRun:
+class ParallelRun(_ContainerRun):
     """A parallel node's branches and its merge strategy."""
 
     def __init__(self, execution: "Execution", run: NodeRun):
@@ -357,8 +368,7 @@ class ParallelRun:
 
     def complete(self, winners: list[int]) -> None:
         self.state = "completed"
-        for child in list(self.active.values()):
-            child.cancel()
+        self.cancel_children()
         target = self.run.frame.scope.target
         written: dict[str, int] = {}
         conflicts = set()
@@ -372,17 +382,6 @@ class ParallelRun:
         meta = {"strategy": self.node.merge_strategy, "branches": winners, "conflicts": sorted(conflicts)}
         value = outputs if self.node.merge_strategy == "wait_all" else outputs[0]
         self.execution.node_succeeded(self.run, value, meta)
-
-    def fail(self, error: dict) -> None:
-        self.state = "failed"
-        for child in list(self.active.values()):
-            child.cancel()
-        self.execution.node_failed_final(self.run, error)
-
-    def cancel(self) -> None:
-        self.state = "cancelled"
-        for child in list(self.active.values()):
-            child.cancel()
 
 
 class Execution:
