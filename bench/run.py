@@ -441,10 +441,10 @@ def main() -> None:
            "reps": a.reps or (2 if q else 5), "slow_peer_reps": 3,
            "n": 5_000 if q else 10_000, "chain_n": 500 if q else 1_000,
            "emit_n": 20_000 if q else 100_000, "emit_reps": 2 if q else 4, "slowsub_pairs": 1 if q else 2,
-           "deliv_n": 30_000 if q else 100_000, "deliv_reps": 1 if q else 3,
+           "deliv_n": 30_000 if q else 60_000, "deliv_reps": 1 if q else 3,
            "lat_n": 2_000 if q else 10_000, "lat_reps": 1 if q else 3,
            "scale_n": 20_000 if q else 100_000, "validate_n": 10_000, "validate_reps": 1 if q else 3,
-           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 8, "mcp_reps": 1 if q else 2}
+           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 5, "mcp_reps": 1 if q else 2}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]

@@ -109,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where events are published; repeatable (default {DEFAULT_EVENTS})")
     parser.add_argument("--control-endpoint", action="append", default=None, metavar="ENDPOINT",
                         help=f"where control requests are served; repeatable (default {DEFAULT_CONTROL})")
-    parser.add_argument("--db", metavar="PATH", help="record submissions and events in this SQLite file")
+    parser.add_argument("--db", metavar="PATH", help="record submissions and events in this SQLite file; on "
+                                                     "start, resume the executions it holds unfinished")
+    parser.add_argument("--metrics", metavar="ADDRESS",
+                        help="serve Prometheus metrics on ADDRESS, e.g. 127.0.0.1:9464")
     parser.add_argument("--local-workers", type=int, default=0, metavar="N",
                         help="also run N worker processes on this machine (default 0)")
     parser.add_argument("--curve-secret-key", metavar="FILE",
@@ -160,38 +163,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
     return errors
 
 
-def _open_store(path: str):
-    """The history store (goflow.store.Store), or None when that module is not available."""
-    try:
-        from goflow.store import Store  # type: ignore[import-not-found]
-    except ImportError:
-        log.warning("--db %s given but goflow.store is not available in this build; events are not recorded",
-                    path)
-        return None
-    return Store(path)
-
-
 def _local_pool(endpoint: str, count: int, secret_file: str | None):
     """LocalWorkerPool; with CURVE its processes authenticate with the coordinator's own key pair."""
     from goflow.coordinator.local_workers import LocalWorkerPool
 
-    if not secret_file:
-        return LocalWorkerPool(endpoint, count)
-
-    class CurvePool(LocalWorkerPool):
-        def spawn(self) -> str:  # LocalWorkerPool.spawn plus the key files
-            import subprocess
-
-            self._serial += 1
-            name = f"local-{os.getpid()}-{self._serial}"
-            command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", self.endpoint,
-                       "--name", name, "--credits", str(self.credits),
-                       "--heartbeat-interval", str(self.heartbeat_interval),
-                       "--curve-server-key", secret_file, "--curve-secret-key", secret_file]
-            self.processes[name] = subprocess.Popen(command, env=self._env(), stdin=subprocess.DEVNULL)
-            return name
-
-    return CurvePool(endpoint, count)
+    extra = ["--curve-server-key", secret_file, "--curve-secret-key", secret_file] if secret_file else []
+    return LocalWorkerPool(endpoint, count, extra_args=extra)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -226,21 +203,32 @@ def main(argv: list[str] | None = None) -> int:
         context.destroy(linger=0)
         return 2
 
-    store = _open_store(args.db) if args.db else None
+    from goflow.metrics import Metrics, coordinator_gauges
+    from goflow.store import Store, combine_sinks
+
+    store = Store(args.db) if args.db else None
+    metrics = Metrics() if args.metrics else None
+    metrics_server = None
     try:
+        if metrics is not None:
+            metrics_server = metrics.serve(args.metrics)
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
                                   control_endpoints=args.control_endpoint, context=context, curve=curve,
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
-                                  sink=store.sink if store is not None else None)
-    except zmq.ZMQError as exc:
+                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
+    except (zmq.ZMQError, OSError, ValueError) as exc:
         log.error("cannot bind: %s", exc)
+        if metrics_server is not None:
+            metrics_server.stop()
         if authenticator is not None:
             authenticator.stop()
         if store is not None:
             store.close()
         context.destroy(linger=0)
         return 2
-    if store is not None and hasattr(store, "record_submission"):
+    if metrics is not None:
+        metrics.set_gauge_source(coordinator_gauges(coordinator, store))
+    if store is not None:
         _wrap_submit(coordinator, store)
 
     pool = None
@@ -268,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
     coordinator.start()
     if pool is not None:
         pool.start()
+    if store is not None:
+        from goflow.recovery import recover
+
+        recovery = recover(coordinator, store)
+        if recovery.resumed or recovery.failed:
+            log.info("recovery: %d execution(s) resumed, %d could not be resumed", len(recovery.resumed),
+                     len(recovery.failed), extra={"fields": {"resumed": recovery.resumed,
+                                                             "unresumable": recovery.failed}})
     log.info("coordinator ready: workers %s, events %s, control %s%s", coordinator.workers_endpoint,
              ", ".join(args.events_endpoint), ", ".join(args.control_endpoint),
              " (CURVE)" if curve else "",
@@ -295,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         coordinator.stop()
     finally:
+        if metrics_server is not None:
+            metrics_server.stop()
         if authenticator is not None:
             authenticator.stop()
         if store is not None:

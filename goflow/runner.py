@@ -22,6 +22,7 @@ from goflow.coordinator.coordinator import Coordinator
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.loader import load
 from goflow.model import Workflow
+from goflow.store import Store, combine_sinks
 
 EXIT_CODES = {"completed": 0, "failed": 1, "timed_out": 1, "cancelled": 130}
 
@@ -65,21 +66,38 @@ class EmbeddedRuntime:
 
     def __init__(self, *, workers: int | None = None, publish: list[str] | None = None,
                  control: list[str] | None = None, python_paths: list[str] | None = None,
-                 sndhwm: int | None = None, credits: int = 4):
+                 sndhwm: int | None = None, credits: int = 4, db: str | os.PathLike | None = None,
+                 metrics: str | None = None):
         self.tempdir = tempfile.mkdtemp(prefix="goflow-")
         os.chmod(self.tempdir, 0o700)
         self.events_endpoint = f"ipc://{self.tempdir}/events"
         self.control_endpoint = f"ipc://{self.tempdir}/control"
         self.worker_count = workers or os.cpu_count() or 2
+        self.store: Store | None = None
+        self.metrics = None
+        self.metrics_server = None
         try:
+            if metrics:   # first, so a bad or busy address fails before anything starts
+                from goflow.metrics import Metrics
+
+                self.metrics = Metrics()
+                self.metrics_server = self.metrics.serve(metrics)
+            self.store = Store(db) if db is not None else None
             self.coordinator = Coordinator(
                 workers_endpoint=f"ipc://{self.tempdir}/workers",
                 event_endpoints=[self.events_endpoint, *(publish or [])],
                 control_endpoints=[self.control_endpoint, *(control or [])],
-                sndhwm=sndhwm, context=zmq.Context.instance())
+                sndhwm=sndhwm, context=zmq.Context.instance(),
+                sink=combine_sinks(self.store.sink if self.store else None,
+                                   self.metrics.sink if self.metrics else None))
         except Exception:
+            self._close_history()
             shutil.rmtree(self.tempdir, ignore_errors=True)
             raise
+        if self.metrics is not None:
+            from goflow.metrics import coordinator_gauges
+
+            self.metrics.set_gauge_source(coordinator_gauges(self.coordinator, self.store))
         self.pool = LocalWorkerPool(self.coordinator.workers_endpoint, self.worker_count,
                                     python_paths=python_paths, credits=credits)
         self.coordinator.attach_local_pool(self.pool)
@@ -96,7 +114,18 @@ class EmbeddedRuntime:
         try:
             self.coordinator.stop()
         finally:
+            self._close_history()
             shutil.rmtree(self.tempdir, ignore_errors=True)
+
+    def _close_history(self) -> None:
+        """After the coordinator stopped: write the last events, stop the metrics server."""
+        if self.metrics_server is not None:
+            self.metrics_server.stop()
+            self.metrics_server = None
+        if self.metrics is not None:
+            self.metrics.close()
+        if self.store is not None:
+            self.store.close()
 
     def wait_for_workers(self, count: int = 1, timeout: float = 30.0) -> bool:
         """Block until ``count`` workers have joined (False on timeout)."""

@@ -28,3 +28,11 @@ def write_flow(tmp_path):
         return path
 
     return write
+
+
+@pytest.fixture(autouse=True)
+def private_goflow_home(tmp_path, monkeypatch):
+    """Every test gets its own GOFLOW_HOME: history and the server registry never touch ~."""
+    home = tmp_path / "goflow-home"
+    monkeypatch.setenv("GOFLOW_HOME", str(home))
+    return home

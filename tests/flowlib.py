@@ -72,3 +72,10 @@ def not_serializable():
 def write_file(path: str, text: str):
     Path(path).write_text(text)
     return path
+
+
+def append(path: str, text: str):
+    """Append a line to ``path`` (to count how often a node really ran)."""
+    with open(path, "a") as handle:
+        handle.write(text + "\n")
+    return text

@@ -54,6 +54,7 @@ nodes:
     call: "flowlib:flaky"
     args: ["${counter}", 1]
     retry: {max_attempts: 2, initial_delay: 10ms}
+  - {id: leak, type: python, call: "flowlib:echo", args: ["Bearer ${token}"], output: header}
   - {id: boom, type: python, call: "flowlib:fail", args: [kaboom]}
   - {id: end, type: end}
 edges:
@@ -62,7 +63,8 @@ edges:
   - {from: check, to: never, condition: "false"}
   - {from: each, to: par}
   - {from: par, to: flaky}
-  - {from: flaky, to: boom}
+  - {from: flaky, to: leak}
+  - {from: leak, to: boom}
   - {from: boom, to: end}
   - {from: never, to: end}
 """
@@ -129,7 +131,11 @@ def test_every_type_is_emitted_with_documented_fields(runtime, write_flow, tmp_p
         assert event["variables"].get("token") in (None, "***"), "a secret leaked into a snapshot"
         if event["type"] == "variable.changed" and event["meta"]["name"] == "token":
             assert event["meta"]["value"] == "***"
-    assert "s3cret" not in json.dumps([e for _, e in mine], default=str)
+    assert "s3cret" not in json.dumps([e for _, e in mine], default=str), "a secret leaked by value"
+    leak_done = [e for _, e in mine if e["type"] == "node.completed" and e["node_id"] == "leak"][0]
+    assert leak_done["meta"]["output"] == "Bearer ***"
+    leak_started = [e for _, e in mine if e["type"] == "node.started" and e["node_id"] == "leak"][0]
+    assert leak_started["meta"]["inputs"]["args"] == ["Bearer ***"]
 
     eseqs = [e["eseq"] for _, e in mine]
     assert eseqs == list(range(1, len(eseqs) + 1)), "eseq is not gap-free"

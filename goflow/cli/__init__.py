@@ -9,7 +9,7 @@ from goflow import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from goflow.cli import run, validate, watch
+    from goflow.cli import history, run, validate, watch
     from goflow.cli.remote import add_parsers as add_remote_parsers
     from goflow.cli.server_commands import add_parsers as add_server_parsers
 
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_parser(subparsers)
     add_server_parsers(subparsers)
     add_remote_parsers(subparsers)
+    history.add_parsers(subparsers)
     return parser
 
 

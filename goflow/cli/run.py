@@ -39,6 +39,12 @@ def add_parser(subparsers: Any) -> None:
                         help="wait until N subscriptions reach the publisher before starting")
     parser.add_argument("--await-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long --await-subscribers waits (default 30)")
+    parser.add_argument("--db", metavar="PATH", default=None,
+                        help="record the run in this history database (default: $GOFLOW_HOME/history.db "
+                             "or ~/.local/share/goflow/history.db)")
+    parser.add_argument("--no-history", action="store_true", help="do not record the run in the history")
+    parser.add_argument("--metrics", metavar="ADDRESS", default=None,
+                        help="serve Prometheus metrics on ADDRESS (e.g. 127.0.0.1:9464) while the run lasts")
     parser.set_defaults(func=main)
 
 
@@ -70,14 +76,18 @@ def main(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
+        from goflow.store import default_db_path
+
         runtime = EmbeddedRuntime(workers=args.workers, publish=args.publish, control=args.control,
-                                  python_paths=[str(Path(args.file).resolve().parent)])
+                                  python_paths=[str(Path(args.file).resolve().parent)],
+                                  db=None if args.no_history else (args.db or default_db_path()),
+                                  metrics=args.metrics)
     except Exception as exc:  # e.g. the publish endpoint is in use
         print(f"goflow run: cannot start the coordinator: {exc}", file=sys.stderr)
         return 2
     try:
         with runtime:
-            return _run(runtime, workflow, variables, args)
+            return _run(runtime, workflow, variables, args, loaded.text)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -100,13 +110,17 @@ def _await_subscribers(runtime: EmbeddedRuntime, count: int, timeout: float, qui
               file=sys.stderr)
 
 
-def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argparse.Namespace) -> int:
+def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argparse.Namespace,
+         workflow_text: str | None = None) -> int:
     _await_subscribers(runtime, args.await_subscribers, args.await_timeout, args.json)
     runtime.wait_for_workers(runtime.worker_count, timeout=30)
     execution_id = uuid.uuid4().hex
     display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
     if display is not None:
         display.start()
+    if runtime.store is not None:
+        runtime.store.record_submission(execution_id, workflow.name, workflow_text, variables,
+                                        secrets=workflow.secret_variables)
     _, future = runtime.coordinator.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id)
     try:
         try:

@@ -200,6 +200,17 @@ class Coordinator:
                                            future=future, restored=dict(completed)))
         return future
 
+    def fail_unresumable(self, execution_id: str, workflow_name: str, message: str) -> None:
+        """Record (as an ``execution.failed`` event) that a previous coordinator's execution is lost."""
+
+        def fail() -> None:
+            self.publisher.open_execution(execution_id, workflow_name)
+            self.publisher.emit("execution.failed", execution_id, status="failed",
+                                error={"type": "unresumable", "message": message, "node_id": None}, meta={})
+            self.publisher.close_execution(execution_id)
+
+        self.call_soon(fail)
+
     def _start(self, workflow: Workflow, variables: dict[str, Any] | None, *, timeout: float | None,
                execution_id: str | None, future: Future | None = None,
                restored: dict[str, Any] | None = None) -> tuple[str, Future]:
@@ -213,7 +224,8 @@ class Coordinator:
                               timeout=timeout, restored=restored)
         self.executions[execution_id] = execution
         self.futures[execution_id] = future
-        self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets)
+        self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets,
+                                      secret_values=execution.secret_values())
         execution.start()
         return execution_id, future
 

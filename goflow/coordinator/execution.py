@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.events.codec import bound_value
+from goflow.coordinator.plan import initial_variables
+from goflow.events.codec import bound_value, redact_secret_text, secret_texts
 from goflow.expr import compile_transform, interpolate
 from goflow.coordinator.plan import Graph, Plan
 from goflow.model import (
@@ -124,6 +125,8 @@ class NodeRun:
     child: Any = None
     timer: Any = None
     started: float = 0.0
+    announced: int = 0
+    """The attempt whose ``node.started`` was emitted."""
 
 
 class Frame:
@@ -402,6 +405,7 @@ class Execution:
         self.error: dict | None = None
         self.started_at = 0.0
         self.finished_at = 0.0
+        self.hidden_texts = secret_texts(self.secret_values())
         self.restored = restored
         """Main-graph node id -> output, for nodes completed before a coordinator restart."""
         self.root: Frame | None = None
@@ -420,7 +424,7 @@ class Execution:
         self.started_at = time.time()
         if self.restored is not None:
             self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored)})
-        self.emit("execution.started", None, meta={"inputs": {k: bound_value(v) for k, v in
+        self.emit("execution.started", None, meta={"inputs": {k: self.bounded(v) for k, v in
                                                               self.redact(self._initial).items()},
                                                    "total_nodes": self.main_total})
         for name, value in self._initial.items():
@@ -490,9 +494,14 @@ class Execution:
         return self.status == "running"
 
     # -- variables -------------------------------------------------------------------------
+    def secret_values(self) -> list[Any]:
+        """The values of this execution's secret variables (defaults included)."""
+        initial = initial_variables(self.workflow, self._initial) if self.plan.secrets else {}
+        return [initial[name] for name in self.plan.secrets if initial.get(name) is not None]
+
     def bounded(self, value: Any) -> Any:
-        """``value`` as events may carry it: bounded in size (secrets are redacted by name)."""
-        return bound_value(value)
+        """``value`` as events may carry it: secret values masked, size bounded."""
+        return bound_value(redact_secret_text(value, self.hidden_texts))
 
     def redact(self, values: dict) -> dict:
         return {k: ("***" if k in self.plan.secrets else v) for k, v in values.items()}
@@ -508,12 +517,14 @@ class Execution:
                          old: Any = None, meta: dict | None = None) -> None:
         secret = name in self.plan.secrets
         self.emit("variable.changed", node, meta={
-            "name": name, "value": "***" if secret else bound_value(value),
-            "old": "***" if secret else bound_value(old), "scope": scope,
+            "name": name, "value": "***" if secret else self.bounded(value),
+            "old": "***" if secret else self.bounded(old), "scope": scope,
             **(meta or (node.frame.context if node else {}))})
 
     # -- events ----------------------------------------------------------------------------
     def emit(self, type: str, run: NodeRun | None, **fields: Any) -> None:
+        if self.hidden_texts and fields.get("error"):
+            fields["error"] = redact_secret_text(fields["error"], self.hidden_texts)
         self.host.emit(self, type, run=run, **fields)
 
     def progress(self, force: bool = False) -> None:
@@ -538,6 +549,7 @@ class Execution:
                 verdict = self.plan.condition(node.id, "condition", node.condition).evaluate_bool(frame.scope.reads)
             except ExpressionError as exc:
                 self.start_node(run)
+                self.attempt_started(run)
                 self.node_failed_final(run, self.error_of(run, "expression_error", exc.message))
                 return
             self.emit("condition.evaluated", run, meta={"kind": "guard", "expression": node.condition,
@@ -548,6 +560,7 @@ class Execution:
                 return
         self.start_node(run)
         if self.restored is not None and frame is self.root and node_id in self.restored:
+            self.attempt_started(run)
             value = self.restored[node_id]
             if isinstance(node, EndNode):
                 self.result = value
@@ -557,11 +570,18 @@ class Execution:
         self.execute(run)
 
     def start_node(self, run: NodeRun) -> None:
+        """Count ``run`` as running (its ``node.started`` event comes with each attempt)."""
         run.state = "running"
         run.started = time.time()
         self.counts["running"] += 1
         self.running_nodes[run.node.id] = self.running_nodes.get(run.node.id, 0) + 1
-        self.emit("node.started", run, status="running", meta=dict(run.frame.context))
+
+    def attempt_started(self, run: NodeRun, inputs: dict | None = None) -> None:
+        run.announced = run.attempt
+        meta = dict(run.frame.context)
+        if inputs is not None:
+            meta["inputs"] = {key: self.bounded(value) for key, value in inputs.items()}
+        self.emit("node.started", run, status="running", meta=meta)
 
     def _stop_running(self, run: NodeRun) -> None:
         self.counts["running"] -= 1
@@ -572,7 +592,10 @@ class Execution:
             self.running_nodes.pop(run.node.id, None)
 
     def execute(self, run: NodeRun) -> None:
+        """Run one attempt of ``run``'s node (emits its ``node.started``)."""
         node, scope = run.node, run.frame.scope.reads
+        if node.type not in WORKER_NODE_TYPES:
+            self.attempt_started(run)
         try:
             if node.type in WORKER_NODE_TYPES:
                 self.dispatch(run)
@@ -596,11 +619,16 @@ class Execution:
             else:  # start, passthrough
                 self.node_succeeded(run, None, {})
         except UndefinedVariableError as exc:
-            self.node_failed_final(run, self.error_of(run, "undefined_variable", exc.message))
+            self._failed_before_dispatch(run, self.error_of(run, "undefined_variable", exc.message))
         except ExpressionError as exc:
-            self.node_failed_final(run, self.error_of(run, "expression_error", exc.message))
+            self._failed_before_dispatch(run, self.error_of(run, "expression_error", exc.message))
         except NodeFailure as exc:
-            self.node_failed_final(run, exc.error)
+            self._failed_before_dispatch(run, exc.error)
+
+    def _failed_before_dispatch(self, run: NodeRun, error: dict) -> None:
+        if run.announced != run.attempt:
+            self.attempt_started(run)
+        self.node_failed_final(run, error)
 
     def dispatch(self, run: NodeRun) -> None:
         node, scope = run.node, run.frame.scope.reads
@@ -622,6 +650,9 @@ class Execution:
             raise NodeFailure(self.error_of(run, "unsupported", f"cannot dispatch node type {node.type}"))
         labels = node.worker.labels if node.worker else {}
         run.task = Task(0, self, run, kind, spec, node.timeout, labels)
+        inputs = {key: value for key, value in spec.items() if key not in ("server", "timeout", "template",
+                                                                          "expression", "call", "tool")}
+        self.attempt_started(run, inputs)
         self.host.dispatch(run.task)
 
     # -- outcomes --------------------------------------------------------------------------
@@ -639,7 +670,7 @@ class Execution:
             meta = {"started": message.get("started"), "finished": message.get("finished"),
                     "worker": message.get("worker")}
             if message.get("meta"):
-                meta.update({key: bound_value(value) for key, value in message["meta"].items()})
+                meta.update({key: self.bounded(value) for key, value in message["meta"].items()})
             self.node_succeeded(run, message.get("value"), meta, raw=(message.get("meta") or {}).get("raw"))
         else:
             error = dict(message.get("error") or {})
@@ -672,7 +703,6 @@ class Execution:
         run.timer = None
         if run.state == "running" and run.frame.state == "running" and self.active:
             run.started = time.time()
-            self.emit("node.started", run, status="running", meta=dict(run.frame.context))
             self.execute(run)
 
     def record(self, run: NodeRun, status: str, *, error: dict | None = None, worker: Any = None,

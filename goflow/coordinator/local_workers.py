@@ -12,12 +12,14 @@ class LocalWorkerPool:
     """``count`` worker processes connected to ``endpoint``; dead ones are replaced on request."""
 
     def __init__(self, endpoint: str, count: int, *, python_paths: list[str] | None = None,
-                 credits: int = 4, heartbeat_interval: float = 0.25):
+                 credits: int = 4, heartbeat_interval: float = 0.25, extra_args: list[str] | None = None):
         self.endpoint = endpoint
         self.count = count
         self.python_paths = python_paths or []
         self.credits = credits
         self.heartbeat_interval = heartbeat_interval
+        self.extra_args = list(extra_args or [])
+        """More ``goflow.workers`` flags, e.g. the CURVE key files of a daemon's local workers."""
         self.processes: dict[str, subprocess.Popen] = {}
         self._serial = 0
         self.closing = False
@@ -36,7 +38,8 @@ class LocalWorkerPool:
         self._serial += 1
         name = f"local-{os.getpid()}-{self._serial}"
         command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", self.endpoint, "--name", name,
-                   "--credits", str(self.credits), "--heartbeat-interval", str(self.heartbeat_interval)]
+                   "--credits", str(self.credits), "--heartbeat-interval", str(self.heartbeat_interval),
+                   *self.extra_args]
         self.processes[name] = subprocess.Popen(command, env=self._env(), stdin=subprocess.DEVNULL,
                                                 start_new_session=False)
         return name

@@ -11,6 +11,8 @@ import datetime
 import enum
 from typing import Any, Iterable, Mapping
 
+import json
+
 import msgpack
 
 from .types import HEARTBEAT, WIRE_VERSION, WORKER_TYPES, Event
@@ -99,6 +101,44 @@ def json_type(value: Any) -> str:
     return "string"
 
 
+MIN_SECRET_TEXT = 4
+"""Secret values shorter than this are not searched for inside other values (too many false hits)."""
+
+
+def secret_texts(values: Iterable[Any]) -> tuple[str, ...]:
+    """The texts to mask wherever they appear, from secret variables' values."""
+    texts = set()
+    for value in values:
+        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
+        if len(text) >= MIN_SECRET_TEXT:
+            texts.add(text)
+    return tuple(sorted(texts, key=len, reverse=True))
+
+
+def redact_secret_text(value: Any, texts: tuple[str, ...], _depth: int = 0) -> Any:
+    """``value`` with every occurrence of a secret text replaced by ``***`` (deep, bounded depth).
+
+    A value computed from a secret (echoed by a tool, embedded in a message) must not leak
+    through a variable of another name.
+    """
+    if not texts:
+        return value
+    if isinstance(value, str):
+        for text in texts:
+            if text in value:
+                value = value.replace(text, SECRET_MASK)
+        return value
+    if _depth > 32:
+        return value
+    if isinstance(value, list):
+        return [redact_secret_text(item, texts, _depth + 1) for item in value]
+    if isinstance(value, dict):
+        return {key: redact_secret_text(item, texts, _depth + 1) for key, item in value.items()}
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in texts:
+        return SECRET_MASK
+    return value
+
+
 def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:
     """``value``, or the ``$omitted`` marker when its msgpack encoding exceeds ``max_bytes``.
 
@@ -122,12 +162,14 @@ def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:
 
 def encode_variables(variables: Mapping[str, Any], *, secrets: Iterable[str] = (),
                      max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-                     packer: msgpack.Packer | None = None) -> tuple[bytes, int]:
+                     packer: msgpack.Packer | None = None,
+                     hidden_texts: tuple[str, ...] = ()) -> tuple[bytes, int]:
     """Encode the bounded, redacted variables as concatenated msgpack key/value pairs.
 
     Returns ``(body, count)``; the caller writes the map header (``pack_map_header(count)``)
     in front. Secret names become ``"***"``; a value whose encoding exceeds
-    ``max_value_bytes`` becomes ``{"$omitted": True, "type": <json type>, "bytes": N}``.
+    ``max_value_bytes`` becomes ``{"$omitted": True, "type": <json type>, "bytes": N}``;
+    occurrences of ``hidden_texts`` (secret values) inside other values become ``***``.
     """
     pk = packer or new_packer()
     secret_set = secrets if isinstance(secrets, (set, frozenset)) else frozenset(secrets)
@@ -140,6 +182,8 @@ def encode_variables(variables: Mapping[str, Any], *, secrets: Iterable[str] = (
         if key in secret_set:
             parts.append(mask)
         else:
+            if hidden_texts:
+                value = redact_secret_text(value, hidden_texts)
             try:
                 encoded = pk.pack(value)
             except Exception:  # e.g. a recursive structure or an int beyond 64 bits

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable
 
 import zmq
 
-from .codec import DEFAULT_MAX_VALUE_BYTES, encode_variables, new_packer
+from .codec import DEFAULT_MAX_VALUE_BYTES, encode_variables, new_packer, secret_texts
 from .types import HEARTBEAT, WIRE_VERSION
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,15 @@ _HEARTBEAT_TOPIC = b"heartbeat/"
 
 
 class _Execution:
-    __slots__ = ("execution_id", "workflow", "secrets", "eseq", "log", "first_eseq",
+    __slots__ = ("execution_id", "workflow", "secrets", "hidden_texts", "eseq", "log", "first_eseq",
                  "finished_at", "var_version", "var_part")
 
-    def __init__(self, execution_id: str, workflow: str | None, secrets: frozenset[str]):
+    def __init__(self, execution_id: str, workflow: str | None, secrets: frozenset[str],
+                 hidden_texts: tuple[str, ...] = ()):
         self.execution_id = execution_id
         self.workflow = workflow
         self.secrets = secrets
+        self.hidden_texts = hidden_texts
         self.eseq = 0
         self.log: deque[bytes] = deque()
         self.first_eseq = 1          # eseq of log[0]; == eseq + 1 when the log is empty
@@ -137,14 +139,18 @@ class EventPublisher:
 
     # -- executions ----------------------------------------------------------------------
     def open_execution(self, execution_id: str, workflow: str | None, *,
-                       secrets: Iterable[str] = ()) -> None:
+                       secrets: Iterable[str] = (), secret_values: Iterable[Any] = ()) -> None:
+        """Start logging ``execution_id``. Variables named in ``secrets`` are published as
+        ``***``, and ``secret_values`` are masked wherever they appear inside other variables."""
+        hidden = secret_texts(secret_values)
         ex = self._execs.get(execution_id)
         if ex is None:
-            self._execs[execution_id] = _Execution(execution_id, workflow, frozenset(secrets))
+            self._execs[execution_id] = _Execution(execution_id, workflow, frozenset(secrets), hidden)
             return
         # Re-opened (e.g. resumed): keep eseq and log, refresh metadata.
         ex.workflow = workflow
         ex.secrets = frozenset(secrets)
+        ex.hidden_texts = hidden
         ex.var_version = ex.var_part = None
         ex.finished_at = None
         self._finished.pop(execution_id, None)
@@ -173,8 +179,8 @@ class EventPublisher:
     def _variables_part(self, ex: _Execution, variables: dict, version: Any) -> bytes:
         if version is not None and ex.var_part is not None and ex.var_version == version:
             return ex.var_part
-        body, n = encode_variables(variables, secrets=ex.secrets,
-                                   max_value_bytes=self.max_value_bytes, packer=self._packer)
+        body, n = encode_variables(variables, secrets=ex.secrets, max_value_bytes=self.max_value_bytes,
+                                   packer=self._packer, hidden_texts=ex.hidden_texts)
         part = self._var_key + self._packer.pack_map_header(n) + body
         ex.var_part = part
         ex.var_version = version

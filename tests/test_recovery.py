@@ -1,0 +1,181 @@
+"""Crash recovery: SIGKILL the daemon mid-run, restart it on the same --db, nothing completed re-runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import msgpack
+import pytest
+
+from goflow.control import ControlClient
+from goflow.store import open_store
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+class Daemon:
+    def __init__(self, db: Path):
+        control, events, workers = _ports(3)
+        self.control = f"tcp://127.0.0.1:{control}"
+        self.args = [sys.executable, "-m", "goflow.daemon", "--control-endpoint", self.control,
+                     "--events-endpoint", f"tcp://127.0.0.1:{events}", "--workers-endpoint",
+                     f"tcp://127.0.0.1:{workers}", "--db", str(db), "--local-workers", "1", "--log-format", "json"]
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Daemon":
+        self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        client = ControlClient(self.control, timeout=1.0)
+        deadline = time.monotonic() + 30
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    if client.request("workers")["workers"]:
+                        return self
+                except Exception:
+                    time.sleep(0.1)
+            raise AssertionError("the daemon did not come up with a worker")
+        finally:
+            client.close()
+
+    def request(self, op: str, **fields):
+        client = ControlClient(self.control, timeout=5.0)
+        try:
+            return client.request(op, **fields)
+        finally:
+            client.close()
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> str:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.stderr.read() if self.proc and self.proc.stderr else ""
+
+
+def _wait_status(daemon: Daemon, execution_id: str, statuses: set[str], timeout: float = 60) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            status = daemon.request("status", execution_id=execution_id)
+            if status["status"] in statuses:
+                return status
+        except Exception:
+            pass
+        time.sleep(0.1)
+    raise AssertionError(f"execution {execution_id} never reached {statuses}")
+
+
+def _wait_for_lines(path: Path, count: int, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} never reached {count} line(s)")
+
+
+def test_sigkill_and_restart_resumes_without_rerunning_completed_nodes(tmp_path):
+    db, log = tmp_path / "history.db", tmp_path / "ran.log"
+    workflow = textwrap.dedent(f"""
+        name: recoverable
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: first, type: python, call: "flowlib:append", args: ["{log}", first], output: a}}
+          - {{id: long, type: python, call: "flowlib:append", args: ["{log}", long]}}
+          - {{id: wait, type: python, call: "flowlib:timed", args: [4, waited], output: w}}
+          - {{id: last, type: python, call: "flowlib:append", args: ["{log}", last], output: z}}
+          - {{id: end, type: end, return: "${{a}}-${{w.value}}-${{z}}"}}
+        edges:
+          - {{from: start, to: first}}
+          - {{from: first, to: long}}
+          - {{from: long, to: wait}}
+          - {{from: wait, to: last}}
+          - {{from: last, to: end}}
+    """)
+    daemon = Daemon(db).start()
+    try:
+        execution_id = daemon.request("submit", workflow=workflow, name="recoverable.yaml")["execution_id"]
+        _wait_for_lines(log, 2)  # first and long done; wait is running
+        time.sleep(0.5)          # let the store's writer catch up (it batches every 50 ms)
+        daemon.kill()
+    finally:
+        daemon.stop()
+    assert log.read_text().splitlines() == ["first", "long"]
+
+    restarted = Daemon(db).start()
+    try:
+        final = _wait_status(restarted, execution_id, {"completed", "failed", "cancelled", "timed_out"})
+        assert final["status"] == "completed", final
+    finally:
+        restarted.stop()
+    assert log.read_text().splitlines() == ["first", "long", "last"], "a completed node ran again"
+    store = open_store(db)
+    record = store.get_execution(execution_id)
+    assert record["status"] == "completed"
+    types = [msgpack.unpackb(p, raw=False)["type"] for p in store.events(execution_id)]
+    assert "execution.resumed" in types
+    assert types[-1] == "execution.completed"
+
+
+def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tmp_path):
+    db, log = tmp_path / "history.db", tmp_path / "ran.log"
+    workflow = textwrap.dedent(f"""
+        name: secretive
+        variables:
+          - {{name: token, type: string, secret: true, required: true}}
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: first, type: python, call: "flowlib:append", args: ["{log}", first]}}
+          - {{id: wait, type: python, call: "flowlib:timed", args: [5, waited]}}
+          - {{id: end, type: end}}
+        edges:
+          - {{from: start, to: first}}
+          - {{from: first, to: wait}}
+          - {{from: wait, to: end}}
+    """)
+    daemon = Daemon(db).start()
+    try:
+        execution_id = daemon.request("submit", workflow=workflow, name="secretive.yaml",
+                                      variables={"token": "hunter2-secret"})["execution_id"]
+        _wait_for_lines(log, 1)
+        time.sleep(0.5)
+        daemon.kill()
+    finally:
+        daemon.stop()
+    restarted = Daemon(db).start()
+    try:
+        deadline = time.monotonic() + 30
+        store = open_store(db)
+        while time.monotonic() < deadline and store.get_execution(execution_id)["status"] != "failed":
+            time.sleep(0.1)
+        record = store.get_execution(execution_id)
+    finally:
+        restarted.stop()
+    assert record["status"] == "failed"
+    assert "cannot be resumed" in str(record["error"]) and "token" in str(record["error"])
+    stored = b"".join(path.read_bytes() for path in tmp_path.glob("history.db*"))
+    assert b"hunter2-secret" not in stored, "a secret reached the history store"
