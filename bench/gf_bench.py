@@ -482,9 +482,12 @@ def cmd_delivery(a) -> dict:
             pub_res = json.loads(pub.stdout.readline())
             if drain:
                 time.sleep(0.5)        # let the last events reach the subscriber's queue
-            for p in sub_procs:
-                p.stdin.write("go\n")
-                p.stdin.flush()
+            for p in sub_procs if drain else ():
+                try:
+                    p.stdin.write("go\n")
+                    p.stdin.flush()
+                except BrokenPipeError:
+                    pass
             subs_res = []
             for p in sub_procs:
                 line = p.stdout.read().strip().splitlines()[-1]
