@@ -2,8 +2,8 @@
 
 Each worker process holds two DEALER sockets connected to the coordinator's ROUTER:
 
-* the **task lane** (identity ``<worker_id>``): ``ready`` -> ``welcome``; ``task`` in,
-  ``result`` out. A worker announces ``credits`` (how many tasks it accepts in advance)
+* the **task lane** (identity ``<worker_id>``): ``ready`` -> ``welcome``; ``task`` (or a
+  ``tasks`` batch) in, ``result`` (or a ``results`` batch) out. A worker announces ``credits`` (how many tasks it accepts in advance)
   so it always has its next task in hand; each ``result`` returns one credit.
 * the **control lane** (identity ``<worker_id>.ctl``), served by a thread of its own so it
   keeps working while a task runs: ``heartbeat`` both ways, ``cancel``, ``shutdown`` and
@@ -27,6 +27,8 @@ READY = "ready"
 WELCOME = "welcome"
 TASK = "task"
 RESULT = "result"
+TASKS = "tasks"
+RESULTS = "results"
 HEARTBEAT = "heartbeat"
 CANCEL = "cancel"
 SHUTDOWN = "shutdown"
@@ -44,6 +46,15 @@ class ProtocolError(ValueError):
 
 def encode(message: dict[str, Any]) -> bytes:
     return msgpack.packb(message, use_bin_type=True)
+
+
+_BATCH_KEYS = {kind: msgpack.packb("t") + msgpack.packb(kind) + msgpack.packb("items") for kind in (TASKS, RESULTS)}
+
+
+def batch(kind: str, frames: list[bytes]) -> bytes:
+    """``{"t": kind, "items": [...]}`` from already-encoded messages, without re-encoding them."""
+    header = msgpack.Packer().pack_array_header(len(frames))
+    return b"\x82" + _BATCH_KEYS[kind] + header + b"".join(frames)
 
 
 def decode(frame: bytes) -> dict[str, Any]:

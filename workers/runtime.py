@@ -24,6 +24,8 @@ import zmq
 from goflow import protocol
 from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
 
+RESULT_BATCH_S = 0.002
+"""The longest a finished task's result waits to travel with the next ones."""
 EXIT_CANCEL_STUCK = 70
 EXIT_COORDINATOR_LOST = 75
 
@@ -179,6 +181,8 @@ class Worker:
                         if not poller.poll(200):
                             continue
                     self._drain(sock)
+                    unsent: list[bytes] = []
+                    batch_started = 0.0
                     while self.queue and not self.stopping.is_set():
                         task = self.queue.popleft()
                         self.current = task
@@ -187,8 +191,17 @@ class Worker:
                         finally:
                             self.current = None
                         self.cancelled.discard(task.get("id"))
-                        sock.send(self._pack(result))
+                        if not unsent:
+                            batch_started = time.monotonic()
+                        unsent.append(self._pack(result))
                         self._drain(sock)
+                        # Results of a quick run of tasks travel together; a result never waits
+                        # longer than RESULT_BATCH_S, nor behind a task that is not in hand yet.
+                        if not self.queue or time.monotonic() - batch_started > RESULT_BATCH_S:
+                            self._send_results(sock, unsent)
+                            unsent = []
+                    if unsent:
+                        self._send_results(sock, unsent)
                 except TaskCancelled:
                     continue  # a cancellation that arrived just after its task finished
         finally:
@@ -201,6 +214,10 @@ class Worker:
             self.executors.close()
             control.join(timeout=2)
         return 0
+
+    @staticmethod
+    def _send_results(sock: zmq.Socket, frames: list[bytes]) -> None:
+        sock.send(frames[0] if len(frames) == 1 else protocol.batch(protocol.RESULTS, frames))
 
     def _drain(self, sock: zmq.Socket) -> None:
         while True:
@@ -216,6 +233,8 @@ class Worker:
             kind = message["t"]
             if kind == protocol.TASK:
                 self.queue.append(message)
+            elif kind == protocol.TASKS:
+                self.queue.extend(item for item in message.get("items") or () if isinstance(item, dict))
             elif kind == protocol.WELCOME:
                 self.welcomed = message.get("epoch")
             elif kind == protocol.SHUTDOWN:

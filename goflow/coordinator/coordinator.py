@@ -35,6 +35,8 @@ from goflow.model import Workflow
 log = logging.getLogger("goflow.coordinator")
 
 
+_SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
+_NOBLOCK = int(zmq.NOBLOCK)
 PREFETCH_BELOW_S = 0.005
 """Tasks measured shorter than this may wait in a busy worker's hand (saves a round trip)."""
 
@@ -93,6 +95,8 @@ class Coordinator:
 
         self.accepting = True
         self.dispatching = True
+        self._pump_wanted = False
+        self._packer = msgpack.Packer(use_bin_type=True)
         self.worker_socket = self.context.socket(zmq.ROUTER)
         self.worker_socket.setsockopt(zmq.LINGER, 0)
         self.worker_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
@@ -332,10 +336,12 @@ class Coordinator:
         raise ControlError("not_found", f"server '{server_id}' is neither declared nor registered")
 
     def dispatch(self, task: Task) -> None:
+        """Queue ``task``; the reactor hands queued tasks to workers once per loop turn
+        (or per result), so a burst of ready nodes costs one pass, not one per node."""
         task.id = next(self.task_ids)
         self.tasks[task.id] = task
         self.queue.append(task)
-        self._pump()
+        self._pump_wanted = True
 
     def cancel_task(self, task: Task) -> None:
         task.done = True
@@ -375,10 +381,12 @@ class Coordinator:
             pass
 
     def _pump(self) -> None:
+        self._pump_wanted = False
         if not self.dispatching:
             return
         queue = self.queue
         blocked: list[Task] = []
+        outgoing: dict[bytes, list[bytes]] = {}
         while queue:
             task = queue.popleft()
             if task.done:
@@ -389,9 +397,19 @@ class Coordinator:
                 if not task.labels or not self.workers.has_capacity():
                     break
                 continue
-            self._hand_to(worker, task)
+            frame = self._hand_to(worker, task)
+            if frame is not None:
+                outgoing.setdefault(worker.identity, []).append(frame)
         if blocked:
             queue.extendleft(reversed(blocked))
+        for identity, frames in outgoing.items():
+            # Several tasks for one worker travel as one "tasks" message: one wake-up, not N.
+            payload = frames[0] if len(frames) == 1 else protocol.batch(protocol.TASKS, frames)
+            try:
+                self.worker_socket.send(identity, _SNDMORE_NOBLOCK)
+                self.worker_socket.send(payload, _NOBLOCK)
+            except zmq.ZMQError:
+                pass  # the worker is gone; liveness notices and requeues what it held
 
     def _is_short(self, task: Task) -> bool:
         """Whether tasks like ``task`` are known to be short enough to queue on a busy worker."""
@@ -405,23 +423,26 @@ class Coordinator:
             sample = max(0.0, finished - started)
             self.durations[task.profile] = sample if previous is None else 0.8 * previous + 0.2 * sample
 
-    def _hand_to(self, worker: WorkerInfo, task: Task) -> None:
+    def _hand_to(self, worker: WorkerInfo, task: Task) -> bytes | None:
+        """Assign ``task`` to ``worker``; returns the encoded task message (None if it cannot be sent)."""
         task.worker = worker.identity
         worker.in_hand.append(task)
         self.stats["tasks_dispatched"] += 1
         message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,
                    "execution_id": task.execution.id, "node_id": task.node_id, "attempt": task.attempt}
         try:
-            self.worker_socket.send_multipart([worker.identity, protocol.encode(message)], zmq.NOBLOCK)
-        except (TypeError, ValueError) as exc:
+            frame = self._packer.pack(message)
+        except (TypeError, ValueError, OverflowError) as exc:
+            self._packer.reset()
             worker.in_hand.pop()
             task.worker = None
             self.tasks.pop(task.id, None)
             task.execution.task_result(task, {"ok": False, "error": {
                 "type": "serialization", "message": f"the node's inputs cannot be sent to a worker: {exc}"}})
-            return
+            return None
         if len(worker.in_hand) == 1:
             self._task_started(task)
+        return frame
 
     def _task_started(self, task: Task) -> None:
         task.started_at = time.monotonic()
@@ -468,6 +489,12 @@ class Coordinator:
             worker.last_seen = time.monotonic()
         if kind == protocol.RESULT and worker is not None:
             self._on_result(worker, message)
+            self._pump()
+        elif kind == protocol.RESULTS and worker is not None:
+            for item in message.get("items") or ():
+                if isinstance(item, dict):
+                    self._on_result(worker, item)
+            self._pump()
         elif kind == protocol.READY and not control:
             self._on_ready(identity, message)
         elif kind == protocol.BYE and worker is not None:
@@ -517,7 +544,6 @@ class Coordinator:
                 task.done = True
                 message["worker"] = worker.name
                 task.execution.task_result(task, message)
-        self._pump()
 
     def _worker_lost(self, worker: WorkerInfo, reason: str) -> None:
         if self.workers.remove(worker.identity) is None:
@@ -704,8 +730,10 @@ class Coordinator:
                         log.exception("reactor handler failed")
                 try:
                     self._run_timers()
+                    if self._pump_wanted:
+                        self._pump()
                 except Exception:
-                    log.exception("timer failed")
+                    log.exception("timer or dispatch failed")
             # Drain: let workers' goodbyes arrive, flush the last events.
             self.publisher.heartbeat()
         finally:

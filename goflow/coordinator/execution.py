@@ -501,6 +501,8 @@ class Execution:
 
     def bounded(self, value: Any) -> Any:
         """``value`` as events may carry it: secret values masked, size bounded."""
+        if value is None or (not self.hidden_texts and isinstance(value, (bool, int, float))):
+            return value
         return bound_value(redact_secret_text(value, self.hidden_texts))
 
     def redact(self, values: dict) -> dict:
@@ -633,8 +635,8 @@ class Execution:
     def dispatch(self, run: NodeRun) -> None:
         node, scope = run.node, run.frame.scope.reads
         if isinstance(node, PythonNode):
-            kind, spec = "python", {"call": node.call, "args": interpolate(node.args, scope),
-                                    "kwargs": interpolate(node.kwargs, scope)}
+            kind, spec = "python", {"call": node.call, "args": interpolate(node.args, scope) if node.args else [],
+                                    "kwargs": interpolate(node.kwargs, scope) if node.kwargs else {}}
         elif isinstance(node, TransformNode):
             transform = compile_transform(expression=node.expression, template=node.template)
             spec = {"expression": node.expression, "template": node.template,
