@@ -3,7 +3,8 @@
 Every sub-command prints ONE JSON object on its last stdout line. Sub-commands:
 
   dispatch  one round: runtime start-up, 10k fan-out / 10k loop (max_parallel 64) / 1k chain
-            with one raw SUB thread attached, then the fan-out with no subscriber and with one
+            with one raw SUB process attached (and once with a SUB thread in-process, for
+            reference), then the fan-out with no subscriber and with one
             stalled subscriber (slow-subscriber impact)
   emission  EventPublisher.emit cost with 0 / 1 / 10 / stalled subscribers
   delivery  PUB->SUB events/s through Monitor (typed) and raw pyzmq+msgpack
@@ -245,18 +246,28 @@ def cmd_dispatch(a) -> dict:
     try:
         # warm-up: one tiny execution so imports in the workers are done
         run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
-        sub = RawSubscriber(rt.coordinator.context, rt.events_endpoint)
-        sub.start()
+        # One subscriber attached, as a user attaches one: another process (goflow watch, a
+        # dashboard) draining everything.
+        sub = spawn_sub(DRAIN_SUB, rt.events_endpoint)
         wait_subscriptions(rt, 1)
         for name, wf, var, n in (("fanout", wf_fan, None, a.n), ("loop", wf_loop, {"items": items}, a.n),
                                  ("chain", wf_chain, None, a.chain_n)):
-            before = sub.count
             r = run_once(rt, wf, var)
-            time.sleep(0.05)
-            r["events_received"] = sub.count - before
             r["nodes_per_s"] = n / r["wall_s"]
             out[f"{name}_1sub"] = r
-        sub.stop()
+        end_sub(sub)
+        wait_subscriptions_zero(rt)
+        # For reference: the subscriber as a thread of the coordinator's own process (it then
+        # competes with the reactor for the GIL on every send).
+        thread = RawSubscriber(rt.coordinator.context, rt.events_endpoint)
+        thread.start()
+        wait_subscriptions(rt, 1)
+        r = run_once(rt, wf_fan)
+        time.sleep(0.05)
+        r["events_received"] = thread.count
+        r["nodes_per_s"] = a.n / r["wall_s"]
+        out["fanout_1sub_thread"] = r
+        thread.stop()
         wait_subscriptions_zero(rt)
         if not a.no_slowsub:
             order = (["none", "stalled"] if a.round % 2 == 0 else ["stalled", "none"]) * a.pairs

@@ -169,7 +169,8 @@ def sec_dispatch(cfg, peers) -> dict:
         "chain": spread([x["chain_1sub"]["nodes_per_s"] for x in g]),
         "startup_s": spread([x["startup_s"] for x in g]),
         "fanout_status": [x["fanout_1sub"]["status"] for x in g],
-        "events_per_fanout_node": med([x["fanout_1sub"]["events_received"] / cfg["n"] for x in g]),
+        "fanout_sub_thread": spread([x["fanout_1sub_thread"]["nodes_per_s"] for x in g]),
+        "events_per_fanout_node": med([x["fanout_1sub_thread"]["events_received"] / cfg["n"] for x in g]),
     }
     if g and "fanout_none" in g[0]:
         pairs = [(n_["nodes_per_s"], s_["nodes_per_s"]) for x in g

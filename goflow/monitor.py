@@ -23,6 +23,7 @@ Since = Literal["now", "start"] | int
 _FAR = 2 ** 62           # "after everything": used to ask for the latest eseq/seq only
 _POLL_MS = 500
 DEFAULT_RCVHWM = 100_000
+_NOBLOCK = int(zmq.NOBLOCK)
 
 Request = tuple[str, dict]
 
@@ -447,20 +448,25 @@ class Monitor:
                     0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
                 if not sock.poll(wait, zmq.POLLIN):
                     continue
-                ev = self._decode(sock.recv_multipart())
-                if ev is None:
-                    continue
-                if tracker is None:
-                    batch = [ev] if filt.matches(ev) else []
-                else:
-                    batch = self._drive(tracker.process(ev))
-                if batch:
-                    idle_since = time.monotonic()
-                for out in batch:
-                    self.stats["delivered"] += 1
-                    yield out
-                    if until is not None and until(out):
-                        return
+                while True:  # drain what is queued without a poll per message
+                    try:
+                        frames = sock.recv_multipart(_NOBLOCK)
+                    except zmq.Again:
+                        break
+                    ev = self._decode(frames)
+                    if ev is None:
+                        continue
+                    if tracker is None:
+                        batch = [ev] if filt.matches(ev) else []
+                    else:
+                        batch = self._drive(tracker.process(ev))
+                    if batch:
+                        idle_since = time.monotonic()
+                    for out in batch:
+                        self.stats["delivered"] += 1
+                        yield out
+                        if until is not None and until(out):
+                            return
         finally:
             sock.close(0)
 

@@ -154,6 +154,10 @@ def _summary(result: ExecutionResult) -> None:
         print("  result: " + text, file=stream)
 
 
+PANEL_TYPES = ("progress.update", "node.failed", "node.retrying", "execution.completed", "execution.failed",
+               "execution.cancelled")
+
+
 class _Display:
     """Follows this run's events (reliably, from the first) on a background thread."""
 
@@ -163,31 +167,64 @@ class _Display:
         self.execution_id = execution_id
         self.full = full
         self.tty = sys.stdout.isatty()
+        self.finished = threading.Event()
         self.thread = threading.Thread(target=self._follow, name="goflow-display", daemon=True)
 
     def start(self) -> None:
+        publisher = self.runtime.coordinator.publisher
+        before = self.runtime.coordinator.call(lambda: publisher.subscription_count)
         self.thread.start()
+        if self.tty and not self.full:  # a live subscription misses what precedes it: wait for it
+            deadline = time.monotonic() + 1.0
+            while time.monotonic() < deadline and \
+                    self.runtime.coordinator.call(lambda: publisher.subscription_count) <= before:
+                time.sleep(0.01)
 
     def stop(self) -> None:
         """Wait (briefly) for the display to show the terminal event."""
+        self.finished.set()
         self.thread.join(timeout=5)
 
     def _follow(self) -> None:
         from goflow.monitor import Monitor
 
         monitor = Monitor(self.runtime.events_endpoint, self.runtime.control_endpoint)
-        events = monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
-                                   until=lambda event: event.is_terminal)
         started = time.time()
         try:
-            if self.tty:
-                self._live(monitor, events)
+            if self.tty and not self.full:
+                self._panel(monitor)
+            elif self.tty:
+                self._live(monitor, self._every_event(monitor))
             else:
-                self._lines(monitor, events, started)
+                self._lines(monitor, self._every_event(monitor), started)
         except GoflowError as exc:
             print(f"goflow run: event display stopped: {exc}", file=sys.stderr)
         finally:
             monitor.close()
+
+    def _every_event(self, monitor: Any) -> Any:
+        """This run's whole stream, from its first event, repaired (for lines and --watch)."""
+        return monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
+                                 until=lambda event: event.is_terminal)
+
+    def _panel(self, monitor: Any) -> None:
+        """The compact panel needs progress, failures and the end only: a narrow subscription
+        keeps the display from competing with the coordinator for every node event."""
+        wanted = EventFilter(types=list(PANEL_TYPES), executions=[self.execution_id])
+        panel, live = live_panel(self.workflow, sys.stdout)
+        with live:
+            while not self.finished.is_set():
+                for event in monitor.subscribe(wanted, reliable=False, timeout=0.2):
+                    panel.feed(event)
+                    if event.is_terminal:
+                        return
+            self.finished_summary(panel)
+
+    def finished_summary(self, panel: Any) -> None:
+        summary = self.runtime.coordinator.call(lambda: self.runtime.coordinator.executions.get(self.execution_id))
+        if summary is not None:
+            panel.progress = summary.progress_meta()
+            panel.status = summary.status
 
     def _lines(self, monitor: Any, events: Any, started: float) -> None:
         for event in events:
@@ -198,16 +235,10 @@ class _Display:
                 print(line, flush=True)
 
     def _live(self, monitor: Any, events: Any) -> None:
-        if self.full:
-            from goflow.cli.watch import LiveView
-            from rich.live import Live
+        from goflow.cli.watch import LiveView
+        from rich.live import Live
 
-            view = LiveView(stats=lambda: monitor.stats)
-            with Live(view.render(), refresh_per_second=10, get_renderable=view.render):
-                for event in events:
-                    view.feed(event)
-            return
-        panel, live = live_panel(self.workflow, sys.stdout)
-        with live:
+        view = LiveView(stats=lambda: monitor.stats)
+        with Live(view.render(), refresh_per_second=10, get_renderable=view.render):
             for event in events:
-                panel.feed(event)
+                view.feed(event)

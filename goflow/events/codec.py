@@ -227,4 +227,8 @@ def decode_event(topic: bytes | str, payload: bytes) -> Event:
     d["topic"] = topic.decode("utf-8", "replace") if isinstance(topic, (bytes, bytearray)) else topic
     if d.get("meta") is None:
         d["meta"] = {}
+    if isinstance(d.get("type"), str) and isinstance(d.get("seq"), int) and isinstance(d.get("epoch"), str) \
+            and isinstance(d.get("ts"), float):
+        # Well-formed (what goflow publishes): skip per-field validation, ~4x cheaper per event.
+        return Event.model_construct(**d)
     return Event.model_validate(d)
