@@ -24,7 +24,7 @@ import msgpack
 import zmq
 
 from goflow import protocol
-from goflow.control import ControlError, ControlServer, publisher_handlers
+from goflow.control import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
 from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.plan import compile_plan, initial_variables
@@ -112,7 +112,8 @@ class Coordinator:
                                         curve={"secret": curve["secret"]} if curve else None, **options)
         self.control_socket = self.context.socket(zmq.ROUTER)
         self.control_socket.setsockopt(zmq.LINGER, 0)
-        self.control_socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+        # Requests over the control limit get an error reply; absurd ones are cut by libzmq.
+        self.control_socket.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_MAX_MESSAGE_BYTES)
         _apply_server_curve(self.control_socket, curve)
         for endpoint in control_endpoints:
             self.control_socket.bind(endpoint)

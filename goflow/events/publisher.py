@@ -31,6 +31,7 @@ DEFAULT_SNDHWM = 10_000
 #: How long a finished execution stays in the heartbeat's ``meta.executions``.
 FINISHED_HEARTBEAT_SECONDS = 30.0
 
+MAX_SUBSCRIPTION_BYTES = 64 * 1024
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _FIXMAP15 = b"\x8f"   # msgpack fixmap header for the 15 payload keys
@@ -77,6 +78,8 @@ class EventPublisher:
         sock.setsockopt(zmq.SNDHWM, int(sndhwm))
         # VERBOSER = every subscribe AND unsubscribe is passed up, so counts stay exact.
         sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # Subscribers only send (un)subscribe messages: anything bigger is garbage, dropped by libzmq.
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         if curve:
             sock.curve_server = True
             sock.curve_secretkey = curve["secret"]
