@@ -127,6 +127,10 @@ def server_curve(secret_file: str | os.PathLike) -> dict[str, bytes]:
     return {"public": public, "secret": secret}
 
 
+ROLES = {"workers": "workers", "events": "subscribers", "control": "clients"}
+"""ZAP domain of each coordinator socket -> the authorized-keys subdirectory for that role."""
+
+
 def load_authorized_keys(directory: str | os.PathLike) -> dict[bytes, str]:
     """Every public key in ``DIR/*.key`` -> its file name. Bad files are logged and skipped."""
     keys: dict[bytes, str] = {}
@@ -151,7 +155,7 @@ class _Zap(ThreadAuthenticator):
 
     def _decide(self, domain: str, client_key: bytes) -> tuple[bool, bytes]:
         key = z85.encode(client_key)
-        if key in self.owner.allowed:
+        if key in self.owner.allowed or key in self.owner.by_role.get(domain, ()):
             self.owner.stats["admitted"] += 1
             return True, b"OK"
         self.owner._refused(key, self._address)
@@ -178,8 +182,12 @@ _Zap._authenticate_curve = _curve  # type: ignore[method-assign]
 
 
 class Authenticator:
-    """CURVE client authentication on ``context``: keys from ``authorized_keys_dir/*.key``.
+    """CURVE client authentication on ``context``.
 
+    Keys in ``authorized_keys_dir/*.key`` are admitted on every socket. Keys in a role
+    subdirectory are admitted only on that role's socket (its ZAP domain): ``workers/`` on
+    the workers endpoint, ``subscribers/`` on the events endpoint, ``clients/`` on the
+    control endpoint, so a worker's or a dashboard's key cannot submit workflows.
     ``extra_keys``: public keys (z85 bytes) always admitted, e.g. the coordinator's own
     key for its local worker processes. Start it BEFORE binding the CURVE server sockets.
     """
@@ -190,6 +198,7 @@ class Authenticator:
         self.directory = Path(authorized_keys_dir)
         self.extra_keys = frozenset(extra_keys)
         self.allowed: frozenset[bytes] = frozenset()
+        self.by_role: dict[str, frozenset[bytes]] = {}
         self.names: dict[bytes, str] = {}
         self.stats = {"admitted": 0, "refused": 0, "reloads": 0}
         self._last_logged: dict[bytes, float] = {}
@@ -213,15 +222,22 @@ class Authenticator:
         On an unreadable directory the previous key set stays (and the error is logged).
         """
         try:
-            names = load_authorized_keys(self.directory)
+            everywhere = load_authorized_keys(self.directory)
+            by_role = {domain: frozenset(load_authorized_keys(self.directory / sub))
+                       for domain, sub in ROLES.items() if (self.directory / sub).is_dir()}
         except KeyFileError as exc:
             log.error("authorized keys not reloaded: %s", exc)
             return len(self.allowed)
+        names = dict(everywhere)
+        for domain, keys in by_role.items():
+            for key in keys:
+                names.setdefault(key, f"{ROLES[domain]}/")
         with self._lock:
             added = set(names) - set(self.names)
             removed = set(self.names) - set(names)
             self.names = names
-            self.allowed = frozenset(names) | self.extra_keys  # one atomic swap; the ZAP thread reads it
+            self.by_role = by_role
+            self.allowed = frozenset(everywhere) | self.extra_keys  # one atomic swap; the ZAP thread reads it
             self.stats["reloads"] += 1
         log.info("authorized keys loaded: %d (added %d, removed %d) from %s", len(names), len(added),
                  len(removed), self.directory,

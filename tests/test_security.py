@@ -188,3 +188,35 @@ def test_local_workers_authenticate_with_the_coordinator_key(daemon, keys, tmp_p
     done = cli("submit", str(flow), "--coordinator", d.control, "--wait", "--json", *_client_keys(keys, "client"))
     assert done.returncode == 0, done.stderr
     assert d.stop() == 0
+
+
+def test_role_directories_confine_keys_to_one_socket(daemon, workers, keys, tmp_path):  # noqa: F811
+    """A dashboard's key (subscribers/) can watch but not submit; a worker's (workers/) can
+    join but neither submit nor watch; a client's (clients/) can submit."""
+    keydir = tmp_path / "role-keys"
+    for role, name in (("subscribers", "watcher"), ("workers", "runner"), ("clients", "submitter")):
+        public, secret = security.generate_keypair(keydir, name)
+        (keys["authorized"] / role).mkdir(exist_ok=True)
+        shutil.copy(public, keys["authorized"] / role / public.name)
+        keys[name] = secret
+    d = daemon(*_curve_args(keys))
+    watcher = security.client_curve(keys["server_public"], keys["watcher"])
+    runner = security.client_curve(keys["server_public"], keys["runner"])
+    submitter = security.client_curve(keys["server_public"], keys["submitter"])
+
+    assert _sub_receives(d.events, watcher) >= 1
+    assert _sub_receives(d.events, runner) == 0
+    for curve in (watcher, runner):
+        with ControlClient(d.control, curve=curve, timeout=1.0) as client, pytest.raises(ControlTimeout):
+            client.request("list")
+    with ControlClient(d.control, curve=submitter, timeout=3.0) as client:
+        assert client.request("list")["executions"] == []
+
+    workers(d.workers, "--concurrency", "1", "--name", "role-runner", *_client_keys(keys, "runner"))
+    workers(d.workers, "--concurrency", "1", "--name", "role-watcher", *_client_keys(keys, "watcher"))
+    wait_for_workers(d.control, 1, curve=submitter)
+    time.sleep(1.5)
+    with ControlClient(d.control, curve=submitter) as client:
+        names = [w["worker_id"] for w in client.request("workers")["workers"]]
+    assert names == ["role-runner-1"], names
+    assert d.stop() == 0

@@ -41,13 +41,14 @@ PREFETCH_BELOW_S = 0.005
 """Tasks measured shorter than this may wait in a busy worker's hand (saves a round trip)."""
 
 
-def _apply_server_curve(sock: zmq.Socket, curve: dict | None) -> None:
+def _apply_server_curve(sock: zmq.Socket, curve: dict | None, domain: str) -> None:
     """Make ``sock`` a CURVE server with the coordinator's key pair (``{"secret", "public"}``).
 
     Client keys are checked by the ZAP authenticator running on the same context
-    (:mod:`goflow.security`).
+    (:mod:`goflow.security`); ``domain`` names the socket's role there.
     """
     if curve:
+        sock.zap_domain = domain.encode()
         sock.curve_server = True
         sock.curve_secretkey = curve["secret"]
         sock.curve_publickey = curve["public"]
@@ -101,7 +102,7 @@ class Coordinator:
         self.worker_socket.setsockopt(zmq.LINGER, 0)
         self.worker_socket.setsockopt(zmq.ROUTER_MANDATORY, 0)
         self.worker_socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
-        _apply_server_curve(self.worker_socket, curve)
+        _apply_server_curve(self.worker_socket, curve, "workers")
         self.worker_socket.setsockopt(zmq.SNDHWM, 0)
         self.worker_socket.setsockopt(zmq.RCVHWM, 0)
         self.worker_socket.bind(workers_endpoint)
@@ -109,12 +110,13 @@ class Coordinator:
 
         options = {"sndhwm": sndhwm} if sndhwm is not None else {}
         self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, sink=sink,
-                                        curve={"secret": curve["secret"]} if curve else None, **options)
+                                        curve={"secret": curve["secret"], "domain": "events"} if curve else None,
+                                        **options)
         self.control_socket = self.context.socket(zmq.ROUTER)
         self.control_socket.setsockopt(zmq.LINGER, 0)
         # Requests over the control limit get an error reply; absurd ones are cut by libzmq.
         self.control_socket.setsockopt(zmq.MAXMSGSIZE, 4 * DEFAULT_MAX_MESSAGE_BYTES)
-        _apply_server_curve(self.control_socket, curve)
+        _apply_server_curve(self.control_socket, curve, "control")
         for endpoint in control_endpoints:
             self.control_socket.bind(endpoint)
         self.control = ControlServer(self.control_socket, {

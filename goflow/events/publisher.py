@@ -81,6 +81,8 @@ class EventPublisher:
         # Subscribers only send (un)subscribe messages: anything bigger is garbage, dropped by libzmq.
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
         if curve:
+            if curve.get("domain"):
+                sock.zap_domain = curve["domain"].encode()
             sock.curve_server = True
             sock.curve_secretkey = curve["secret"]
         try:
