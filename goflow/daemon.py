@@ -71,6 +71,9 @@ def setup_logging(fmt: str, level: str = "info") -> None:
 
 
 # -- endpoints ------------------------------------------------------------------------------
+PRUNE_INTERVAL_S = 3600.0
+
+
 def endpoint_host(endpoint: str) -> str | None:
     """The host part of a tcp:// endpoint (None for ipc://, inproc://)."""
     scheme, sep, rest = endpoint.partition("://")
@@ -111,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where control requests are served; repeatable (default {DEFAULT_CONTROL})")
     parser.add_argument("--db", metavar="PATH", help="record submissions and events in this SQLite file; on "
                                                      "start, resume the executions it holds unfinished")
+    parser.add_argument("--keep-days", type=float, default=None, metavar="DAYS",
+                        help="with --db: delete executions finished more than DAYS ago (at start, then hourly)")
     parser.add_argument("--metrics", metavar="ADDRESS",
                         help="serve Prometheus metrics on ADDRESS, e.g. 127.0.0.1:9464")
     parser.add_argument("--local-workers", type=int, default=0, metavar="N",
@@ -160,6 +165,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
     if args.grace < 0 or args.liveness <= 0 or args.heartbeat_interval <= 0:
         errors.append("--grace must be >= 0, --liveness and --heartbeat-interval > 0")
     args.exposed = exposed
+    if args.keep_days is not None and not args.db:
+        errors.append("--keep-days needs --db (it prunes the history store)")
     return errors
 
 
@@ -230,6 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         metrics.set_gauge_source(coordinator_gauges(coordinator, store))
     if store is not None:
         _wrap_submit(coordinator, store)
+    if authenticator is not None:
+        def reload_keys(request: dict) -> dict:
+            """Control op ``reload_keys``: re-read the authorized keys (as SIGHUP does)."""
+            return {"keys": authenticator.reload()}
+
+        coordinator.control.register("reload_keys", reload_keys)
 
     pool = None
     if args.local_workers:
@@ -271,8 +284,16 @@ def main(argv: list[str] | None = None) -> int:
                                "events_endpoints": args.events_endpoint,
                                "control_endpoints": args.control_endpoint, "curve": bool(curve),
                                "pid": os.getpid()}})
+    next_prune = time.monotonic()
     while not stop.wait(0.5):
-        pass
+        if store is not None and args.keep_days is not None and time.monotonic() >= next_prune:
+            next_prune = time.monotonic() + PRUNE_INTERVAL_S
+            try:
+                pruned = store.prune(args.keep_days)
+                if pruned:
+                    log.info("pruned %d execution(s) older than %g days", pruned, args.keep_days)
+            except Exception:
+                log.exception("pruning the history failed")
 
     signame = signal.Signals(received[0]).name if received else "stop"
     log.info("%s: draining (grace %gs)", signame, args.grace, extra={"fields": {"grace": args.grace}})

@@ -32,12 +32,13 @@ def _ports(count: int) -> list[int]:
 
 
 class Daemon:
-    def __init__(self, db: Path):
+    def __init__(self, db: Path, *extra: str):
         control, events, workers = _ports(3)
         self.control = f"tcp://127.0.0.1:{control}"
         self.args = [sys.executable, "-m", "goflow.daemon", "--control-endpoint", self.control,
                      "--events-endpoint", f"tcp://127.0.0.1:{events}", "--workers-endpoint",
-                     f"tcp://127.0.0.1:{workers}", "--db", str(db), "--local-workers", "1", "--log-format", "json"]
+                     f"tcp://127.0.0.1:{workers}", "--db", str(db), "--local-workers", "1", "--log-format", "json",
+                     *extra]
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "Daemon":
@@ -179,3 +180,30 @@ def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tm
     assert "cannot be resumed" in str(record["error"]) and "token" in str(record["error"])
     stored = b"".join(path.read_bytes() for path in tmp_path.glob("history.db*"))
     assert b"hunter2-secret" not in stored, "a secret reached the history store"
+
+
+def test_keep_days_prunes_finished_executions_at_start(tmp_path):
+    db = tmp_path / "history.db"
+    daemon = Daemon(db).start()
+    try:
+        execution_id = daemon.request("submit", workflow=textwrap.dedent("""
+            name: short
+            nodes:
+              - {id: start, type: start}
+              - {id: end, type: end}
+            edges:
+              - {from: start, to: end}
+        """), name="short.yaml")["execution_id"]
+        _wait_status(daemon, execution_id, {"completed"})
+    finally:
+        daemon.stop()
+    assert open_store(db).get_execution(execution_id)["status"] == "completed"
+    time.sleep(0.1)
+    pruning = Daemon(db, "--keep-days", "0").start()
+    try:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and open_store(db).list_executions():
+            time.sleep(0.1)
+        assert open_store(db).list_executions() == []
+    finally:
+        pruning.stop()

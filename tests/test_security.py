@@ -220,3 +220,15 @@ def test_role_directories_confine_keys_to_one_socket(daemon, workers, keys, tmp_
         names = [w["worker_id"] for w in client.request("workers")["workers"]]
     assert names == ["role-runner-1"], names
     assert d.stop() == 0
+
+
+def test_reload_keys_control_op_admits_a_new_key(daemon, keys):  # noqa: F811
+    d = daemon(*_curve_args(keys))
+    client = security.client_curve(keys["server_public"], keys["client"])
+    latecomer = security.client_curve(keys["server_public"], keys["latecomer"])
+    shutil.copy(keys["latecomer"].with_suffix(".key"), keys["authorized"] / "latecomer.key")
+    with ControlClient(d.control, curve=client, timeout=3.0) as admin:
+        assert admin.request("reload_keys")["keys"] >= 3
+    with ControlClient(d.control, curve=latecomer, timeout=3.0) as late:
+        assert late.request("list")["executions"] == []
+    assert d.stop() == 0
