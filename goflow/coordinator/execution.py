@@ -694,12 +694,12 @@ class Execution:
                 delay *= random.uniform(0.75, 1.25)
             self.counts["retries"] += 1
             self.emit("node.retrying", run, status="retrying", error=error,
-                      meta={"next_attempt": run.attempt + 1, "delay_s": delay,
+                      meta={"next_attempt": run.attempt + 1, "delay_s": delay, "worker": worker,
                             "max_attempts": policy.max_attempts, **run.frame.context})
             run.attempt += 1
             run.timer = self.host.call_later(delay, lambda: self._retry(run))
             return
-        self.node_failed_final(run, error, recorded=True)
+        self.node_failed_final(run, error, recorded=True, worker=worker)
 
     def _retry(self, run: NodeRun) -> None:
         run.timer = None
@@ -739,7 +739,7 @@ class Execution:
         frame.resolve_edges(run.node.id, chosen)
         frame.node_resolved()
 
-    def node_failed_final(self, run: NodeRun, error: dict, recorded: bool = False) -> None:
+    def node_failed_final(self, run: NodeRun, error: dict, recorded: bool = False, worker: Any = None) -> None:
         if run.state != "running":
             return
         run.state = "failed"
@@ -748,7 +748,7 @@ class Execution:
             self.record(run, "failed", error=error)
         self.counts["failed"] += 1
         self.emit("node.failed", run, status="failed", error=error,
-                  meta={"duration_s": time.time() - run.started, **run.frame.context})
+                  meta={"duration_s": time.time() - run.started, "worker": worker, **run.frame.context})
         self._resolved(run.frame)
         run.frame.fail(error)
 
