@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 import textwrap
 from pathlib import Path
@@ -36,3 +37,20 @@ def private_goflow_home(tmp_path, monkeypatch):
     home = tmp_path / "goflow-home"
     monkeypatch.setenv("GOFLOW_HOME", str(home))
     return home
+
+
+def pick_free_ports(count: int) -> list[int]:
+    """``count`` distinct free TCP ports on 127.0.0.1 (held together while chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@pytest.fixture
+def free_ports():
+    return pick_free_ports

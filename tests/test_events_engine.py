@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -68,6 +67,14 @@ edges:
   - {from: boom, to: end}
   - {from: never, to: end}
 """
+
+
+def fan_out_yaml(count: int) -> str:
+    """start -> ``count`` no-op python nodes -> end."""
+    nodes = "".join(f"  - {{id: n{i}, type: python, call: 'flowlib:noop'}}\n" for i in range(count))
+    edges = "".join(f"  - {{from: start, to: n{i}}}\n  - {{from: n{i}, to: end}}\n" for i in range(count))
+    return ("name: many\nnodes:\n  - {id: start, type: start}\n  - {id: end, type: end}\n" + nodes
+            + "edges:\n" + edges)
 
 
 def _raw_subscriber(context: zmq.Context, endpoint: str, prefixes=(b"",), rcvhwm: int = 0) -> zmq.Socket:
@@ -224,12 +231,7 @@ def test_prefix_filters_deliver_exactly_the_matching_events(runtime, write_flow,
 
 
 def test_a_subscriber_that_never_reads_does_not_stop_the_run(write_flow):
-    lines = ["name: many", "nodes:", "  - {id: start, type: start}", "  - {id: end, type: end}", "edges:"]
-    nodes, edges = [], []
-    for i in range(300):
-        nodes.append(f"  - {{id: n{i}, type: python, call: 'flowlib:noop'}}")
-        edges += [f"  - {{from: start, to: n{i}}}", f"  - {{from: n{i}, to: end}}"]
-    path = write_flow("\n".join(lines[:4] + nodes + lines[4:] + edges) + "\n")
+    path = write_flow(fan_out_yaml(300))
     with EmbeddedRuntime(workers=2, sndhwm=10) as runtime:
         context = zmq.Context.instance()
         stalled = _raw_subscriber(context, runtime.events_endpoint, rcvhwm=10)
@@ -254,12 +256,7 @@ def test_a_subscriber_that_never_reads_does_not_stop_the_run(write_flow):
 
 
 def test_forced_drops_are_repaired_by_the_reliable_monitor(write_flow):
-    lines = ["name: many", "nodes:", "  - {id: start, type: start}", "  - {id: end, type: end}", "edges:"]
-    nodes, edges = [], []
-    for i in range(400):
-        nodes.append(f"  - {{id: n{i}, type: python, call: 'flowlib:noop'}}")
-        edges += [f"  - {{from: start, to: n{i}}}", f"  - {{from: n{i}, to: end}}"]
-    path = write_flow("\n".join(lines[:4] + nodes + lines[4:] + edges) + "\n")
+    path = write_flow(fan_out_yaml(400))
     with EmbeddedRuntime(workers=2, sndhwm=5) as runtime:
         runtime.wait_for_workers(2)
         execution_id = "drops-execution"
@@ -287,20 +284,11 @@ def test_forced_drops_are_repaired_by_the_reliable_monitor(write_flow):
         monitor.close()
 
 
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
-def test_goflow_run_publish_and_watch_json(write_flow, tmp_path):
+def test_goflow_run_publish_and_watch_json(write_flow, tmp_path, free_ports):
     path = write_flow(EVERYTHING)
-    events_port, control_port = _free_ports(2)
+    events_port, control_port = free_ports(2)
     events, control = f"tcp://127.0.0.1:{events_port}", f"tcp://127.0.0.1:{control_port}"
     run = subprocess.Popen([sys.executable, "-m", "goflow", "run", str(path), "--workers", "2", "--json",
                             "--publish", events, "--control", control, "--await-subscribers", "1",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -16,24 +15,14 @@ import pytest
 
 from goflow.control import ControlClient
 from goflow.store import open_store
+from tests.conftest import pick_free_ports
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 class Daemon:
     def __init__(self, db: Path, *extra: str):
-        control, events, workers = _ports(3)
+        control, events, workers = pick_free_ports(3)
         self.control = f"tcp://127.0.0.1:{control}"
         self.args = [sys.executable, "-m", "goflow.daemon", "--control-endpoint", self.control,
                      "--events-endpoint", f"tcp://127.0.0.1:{events}", "--workers-endpoint",
