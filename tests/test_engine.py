@@ -168,7 +168,6 @@ def test_parallel_merge_strategies(write_flow, strategy, expected_status, expect
         assert result.variables["slow_out"]["value"] == "slow"
     else:
         assert "slow_out" not in result.variables, "a cancelled branch's writes must not be merged"
-        assert result.duration_s < 1.4 or True  # informative only: never assert on time
 
 
 def test_parallel_wait_first_fails_when_first_finisher_fails(write_flow):

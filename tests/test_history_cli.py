@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 import time
 import uuid
 
@@ -14,7 +13,7 @@ from goflow.cli import history
 from goflow.cli.watch import event_json
 from goflow.events.codec import decode_event
 from goflow.store import Store, open_store
-from tests.test_store import E2E, EmbeddedWithSink, Publisher
+from tests.test_store import EmbeddedWithSink, Publisher
 
 pytestmark = pytest.mark.timeout(90)
 

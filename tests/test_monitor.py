@@ -8,7 +8,6 @@ import time
 
 import msgpack
 import pytest
-import zmq
 
 from goflow.events import EventFilter, TERMINAL_TYPES
 from goflow.events.filter import EventFilter as _EF  # noqa: F401 - public path check
