@@ -67,6 +67,9 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
                               list("tTfF"))
 
 
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
 def _position(mark: yaml.Mark) -> tuple[int, int]:
     return mark.line + 1, mark.column + 1
 
@@ -84,7 +87,7 @@ def _build(loader: _Loader, node: yaml.Node, path: Path, source: SourceMap) -> A
         loader.flatten_mapping(node)
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(loader.construct_object(key_node, deep=True))
+            key = key_node.value if key_node.tag == _STR_TAG else _scalar(loader.construct_object(key_node, deep=True))
             if isinstance(key, (list, dict)):
                 key = str(key)
             child = path + (key,)
@@ -95,6 +98,8 @@ def _build(loader: _Loader, node: yaml.Node, path: Path, source: SourceMap) -> A
         return result
     if isinstance(node, yaml.SequenceNode):
         return [_build(loader, item, path + (i,), source) for i, item in enumerate(node.value)]
+    if node.tag == _STR_TAG:  # most scalars: no constructor round trip needed
+        return node.value
     return _scalar(loader.construct_object(node, deep=True))
 
 
