@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"where control requests are served; repeatable (default {DEFAULT_CONTROL})")
     parser.add_argument("--db", metavar="PATH", help="record submissions and events in this SQLite file; on "
                                                      "start, resume the executions it holds unfinished")
+    parser.add_argument("--sndhwm", type=int, default=None, metavar="EVENTS",
+                        help="events queued per subscriber before the publisher drops (default 10000; "
+                             "subscribers repair drops from the replay log)")
     parser.add_argument("--keep-days", type=float, default=None, metavar="DAYS",
                         help="with --db: delete executions finished more than DAYS ago (at start, then hourly)")
     parser.add_argument("--metrics", metavar="ADDRESS",
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
                                   control_endpoints=args.control_endpoint, context=context, curve=curve,
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
-                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
+                                  sndhwm=args.sndhwm, sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
     except (zmq.ZMQError, OSError, ValueError) as exc:
         log.error("cannot bind: %s", exc)
         if metrics_server is not None:

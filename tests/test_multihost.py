@@ -96,7 +96,7 @@ class Hosts:
 
 
 SUBSCRIBER = textwrap.dedent("""
-    import json, sys
+    import json, sys, time
     from goflow.monitor import Monitor
 
     events, control, out = sys.argv[1:4]
@@ -104,6 +104,8 @@ SUBSCRIBER = textwrap.dedent("""
     seen = []
     print("subscribing", flush=True)
     for ev in monitor.subscribe(since="start", timeout=50, until=lambda ev: ev.is_terminal):
+        if ev.execution_id and len(seen) < 150:
+            time.sleep(0.02)  # fall behind early so the publisher's tiny HWM drops events
         if ev.execution_id:
             seen.append([ev.execution_id, ev.eseq, ev.seq, ev.type, ev.node_id, ev.status])
     json.dump({"events": seen, "stats": monitor.stats, "losses": list(monitor.losses),
@@ -130,7 +132,8 @@ def test_multihost_worker_killed_and_link_cut(tmp_path):
     coordinator_host, worker_host_a, worker_host_b = hosts.names
     try:
         hosts.create()
-        d = Daemon(tmp_path, "--insecure", "--liveness", "3", host=hosts.addresses[0], ports=free_ports(3),
+        d = Daemon(tmp_path, "--insecure", "--liveness", "3", "--sndhwm", "20", host=hosts.addresses[0],
+                   ports=free_ports(3),
                    prefix=hosts.exec(coordinator_host)).start()
         common = ["--concurrency", "2", "--coordinator-liveness", "3", "--max-backoff", "2"]
         group_a = WorkerGroup(tmp_path, d.workers, *common, "--name", "hostA", prefix=hosts.exec(worker_host_a))
@@ -190,6 +193,7 @@ def test_multihost_worker_killed_and_link_cut(tmp_path):
         completed = {e[4] for e in mine if e[3] == "node.completed"}
         assert {f"n{i}" for i in range(NODES)} <= completed
         assert stream["stats"]["lost"] == 0, stream["losses"]
+        assert stream["stats"]["repaired"] > 0, "no drop was forced: the repair path went untested"
         print(f"multihost: {elapsed:.1f}s, killed {len(killed)} processes on host A, "
               f"subscriber stats {stream['stats']}")
         group_b.stop()
