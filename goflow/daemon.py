@@ -117,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sndhwm", type=int, default=None, metavar="EVENTS",
                         help="events queued per subscriber before the publisher drops (default 10000; "
                              "subscribers repair drops from the replay log)")
+    parser.add_argument("--progress-interval", type=float, default=0.1, metavar="SECONDS",
+                        help="at most one progress.update per execution this often (default 0.1)")
+    parser.add_argument("--max-value-bytes", type=int, default=None, metavar="BYTES",
+                        help="larger values in events become $omitted markers (default 4096)")
     parser.add_argument("--keep-days", type=float, default=None, metavar="DAYS",
                         help="with --db: delete executions finished more than DAYS ago (at start, then hourly)")
     parser.add_argument("--metrics", metavar="ADDRESS",
@@ -225,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
                                   control_endpoints=args.control_endpoint, context=context, curve=curve,
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
-                                  sndhwm=args.sndhwm, sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
+                                  sndhwm=args.sndhwm, progress_interval=args.progress_interval,
+                                  **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {}),
+                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
     except (zmq.ZMQError, OSError, ValueError) as exc:
         log.error("cannot bind: %s", exc)
         if metrics_server is not None:

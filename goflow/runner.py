@@ -67,7 +67,8 @@ class EmbeddedRuntime:
     def __init__(self, *, workers: int | None = None, publish: list[str] | None = None,
                  control: list[str] | None = None, python_paths: list[str] | None = None,
                  sndhwm: int | None = None, credits: int = 4, db: str | os.PathLike | None = None,
-                 metrics: str | None = None):
+                 metrics: str | None = None, progress_interval: float = 0.1,
+                 max_value_bytes: int | None = None):
         self.tempdir = tempfile.mkdtemp(prefix="goflow-")
         os.chmod(self.tempdir, 0o700)
         self.events_endpoint = f"ipc://{self.tempdir}/events"
@@ -87,7 +88,8 @@ class EmbeddedRuntime:
                 workers_endpoint=f"ipc://{self.tempdir}/workers",
                 event_endpoints=[self.events_endpoint, *(publish or [])],
                 control_endpoints=[self.control_endpoint, *(control or [])],
-                sndhwm=sndhwm, context=zmq.Context.instance(),
+                sndhwm=sndhwm, context=zmq.Context.instance(), progress_interval=progress_interval,
+                **({"max_value_bytes": max_value_bytes} if max_value_bytes else {}),
                 sink=combine_sinks(self.store.sink if self.store else None,
                                    self.metrics.sink if self.metrics else None))
         except Exception:

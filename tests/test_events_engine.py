@@ -373,3 +373,24 @@ def test_garbage_on_the_coordinators_sockets_never_stops_it(runtime, write_flow)
     assert reply["ok"] and reply["id"] == 7
     for sock in (control, worker, sub_garbage):
         sock.close(0)
+
+
+def test_value_size_bound_is_configurable(write_flow):
+    workflow = load(write_flow("""
+        name: sizes
+        nodes:
+          - {id: start, type: start}
+          - {id: big, type: python, call: "flowlib:echo", args: ["xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"], output: text}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: big}
+          - {from: big, to: end}
+    """))
+    with EmbeddedRuntime(workers=1, max_value_bytes=32) as runtime:
+        execution_id, future = runtime.coordinator.submit(workflow)
+        assert future.result(30)["status"] == "completed"
+        events = [msgpack.unpackb(p, raw=False)
+                  for p in runtime.coordinator.call(lambda: runtime.coordinator.publisher.replay(execution_id, 1))]
+    done = [e for e in events if e["type"] == "node.completed" and e["node_id"] == "big"][0]
+    assert done["meta"]["output"]["$omitted"] is True and done["meta"]["output"]["type"] == "string"
+    assert done["variables"]["text"]["$omitted"] is True

@@ -35,6 +35,12 @@ def add_parser(subparsers: Any) -> None:
                         help="also publish events on ENDPOINT (e.g. tcp://127.0.0.1:5556)")
     parser.add_argument("--control", action="append", default=[], metavar="ENDPOINT",
                         help="also serve control requests (replay, progress, ...) on ENDPOINT")
+    parser.add_argument("--sndhwm", type=int, default=None, metavar="EVENTS",
+                        help="events queued per subscriber before the publisher drops (default 10000)")
+    parser.add_argument("--progress-interval", type=float, default=0.1, metavar="SECONDS",
+                        help="at most one progress.update per execution this often (default 0.1)")
+    parser.add_argument("--max-value-bytes", type=int, default=None, metavar="BYTES",
+                        help="larger values in events become $omitted markers (default 4096)")
     parser.add_argument("--await-subscribers", type=int, default=0, metavar="N",
                         help="wait until N subscriptions reach the publisher before starting")
     parser.add_argument("--await-timeout", type=float, default=30.0, metavar="SECONDS",
@@ -81,7 +87,8 @@ def main(args: argparse.Namespace) -> int:
         runtime = EmbeddedRuntime(workers=args.workers, publish=args.publish, control=args.control,
                                   python_paths=[str(Path(args.file).resolve().parent)],
                                   db=None if args.no_history else (args.db or default_db_path()),
-                                  metrics=args.metrics)
+                                  metrics=args.metrics, sndhwm=args.sndhwm,
+                                  progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes)
     except Exception as exc:  # e.g. the publish endpoint is in use
         print(f"goflow run: cannot start the coordinator: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.plan import compile_plan, initial_variables
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
+from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
 from goflow.events.publisher import EventPublisher
 from goflow.model import Workflow
 
@@ -85,7 +86,8 @@ class Coordinator:
                  progress_interval: float = 0.1, keep_finished: int = 1000,
                  servers: dict[str, dict] | None = None, curve: dict | None = None,
                  sink: Callable[[str | None, bytes, bytes], None] | None = None,
-                 max_message_bytes: int = protocol.MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
         self.context = context or zmq.Context.instance()
         self.epoch = uuid.uuid4().hex
         self.worker_liveness = worker_liveness
@@ -108,8 +110,11 @@ class Coordinator:
         self.worker_socket.bind(workers_endpoint)
         self.workers_endpoint = self.worker_socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
+        self.max_value_bytes = max_value_bytes
+        """Values in events larger than this (msgpack bytes) become ``$omitted`` markers."""
         options = {"sndhwm": sndhwm} if sndhwm is not None else {}
         self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, sink=sink,
+                                        max_value_bytes=max_value_bytes,
                                         curve={"secret": curve["secret"], "domain": "events"} if curve else None,
                                         **options)
         self.control_socket = self.context.socket(zmq.ROUTER)

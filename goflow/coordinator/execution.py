@@ -61,6 +61,7 @@ class Host(Protocol):
     def progress(self, execution: "Execution", force: bool) -> None: ...
     def execution_finished(self, execution: "Execution") -> None: ...
     def server_spec(self, execution: "Execution", server_id: str) -> dict: ...
+    max_value_bytes: int
 
 
 class NodeFailure(Exception):
@@ -503,7 +504,7 @@ class Execution:
         """``value`` as events may carry it: secret values masked, size bounded."""
         if value is None or (not self.hidden_texts and isinstance(value, (bool, int, float))):
             return value
-        return bound_value(redact_secret_text(value, self.hidden_texts))
+        return bound_value(redact_secret_text(value, self.hidden_texts), self.host.max_value_bytes)
 
     def redact(self, values: dict) -> dict:
         return {k: ("***" if k in self.plan.secrets else v) for k, v in values.items()}
