@@ -83,7 +83,7 @@ class Coordinator:
     def __init__(self, *, workers_endpoint: str, event_endpoints: list[str], control_endpoints: list[str],
                  context: zmq.Context | None = None, sndhwm: int | None = None,
                  worker_liveness: float = 3.0, heartbeat_interval: float = 1.0,
-                 progress_interval: float = 0.1, keep_finished: int = 1000,
+                 progress_interval: float = 0.1, keep_finished: int = 200,
                  servers: dict[str, dict] | None = None, curve: dict | None = None,
                  sink: Callable[[str | None, bytes, bytes], None] | None = None,
                  max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
