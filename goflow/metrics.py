@@ -169,14 +169,16 @@ class Metrics:
         self.dispatch_latency.observe(max(0.0, seconds))
 
     def observe_event(self, topic: bytes | str, payload: bytes) -> None:
-        """Queue one published event for the metrics. O(1), never blocks, never raises."""
-        if len(self._queue) >= self.queue_capacity:
-            self._dropped += 1
-            return
-        self._queue.append((topic, payload))
+        """Queue one published event for the metrics (see :meth:`sink`)."""
+        self.sink(None, topic, payload)
+
+    @property
+    def pending(self) -> int:
+        """Events queued and not yet applied to the metrics."""
+        return len(self._queue)
 
     def sink(self, execution_id: str | None, topic: bytes, payload: bytes) -> None:
-        """The event-sink signature (``sink(execution_id, topic, payload)``)."""
+        """Queue one published event (the event-sink signature). O(1), never blocks, never raises."""
         if len(self._queue) >= self.queue_capacity:
             self._dropped += 1
             return

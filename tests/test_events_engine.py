@@ -86,10 +86,8 @@ def _raw_subscriber(context: zmq.Context, endpoint: str, prefixes=(b"",), rcvhwm
 
 
 def _wait_subscriptions(runtime: EmbeddedRuntime, count: int) -> None:
-    deadline = time.monotonic() + 10
     while runtime.coordinator.call(lambda: runtime.coordinator.publisher.subscription_count) < count:
-        assert time.monotonic() < deadline, "subscriptions never arrived"
-        time.sleep(0.01)
+        time.sleep(0.01)  # bounded by the test's timeout
 
 
 def _collect(sub: zmq.Socket, execution_id: str, timeout: float = 30) -> list[tuple[str, dict]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import pytest
 
@@ -77,11 +76,10 @@ def test_values_are_data_not_code():
     "9**9**9", "2**100000", "10**5000", "(2**1000)**(2**1000)", "99999**1000",
     "2.0**1e6",
 ])
+@pytest.mark.timeout(10)  # bounded: a runaway would take minutes
 def test_huge_exponents_are_refused(text):
-    start = time.monotonic()
     with pytest.raises(ExpressionError, match="too large|overflow"):
         ev(text)
-    assert time.monotonic() - start < 5.0  # bounded: a runaway would take minutes
 
 
 def test_reasonable_powers_still_work():
@@ -152,11 +150,10 @@ def test_string_and_list_growth_capped():
 
 @pytest.mark.parametrize("pattern", ["(a+)+$", "(a*)*b", "(a|aa)+$", "(\\w+\\s?)*$",
                                      "(.*a){20}", "(a)\\1"])
+@pytest.mark.timeout(10)  # bounded: a runaway would take minutes
 def test_catastrophic_regexes_refused(pattern):
-    start = time.monotonic()
     with pytest.raises(ExpressionError, match="refused"):
         ev("s matches p", {"s": "a" * 40 + "!", "p": pattern})
-    assert time.monotonic() - start < 5.0  # bounded: a runaway would take minutes
 
 
 def test_regex_size_limits():

@@ -133,16 +133,14 @@ def test_dead_idle_server_is_detected_before_reuse():
         assert pool.call_tool(spec, "pid", {}).value != first_pid
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(20)  # the call sleeps 30 s unless the timeout cancels it
 def test_timeout_cancels_the_request_on_the_server(pool):
     spec = stdio_spec()
     before = pool.call_tool(spec, "cancelled_count", {}).value
     pid = pool.call_tool(spec, "pid", {}).value
-    started = time.monotonic()
     with pytest.raises(MCPToolError) as info:
         pool.call_tool(spec, "slow", {"seconds": 30}, timeout=0.5)
     assert info.value.error_type == "timeout"
-    assert time.monotonic() - started < 5
     # the server was told (notifications/cancelled) and interrupted the handler
     deadline = time.monotonic() + 5
     while pool.call_tool(spec, "cancelled_count", {}).value == before and time.monotonic() < deadline:
@@ -153,17 +151,15 @@ def test_timeout_cancels_the_request_on_the_server(pool):
     assert pool.call_tool(spec, "add", {"a": 1, "b": 1}).value == 2
 
 
-@pytest.mark.timeout(30)
+@pytest.mark.timeout(20)  # the call sleeps 30 s unless the cancel reaches it
 def test_cancel_from_another_thread(pool):
     spec = stdio_spec()
     before = pool.call_tool(spec, "cancelled_count", {}).value
     timer = threading.Timer(0.5, pool.cancel)
     timer.start()
-    started = time.monotonic()
     with pytest.raises(MCPToolError) as info:
         pool.call_tool(spec, "slow", {"seconds": 30})
     assert info.value.error_type == "cancelled"
-    assert time.monotonic() - started < 5
     deadline = time.monotonic() + 5
     while pool.call_tool(spec, "cancelled_count", {}).value == before and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -352,13 +348,12 @@ def test_legacy_sse_transport():
         [sys.executable, TEST_SERVER, "--sse", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
-        deadline = time.monotonic() + 20
-        while True:
+        while True:  # bounded by the test's timeout
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
                 break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, "SSE test server did not start"
+                assert proc.poll() is None, "the SSE test server exited before listening"
                 time.sleep(0.05)
         spec = {"id": "legacy", "transport": "sse", "url": f"http://127.0.0.1:{port}/sse"}
         with MCPSessionPool() as p:

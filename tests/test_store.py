@@ -351,14 +351,13 @@ def test_read_only_open_for_the_cli(store, publisher, tmp_path):
 
 
 # -- bounded memory and failures ------------------------------------------------------------------
+@pytest.mark.timeout(20)  # a sink that blocked would hang here
 def test_full_queue_drops_and_never_blocks(tmp_path, caplog):
     s = Store(tmp_path / "h.db", queue_capacity=10, start=False)
     p = Publisher(s.sink)
     try:
         with caplog.at_level(logging.WARNING, logger="goflow.store"):
-            started = time.perf_counter()
             p.run(loop=10)
-            assert time.perf_counter() - started < 1.0
         assert s.queue_depth == 10
         assert s.dropped_from_history == p.pub.last_seq - 10
         assert p.pub.stats()["sink_errors"] == 0
@@ -369,13 +368,12 @@ def test_full_queue_drops_and_never_blocks(tmp_path, caplog):
         s.close()
 
 
+@pytest.mark.timeout(30)
 def test_flush_and_close_drain_the_queue(tmp_path):
-    s = Store(tmp_path / "h.db", flush_interval=5.0)     # the timer alone would wait 5 s
+    s = Store(tmp_path / "h.db", flush_interval=3600.0)  # the timer alone would wait an hour
     p = Publisher(s.sink)
     eid = p.run()
-    started = time.monotonic()
     s.close()
-    assert time.monotonic() - started < 4.0
     p.close()
     reader = open_store(tmp_path / "h.db")
     assert reader.get_execution(eid)["status"] == "completed"
@@ -521,10 +519,8 @@ class EmbeddedWithSink:
     def __enter__(self):
         self.coordinator.start()
         self.pool.start()
-        deadline = time.monotonic() + 30
         while self.coordinator.call(lambda: len(self.coordinator.workers)) < self.workers:
-            assert time.monotonic() < deadline, "workers did not join"
-            time.sleep(0.02)
+            time.sleep(0.02)  # bounded by the test's timeout
         return self
 
     def __exit__(self, *exc):
