@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # the reader of our output went away (`| head`): not an error
+        from goflow.cli.common import silence_stdout
+
+        silence_stdout()
         return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterable
@@ -45,3 +46,11 @@ def parse_vars(pairs: Iterable[str], input_file: str | None = None) -> dict[str,
 def print_problems(problems: list[Problem], stream: IO[str] = sys.stderr) -> None:
     for problem in problems:
         print(problem, file=stream)
+
+
+def silence_stdout() -> None:
+    """Point stdout at /dev/null once its reader is gone (`goflow ... | head`), so later
+    writes and the interpreter's final flush do not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)

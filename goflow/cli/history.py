@@ -15,6 +15,7 @@ import sys
 from typing import Any, Iterable
 
 from goflow.events.codec import decode_event
+from goflow.cli.event_lines import duration_text, log_line, short_text
 from goflow.events.types import Event
 
 EXIT_OK = 0
@@ -89,25 +90,6 @@ def _iso(ts: float | None) -> str:
     return _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "-"
-    if seconds < 1:
-        return f"{seconds * 1000:.1f}ms"
-    if seconds < 120:
-        return f"{seconds:.2f}s"
-    minutes, secs = divmod(seconds, 60)
-    if minutes < 120:
-        return f"{int(minutes)}m{secs:04.1f}s"
-    hours, minutes = divmod(minutes, 60)
-    return f"{int(hours)}h{int(minutes):02d}m"
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         import base64
@@ -169,7 +151,7 @@ def executions_command(args: argparse.Namespace) -> int:
         print("no executions", file=sys.stderr)
         return EXIT_OK
     _table(["ID", "WORKFLOW", "STATUS", "DURATION", "STARTED"],
-           [[r["id"], r.get("workflow") or "-", r["status"], _duration(r.get("duration_s")),
+           [[r["id"], r.get("workflow") or "-", r["status"], duration_text(r.get("duration_s")),
              _iso(r.get("started_at") or r.get("submitted_at"))] for r in rows])
     return EXIT_OK
 
@@ -202,13 +184,13 @@ def _print_execution(d: dict) -> None:
     print(f"status     {d['status']}")
     print(f"started    {_iso(d.get('started_at'))}")
     print(f"finished   {_iso(d.get('finished_at'))}")
-    print(f"duration   {_duration(d.get('duration_s'))}")
+    print(f"duration   {duration_text(d.get('duration_s'))}")
     if d.get("error"):
         err = d["error"]
         where = f" at node '{err.get('node_id')}'" if err.get("node_id") else ""
         print(f"error      {err.get('type')}{where}: {err.get('message')}")
     if d["status"] == "completed" or d.get("result") is not None:
-        print(f"result     {_short(d.get('result'), 200)}")
+        print(f"result     {short_text(d.get('result'), 200)}")
     rows = []
     for n in d.get("nodes") or []:
         ctx = n.get("context") or {}
@@ -217,11 +199,11 @@ def _print_execution(d: dict) -> None:
         detail = ""
         if n.get("error"):
             e = n["error"]
-            detail = f"{e.get('type')}: {e.get('message')}" if "type" in e else _short(e)
+            detail = f"{e.get('type')}: {e.get('message')}" if "type" in e else short_text(e)
         elif n.get("output") is not None:
-            detail = "→ " + _short(n["output"], 60)
+            detail = "→ " + short_text(n["output"], 60)
         rows.append([node, n.get("node_type") or "-", str(n.get("attempt")), n["status"], n.get("worker") or "-",
-                     _duration(n.get("duration_s")), detail])
+                     duration_text(n.get("duration_s")), detail])
     print()
     if rows:
         _table(["NODE", "TYPE", "ATTEMPT", "STATUS", "WORKER", "DURATION", "OUTPUT / ERROR"], rows)
@@ -230,55 +212,11 @@ def _print_execution(d: dict) -> None:
     variables = d.get("variables_out") if d.get("variables_out") is not None else d.get("inputs")
     if variables:
         print()
-        _table(["VARIABLE", "VALUE"], [[k, _short(v, 100)] for k, v in variables.items()],
+        _table(["VARIABLE", "VALUE"], [[k, short_text(v, 100)] for k, v in variables.items()],
                title="variables" + ("" if d.get("variables_out") is not None else " (inputs)"))
 
 
 # -- goflow logs -------------------------------------------------------------------------------
-def log_line(event: Event, base_ts: float | None) -> str:
-    """One readable line: time offset, type, node, short detail."""
-    offset = f"+{event.ts - base_ts:.3f}s" if base_ts is not None else f"{event.ts:.3f}"
-    offset = offset.rjust(10)
-    meta = event.meta or {}
-    node = event.node_id or "-"
-    if event.node_id and meta.get("index") is not None:
-        node += f"[{meta['index']}]"
-    detail: list[str] = []
-    t = event.type
-    if event.attempt and event.attempt > 1 and t.startswith("node."):
-        detail.append(f"attempt={event.attempt}")
-    if t == "execution.started":
-        detail.append(f"inputs={_short(meta.get('inputs'), 60)}")
-    elif t == "execution.completed":
-        detail.append(f"result={_short(meta.get('result'), 60)}")
-    elif t == "node.completed":
-        if meta.get("worker"):
-            detail.append(f"worker={meta['worker']}")
-        if meta.get("output") is not None:
-            detail.append(f"output={_short(meta['output'], 50)}")
-    elif t == "node.skipped":
-        detail.append(f"({meta.get('reason', '')})")
-    elif t == "node.retrying":
-        detail.append(f"next attempt {meta.get('next_attempt')} in {meta.get('delay_s', 0):.2f}s")
-    elif t == "variable.changed":
-        detail.append(f"{meta.get('name')} = {_short(meta.get('value'), 50)} ({meta.get('scope')})")
-    elif t == "condition.evaluated":
-        detail.append(f"{meta.get('kind')}: {meta.get('expression')} -> {meta.get('result')}")
-    elif t == "loop.started":
-        detail.append(f"count={meta.get('count')}")
-    elif t == "loop.iteration":
-        detail.append(f"index={meta.get('index')} item={_short(meta.get('item'), 40)}")
-    elif t == "loop.completed":
-        detail.append(f"iterations={meta.get('iterations')}" + (" broken" if meta.get("broken") else ""))
-    elif t == "progress.update":
-        detail.append(f"{meta.get('resolved')}/{meta.get('total')} ({meta.get('percent')}%)")
-    if t.startswith(("node.completed", "node.failed", "execution.")) and meta.get("duration_s") is not None:
-        detail.append(_duration(meta["duration_s"]))
-    if event.error:
-        detail.append(f"{event.error.get('type')}: {event.error.get('message')}")
-    return f"{offset}  {t:<20} {node:<16} {' '.join(detail)}".rstrip()
-
-
 def _event_json(event: Event) -> str:
     return json.dumps(event.to_wire_dict(), default=_json_default, separators=(",", ":"))
 

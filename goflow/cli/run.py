@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from goflow.cli.common import parse_vars, print_problems
+from goflow.cli.common import parse_vars, print_problems, silence_stdout
 from goflow.cli.run_display import live_panel, plain_line
 from goflow.errors import GoflowError
 from goflow.events.filter import EventFilter
@@ -206,6 +206,8 @@ class _Display:
                 self._lines(monitor, self._every_event(monitor), started)
         except GoflowError as exc:
             print(f"goflow run: event display stopped: {exc}", file=sys.stderr)
+        except BrokenPipeError:  # e.g. `goflow run ... | head`: the reader is gone, the run goes on
+            silence_stdout()
         finally:
             monitor.close()
 

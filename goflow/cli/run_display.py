@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from typing import IO, Any
 
@@ -12,37 +11,17 @@ from rich.progress_bar import ProgressBar
 from rich.table import Table
 from rich.text import Text
 
+from goflow.cli.event_lines import log_line
 from goflow.events.types import Event
 
 NODE_EVENTS = ("node.started", "node.completed", "node.failed", "node.skipped", "node.retrying")
 
 
-def _short(value: Any, limit: int = 80) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str, ensure_ascii=False)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def plain_line(event: Event, started: float) -> str | None:
-    """One line for a node or execution event (None for the others)."""
+    """The log line of a node or execution event (None for the others)."""
     if event.type not in NODE_EVENTS and not event.type.startswith("execution."):
         return None
-    elapsed = f"{event.ts - started:8.3f}s"
-    where = event.node_id or event.workflow or ""
-    context = event.meta or {}
-    if "index" in context and event.node_id:
-        where += f"[{context['index']}]"
-    parts = [elapsed, f"{event.type:<20}", where]
-    if event.attempt and event.attempt > 1:
-        parts.append(f"attempt={event.attempt}")
-    if event.type == "node.completed" and context.get("duration_s") is not None:
-        parts.append(f"({context['duration_s'] * 1000:.1f} ms)")
-    if event.type == "node.skipped":
-        parts.append(f"({context.get('reason', '')})")
-    if event.type == "node.retrying":
-        parts.append(f"retry in {context.get('delay_s', 0):.2f}s")
-    if event.error:
-        parts.append(f"{event.error.get('type')}: {event.error.get('message')}")
-    return " ".join(parts)
+    return log_line(event, started)
 
 
 class RunPanel:

@@ -176,7 +176,7 @@ def _compile_jq(source: str, program: str) -> Transform:
                 for var, segs, pos in refs}
         data = to_jsonable(_maybe_json(input_value))
         result = execute(data, args)
-        if _has_int(result) and (_has_float(data) or _has_float(args)):
+        if _contains(result, _is_int) and (_contains(data, _is_float) or _contains(args, _is_float)):
             # jq prints whole doubles as integers (36.0 -> 36). Re-run on slightly perturbed
             # floats: a whole number that moves was computed from floats and stays a float.
             result = _restore_floats(result, execute(_perturb(data), _perturb(args)))
@@ -189,28 +189,25 @@ def _compile_jq(source: str, program: str) -> Transform:
 _PERTURB = 1.0 + 2.0 ** -20
 
 
-def _has_float(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, float):
+def _contains(value: Any, wanted: Any, depth: int = 0) -> bool:
+    """Whether ``wanted(item)`` holds for ``value`` or anything nested in it (bounded depth)."""
+    if wanted(value):
         return True
     if depth > 64:
         return False
     if isinstance(value, list):
-        return any(_has_float(v, depth + 1) for v in value)
+        return any(_contains(v, wanted, depth + 1) for v in value)
     if isinstance(value, dict):
-        return any(_has_float(v, depth + 1) for v in value.values())
+        return any(_contains(v, wanted, depth + 1) for v in value.values())
     return False
 
 
-def _has_int(value: Any, depth: int = 0) -> bool:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return True
-    if depth > 64:
-        return False
-    if isinstance(value, list):
-        return any(_has_int(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return any(_has_int(v, depth + 1) for v in value.values())
-    return False
+def _is_float(value: Any) -> bool:
+    return isinstance(value, float)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _perturb(value: Any) -> Any:
