@@ -10,7 +10,7 @@ Every sub-command prints ONE JSON object on its last stdout line. Sub-commands:
   delivery  PUB->SUB events/s through Monitor (typed) and raw pyzmq+msgpack
   latency   worker 'finished' -> event in a separate subscriber process
   scale     a large fan-out or loop: wall time, peak RSS growth per finished node
-  validate  goflow.loader.check(goflow.loader.parse(text)) for an N-node workflow
+  validate  goflow.language.loader.check(goflow.language.loader.parse(text)) for an N-node workflow
   mcp       mcp-server-time calls/s, pooled vs fresh session
   profile   cProfile of Coordinator._loop during one workload
 """
@@ -89,7 +89,7 @@ edges:
 
 
 def load_text(text: str, name: str):
-    from goflow.loader import load
+    from goflow.language.loader import load
     return load(name, text=text)
 
 
@@ -223,7 +223,7 @@ def run_once(rt, workflow, variables=None) -> dict:
 
 
 def new_runtime(**kw):
-    from goflow.runner import EmbeddedRuntime
+    from goflow.coordinator.embedded import EmbeddedRuntime
     t0 = time.perf_counter()
     rt = EmbeddedRuntime(workers=2, python_paths=[BENCH_DIR], **kw)
     rt.__enter__()
@@ -397,7 +397,7 @@ def cmd_sub(a) -> None:
     count = 0
     if a.mode == "typed":
         from goflow.events.filter import EventFilter
-        from goflow.monitor import Monitor
+        from goflow.events.monitor import Monitor
         mon = Monitor(a.endpoint, context=ctx, rcvhwm=0)
         filt = EventFilter(executions=[EIDS[0]]) if a.filter else None
         it = mon.subscribe(filt, reliable=False, timeout=a.timeout)
@@ -616,7 +616,7 @@ def cmd_scale(a) -> dict:
 
 
 def cmd_validate(a) -> dict:
-    from goflow.loader import check, parse
+    from goflow.language.loader import check, parse
     text = fanout_yaml(a.n)
     times, parse_t = [], []
     for _ in range(a.reps):

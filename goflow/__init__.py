@@ -15,13 +15,13 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load": ("goflow.loader", "load"),
-    "validate": ("goflow.validation", "validate_file"),
-    "Workflow": ("goflow.model", "Workflow"),
-    "Problem": ("goflow.problems", "Problem"),
-    "run": ("goflow.runner", "run"),
-    "ExecutionResult": ("goflow.runner", "ExecutionResult"),
-    "Monitor": ("goflow.monitor", "Monitor"),
+    "load": ("goflow.language.loader", "load"),
+    "validate": ("goflow.language.validation", "validate_file"),
+    "Workflow": ("goflow.language.model", "Workflow"),
+    "Problem": ("goflow.language.problems", "Problem"),
+    "run": ("goflow.coordinator.embedded", "run"),
+    "ExecutionResult": ("goflow.coordinator.embedded", "ExecutionResult"),
+    "Monitor": ("goflow.events.monitor", "Monitor"),
     "EventFilter": ("goflow.events.filter", "EventFilter"),
     "Event": ("goflow.events.types", "Event"),
     "GoflowError": ("goflow.errors", "GoflowError"),

@@ -38,7 +38,7 @@ class UndefinedVariableError(ExpressionError):
 class WorkflowError(GoflowError):
     """A workflow file that cannot be loaded or does not validate.
 
-    ``problems`` holds every :class:`goflow.validation.Problem` found, errors and warnings.
+    ``problems`` holds every :class:`goflow.language.validation.Problem` found, errors and warnings.
     """
 
     def __init__(self, problems: list, message: str | None = None):

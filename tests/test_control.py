@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import zmq
 
-from goflow.control import ControlClient, ControlError, ControlServer, ControlTimeout
+from goflow.control.framing import ControlClient, ControlError, ControlServer, ControlTimeout
 from goflow.errors import GoflowError
 
 

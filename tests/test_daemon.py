@@ -16,7 +16,7 @@ import msgpack
 import pytest
 import zmq
 
-from goflow.control import ControlClient, ControlTimeout
+from goflow.control.framing import ControlClient, ControlTimeout
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -46,7 +46,7 @@ def child_env(**extra: str) -> dict[str, str]:
 
 
 class Daemon:
-    """``python -m goflow.daemon`` on free loopback ports (or the given endpoints)."""
+    """``python -m goflow.coordinator.daemon`` on free loopback ports (or the given endpoints)."""
 
     def __init__(self, tmp: Path, *args: str, host: str = "127.0.0.1", ports: list[int] | None = None,
                  prefix: list[str] | None = None):
@@ -60,7 +60,7 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
 
     def start(self, wait: bool = True) -> "Daemon":
-        command = [*self.prefix, PYTHON, "-m", "goflow.daemon", "--control-endpoint", self.control,
+        command = [*self.prefix, PYTHON, "-m", "goflow.coordinator.daemon", "--control-endpoint", self.control,
                    "--events-endpoint", self.events, "--workers-endpoint", self.workers, "--log-format", "json",
                    *self.args]
         self.log_file = open(self.log_path, "ab")
@@ -288,7 +288,7 @@ def test_wait_exit_codes_failed_and_cancelled(daemon, workers, tmp_path):
 
 def test_non_loopback_bind_needs_curve_or_insecure(tmp_path):
     ports = free_ports(3)
-    refused = subprocess.run([PYTHON, "-m", "goflow.daemon", "--workers-endpoint", f"tcp://0.0.0.0:{ports[0]}",
+    refused = subprocess.run([PYTHON, "-m", "goflow.coordinator.daemon", "--workers-endpoint", f"tcp://0.0.0.0:{ports[0]}",
                               "--control-endpoint", f"tcp://127.0.0.1:{ports[1]}",
                               "--events-endpoint", f"tcp://127.0.0.1:{ports[2]}"],
                              capture_output=True, text=True, timeout=30, env=child_env())
@@ -411,7 +411,7 @@ def test_sigterm_drains_and_exits_0(daemon, workers, tmp_path):
 
 
 def test_coordinator_restart_workers_reconnect_and_monitor_sees_new_epoch(daemon, workers, tmp_path):
-    from goflow.monitor import Monitor
+    from goflow.events.monitor import Monitor
 
     d = daemon()
     group = workers(d.workers, "--concurrency", "2", "--coordinator-liveness", "1.5")
@@ -452,7 +452,7 @@ def test_coordinator_restart_workers_reconnect_and_monitor_sees_new_epoch(daemon
 
 
 def test_db_records_submissions_and_events(daemon, workers, tmp_path):
-    from goflow.store import Store
+    from goflow.history.store import Store
 
     db = tmp_path / "history.sqlite"
     d = daemon("--db", str(db))

@@ -20,7 +20,7 @@ UNIT_FILES = sorted(DEPLOY.rglob("*.service"))
 def _parsers() -> dict[str, argparse.ArgumentParser]:
     from goflow.cli import build_parser
     from goflow.cli.remote import add_parsers
-    from goflow.daemon import build_parser as coordinator_parser
+    from goflow.coordinator.daemon import build_parser as coordinator_parser
     from goflow.workers.cli import build_parser as worker_parser
 
     goflow = build_parser()

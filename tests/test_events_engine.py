@@ -13,9 +13,9 @@ import pytest
 import zmq
 
 from goflow.events.filter import EventFilter
-from goflow.loader import load
-from goflow.monitor import Monitor
-from goflow.runner import EmbeddedRuntime
+from goflow.language.loader import load
+from goflow.events.monitor import Monitor
+from goflow.coordinator.embedded import EmbeddedRuntime
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq
 
-from goflow.control import ControlServer, publisher_handlers
+from goflow.control.framing import ControlServer, publisher_handlers
 from goflow.events import EVENT_TYPES, EventFilter, EventPublisher
 from goflow.events.codec import PAYLOAD_KEYS
 

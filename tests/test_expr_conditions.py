@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from goflow.expr import Condition, ExpressionError, UndefinedVariableError, parse_condition
-from goflow.expr.paths import parse_path, resolve_path
+from goflow.language.expr import Condition, ExpressionError, UndefinedVariableError, parse_condition
+from goflow.language.expr.paths import parse_path, resolve_path
 
 VARS = {
     "n": 5,

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from goflow.expr import (ExpressionError, UndefinedVariableError, check_interpolation,
+from goflow.language.expr import (ExpressionError, UndefinedVariableError, check_interpolation,
                          interpolate, interpolation_references, render_text, to_text)
-from goflow.expr.templates import compile_template, render_template
+from goflow.language.expr.templates import compile_template, render_template
 
 VARS = {
     "name": "ann",

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from goflow.expr import (ExpressionError, UndefinedVariableError, compile_transform, interpolate,
+from goflow.language.expr import (ExpressionError, UndefinedVariableError, compile_transform, interpolate,
                          parse_condition, render_text)
-from goflow.expr.templates import render_template
+from goflow.language.expr.templates import render_template
 
 VARS = {"x": {"a": 1}, "s": "abc", "n": 5, "lst": [1, 2]}
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from goflow.expr import ExpressionError, Transform, UndefinedVariableError, compile_transform
+from goflow.language.expr import ExpressionError, Transform, UndefinedVariableError, compile_transform
 
 DATA = {
     "store": {

@@ -12,7 +12,7 @@ import pytest
 from goflow.cli import history
 from goflow.cli.watch import event_json
 from goflow.events.codec import decode_event
-from goflow.store import Store, open_store
+from goflow.history.store import Store, open_store
 from tests.test_store import EmbeddedWithSink, Publisher
 
 pytestmark = pytest.mark.timeout(90)
@@ -173,7 +173,7 @@ edges:
 
 
 def test_logs_follow_joins_a_live_run_without_gap_or_duplicate(tmp_path, capsys, monkeypatch):
-    from goflow.loader import load
+    from goflow.language.loader import load
 
     flow = tmp_path / "slow.yaml"
     flow.write_text(SLOW)

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import goflow
-from goflow.loader import load
-from goflow.runner import EmbeddedRuntime
+from goflow.language.loader import load
+from goflow.coordinator.embedded import EmbeddedRuntime
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -10,8 +10,8 @@ import pytest
 from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
-from goflow.metrics import Metrics, coordinator_gauges, parse_address
-from goflow.store import Store, combine_sinks
+from goflow.observability.metrics import Metrics, coordinator_gauges, parse_address
+from goflow.history.store import Store, combine_sinks
 from tests.test_store import E2E, EmbeddedWithSink, Publisher
 
 pytestmark = pytest.mark.timeout(90)
@@ -124,7 +124,7 @@ def test_parse_address():
 
 
 def test_end_to_end_with_coordinator_and_store(tmp_path):
-    from goflow.loader import load
+    from goflow.language.loader import load
 
     path = tmp_path / "e2e.yaml"
     path.write_text(E2E)

@@ -11,7 +11,7 @@ import pytest
 
 from goflow.events import EventFilter, TERMINAL_TYPES
 from goflow.events.filter import EventFilter as _EF  # noqa: F401 - public path check
-from goflow.monitor import Monitor, _Reliable
+from goflow.events.monitor import Monitor, _Reliable
 
 try:
     from tests.test_events_publisher import Harness, wait_for
@@ -259,7 +259,7 @@ def test_control_queries_and_replay(harness):
         mon = Monitor(h.events_ep, h.control_ep)
         assert mon.progress("E1") == {"execution_id": "E1", "percent": 50.0}
         assert [e.eseq for e in mon.replay("E1")] == [1, 2, 3, 4, 5]
-        from goflow.control import ControlError
+        from goflow.control.framing import ControlError
         with pytest.raises(ControlError) as ei:
             mon.executions()
         assert ei.value.type == "unknown_op"

@@ -97,7 +97,7 @@ class Hosts:
 
 SUBSCRIBER = textwrap.dedent("""
     import json, sys, time
-    from goflow.monitor import Monitor
+    from goflow.events.monitor import Monitor
 
     events, control, out = sys.argv[1:4]
     monitor = Monitor(events, control, control_timeout=15.0)

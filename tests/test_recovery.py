@@ -12,8 +12,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from goflow.control import ControlClient
-from goflow.store import open_store
+from goflow.control.framing import ControlClient
+from goflow.history.store import open_store
 from tests.conftest import pick_free_ports
 
 pytestmark = pytest.mark.timeout(120)
@@ -23,7 +23,7 @@ class Daemon:
     def __init__(self, db: Path, *extra: str):
         control, events, workers = pick_free_ports(3)
         self.control = f"tcp://127.0.0.1:{control}"
-        self.args = [sys.executable, "-m", "goflow.daemon", "--control-endpoint", self.control,
+        self.args = [sys.executable, "-m", "goflow.coordinator.daemon", "--control-endpoint", self.control,
                      "--events-endpoint", f"tcp://127.0.0.1:{events}", "--workers-endpoint",
                      f"tcp://127.0.0.1:{workers}", "--db", str(db), "--local-workers", "1", "--log-format", "json",
                      *extra]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from goflow.loader import load
-from goflow.runner import EmbeddedRuntime
+from goflow.language.loader import load
+from goflow.coordinator.embedded import EmbeddedRuntime
 
 pytestmark = pytest.mark.timeout(60)
 

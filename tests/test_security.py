@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from goflow import security
-from goflow.control import ControlClient, ControlTimeout
+from goflow.control.framing import ControlClient, ControlTimeout
 from test_daemon import FLOW, Daemon, WorkerGroup, cli, wait_for_workers  # noqa: F401 (fixtures below)
 from test_daemon import daemon, workers  # noqa: F401  pytest fixtures
 

@@ -17,7 +17,7 @@ import pytest
 import zmq
 
 from goflow.events.publisher import EventPublisher
-from goflow.store import (SCHEMA_VERSION, AmbiguousId, NotFound, Store, combine_sinks, default_db_path, migrate,
+from goflow.history.store import (SCHEMA_VERSION, AmbiguousId, NotFound, Store, combine_sinks, default_db_path, migrate,
                           open_store, schema_version)
 
 pytestmark = pytest.mark.timeout(90)
@@ -356,7 +356,7 @@ def test_full_queue_drops_and_never_blocks(tmp_path, caplog):
     s = Store(tmp_path / "h.db", queue_capacity=10, start=False)
     p = Publisher(s.sink)
     try:
-        with caplog.at_level(logging.WARNING, logger="goflow.store"):
+        with caplog.at_level(logging.WARNING, logger="goflow.history.store"):
             p.run(loop=10)
         assert s.queue_depth == 10
         assert s.dropped_from_history == p.pub.last_seq - 10
@@ -383,7 +383,7 @@ def test_flush_and_close_drain_the_queue(tmp_path):
 def test_unwritable_path_degrades_to_memory(tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")
-    with caplog.at_level(logging.ERROR, logger="goflow.store"):
+    with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
         s = Store(blocker / "history.db")
     p = Publisher(s.sink)
     try:
@@ -405,7 +405,7 @@ def test_db_replaced_by_a_directory_degrades(tmp_path, caplog):
     for suffix in ("", "-wal", "-shm"):
         Path(str(path) + suffix).unlink(missing_ok=True)
     path.mkdir()
-    with caplog.at_level(logging.ERROR, logger="goflow.store"):
+    with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
         s = Store(path)
     try:
         assert not s.healthy and s.last_error
@@ -439,7 +439,7 @@ def test_disk_full_is_reported_once_and_history_continues_in_memory(tiny_tmpfs, 
         first = p.run()
         assert s.flush(5) and s.healthy
         big = "x" * 3500   # each payload carries the variables snapshot: ~40 KB per event
-        with caplog.at_level(logging.ERROR, logger="goflow.store"):
+        with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
             eid = uuid.uuid4().hex
             p.pub.open_execution(eid, "big")
             variables = {f"v{i}": big for i in range(12)}
@@ -531,7 +531,7 @@ class EmbeddedWithSink:
 
 
 def test_end_to_end_real_coordinator_and_workers(tmp_path):
-    from goflow.loader import load
+    from goflow.language.loader import load
 
     path = tmp_path / "e2e.yaml"
     path.write_text(E2E)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from goflow.errors import WorkflowError
-from goflow.loader import check, load, parse
+from goflow.language.loader import check, load, parse
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 

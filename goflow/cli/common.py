@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import IO, Any, Iterable
 
-from goflow.problems import Problem
+from goflow.language.problems import Problem
 
 
 def parse_value(text: str) -> Any:

@@ -1,8 +1,8 @@
 """History commands: ``goflow executions``, ``goflow execution``, ``goflow logs``, ``goflow prune``.
 
-They read the SQLite history (:mod:`goflow.store`) written by a coordinator; ``--db`` picks
-the file (default :func:`goflow.store.default_db_path`). ``goflow logs --follow`` joins the
-live stream of a running execution through the reliable :class:`goflow.monitor.Monitor`.
+They read the SQLite history (:mod:`goflow.history.store`) written by a coordinator; ``--db`` picks
+the file (default :func:`goflow.history.store.default_db_path`). ``goflow logs --follow`` joins the
+live stream of a running execution through the reliable :class:`goflow.events.monitor.Monitor`.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def _db_flag(p: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace, command: str):
-    from goflow.store import HistoryError, default_db_path, open_store
+    from goflow.history.store import HistoryError, default_db_path, open_store
 
     path = args.db or str(default_db_path())
     try:
@@ -125,7 +125,7 @@ def _table(headers: list[str], rows: list[list[str]], *, title: str | None = Non
 
 # -- goflow executions -------------------------------------------------------------------------
 def executions_command(args: argparse.Namespace) -> int:
-    from goflow.store import parse_since
+    from goflow.history.store import parse_since
 
     try:
         since = parse_since(args.since) if args.since else None
@@ -158,7 +158,7 @@ def executions_command(args: argparse.Namespace) -> int:
 
 # -- goflow execution --------------------------------------------------------------------------
 def execution_command(args: argparse.Namespace) -> int:
-    from goflow.store import HistoryError
+    from goflow.history.store import HistoryError
 
     store = _open(args, "execution")
     if store is None:
@@ -241,7 +241,7 @@ class _Printer:
 
 
 def logs_command(args: argparse.Namespace) -> int:
-    from goflow.store import TERMINAL_TYPES, AmbiguousId, NotFound
+    from goflow.history.store import TERMINAL_TYPES, AmbiguousId, NotFound
 
     store = _open(args, "logs")
     execution_id = args.id
@@ -287,10 +287,10 @@ def logs_command(args: argparse.Namespace) -> int:
 
 def _follow(execution_id: str, last: Event | None, printer: _Printer, events_ep: str,
             control_ep: str | None) -> int:
-    from goflow.control import ControlError
+    from goflow.control.framing import ControlError
     from goflow.errors import GoflowError
     from goflow.events.filter import EventFilter
-    from goflow.monitor import Monitor
+    from goflow.events.monitor import Monitor
 
     # Continue right after the last stored event (the coordinator's replay log may have
     # evicted the beginning); from the first event when the store has nothing yet.

@@ -58,7 +58,7 @@ def _curve(args: argparse.Namespace) -> dict | None:
 
 
 def _client(args: argparse.Namespace):
-    from goflow.control import ControlClient
+    from goflow.control.framing import ControlClient
 
     return ControlClient(_endpoint(args), timeout=args.request_timeout, curve=_curve(args))
 
@@ -70,7 +70,7 @@ def _unreachable(command: str, args: argparse.Namespace, exc: Exception) -> int:
 
 
 def _run(command: str, args: argparse.Namespace, body) -> int:
-    from goflow.control import ControlError, ControlTimeout
+    from goflow.control.framing import ControlError, ControlTimeout
 
     try:
         client = _client(args)
@@ -90,7 +90,7 @@ def _run(command: str, args: argparse.Namespace, body) -> int:
 
 # -- submit ---------------------------------------------------------------------------------
 def _print_problems(problems: list[dict], file: str) -> None:
-    from goflow.problems import Problem
+    from goflow.language.problems import Problem
 
     for p in problems:
         try:
@@ -103,7 +103,7 @@ def _print_problems(problems: list[dict], file: str) -> None:
 
 def result_object(client: Any, execution_id: str) -> dict:
     """The same object as ``goflow run --json`` prints, from the ``execution``/``variables`` ops."""
-    from goflow.runner import ExecutionResult
+    from goflow.coordinator.embedded import ExecutionResult
 
     execution = client.request("execution", execution_id=execution_id)
     variables = client.request("variables", execution_id=execution_id).get("variables") or {}
@@ -113,7 +113,7 @@ def result_object(client: Any, execution_id: str) -> dict:
 
 
 def _wait_polling(client: Any, execution_id: str) -> str:
-    from goflow.control import ControlTimeout
+    from goflow.control.framing import ControlTimeout
 
     delay, misses = 0.05, 0
     while True:
@@ -135,7 +135,7 @@ def _wait_events(client: Any, args: argparse.Namespace, execution_id: str, start
     """Follow the execution's events (printing node lines with --watch) until its terminal event."""
     from goflow.cli.run_display import plain_line
     from goflow.events.filter import EventFilter
-    from goflow.monitor import Monitor
+    from goflow.events.monitor import Monitor
 
     monitor = Monitor(args.events, _endpoint(args), curve=_curve(args), control_timeout=args.request_timeout)
     show = args.watch and not args.json
@@ -161,8 +161,8 @@ def _wait_events(client: Any, args: argparse.Namespace, execution_id: str, start
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from goflow.control import ControlError, ControlTimeout
-    from goflow.runner import EXIT_CODES
+    from goflow.control.framing import ControlError, ControlTimeout
+    from goflow.coordinator.embedded import EXIT_CODES
 
     try:
         text = Path(args.file).read_text(encoding="utf-8")
@@ -218,7 +218,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
             print(json.dumps(result, default=str))
         else:
             from goflow.cli.run import _summary
-            from goflow.runner import ExecutionResult
+            from goflow.coordinator.embedded import ExecutionResult
 
             _summary(ExecutionResult(**result))
         return EXIT_CODES.get(result.get("status") or status, 1)

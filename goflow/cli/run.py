@@ -16,8 +16,8 @@ from goflow.cli.common import parse_vars, print_problems, silence_stdout
 from goflow.cli.run_display import live_panel, plain_line
 from goflow.errors import GoflowError
 from goflow.events.filter import EventFilter
-from goflow.loader import check, read
-from goflow.runner import EXIT_CODES, EmbeddedRuntime, ExecutionResult
+from goflow.language.loader import check, read
+from goflow.coordinator.embedded import EXIT_CODES, EmbeddedRuntime, ExecutionResult
 
 
 def add_parser(subparsers: Any) -> None:
@@ -82,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
-        from goflow.store import default_db_path
+        from goflow.history.store import default_db_path
 
         runtime = EmbeddedRuntime(workers=args.workers, publish=args.publish, control=args.control,
                                   python_paths=[str(Path(args.file).resolve().parent)],
@@ -193,7 +193,7 @@ class _Display:
         self.thread.join(timeout=5)
 
     def _follow(self) -> None:
-        from goflow.monitor import Monitor
+        from goflow.events.monitor import Monitor
 
         monitor = Monitor(self.runtime.events_endpoint, self.runtime.control_endpoint)
         started = time.time()

@@ -8,7 +8,7 @@ import sys
 from typing import Any
 
 from goflow.cli.common import print_problems
-from goflow.loader import check, read
+from goflow.language.loader import check, read
 
 
 def add_parser(subparsers: Any) -> None:

@@ -207,8 +207,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from goflow.control import ControlError
-    from goflow.monitor import Monitor
+    from goflow.control.framing import ControlError
+    from goflow.events.monitor import Monitor
     try:
         filt = EventFilter(types=args.types, executions=args.execution, nodes=args.nodes)
     except ValueError as exc:

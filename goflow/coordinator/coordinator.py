@@ -24,14 +24,14 @@ import msgpack
 import zmq
 
 from goflow import protocol
-from goflow.control import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
+from goflow.control.framing import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
 from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.plan import compile_plan, initial_variables
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
 from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
 from goflow.events.publisher import EventPublisher
-from goflow.model import Workflow
+from goflow.language.model import Workflow
 
 log = logging.getLogger("goflow.coordinator")
 
@@ -653,7 +653,7 @@ class Coordinator:
         Validated before acceptance: an invalid workflow is refused with every problem in
         ``error.details.problems``; a missing required variable with ``bad_request``.
         """
-        from goflow.loader import check, parse
+        from goflow.language.loader import check, parse
 
         if not self.accepting:
             raise ControlError("unavailable", "the coordinator is shutting down and accepts no new executions")

@@ -26,9 +26,9 @@ from typing import Any, Callable, Protocol
 from goflow.errors import ExpressionError, UndefinedVariableError
 from goflow.coordinator.plan import initial_variables
 from goflow.events.codec import bound_value, redact_secret_text, secret_texts
-from goflow.expr import compile_transform, interpolate
+from goflow.language.expr import compile_transform, interpolate
 from goflow.coordinator.plan import Graph, Plan
-from goflow.model import (
+from goflow.language.model import (
     ConditionNode,
     EndNode,
     LoopNode,
@@ -40,7 +40,7 @@ from goflow.model import (
     TransformNode,
     WORKER_NODE_TYPES,
 )
-from goflow.references import resolve_reference
+from goflow.language.references import resolve_reference
 
 MAX_RECORDS = 10_000
 """Attempt records kept in memory per execution (the history store keeps all of them)."""

@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from goflow.expr import Condition, parse_condition
-from goflow.model import LoopNode, NodeBase, ParallelNode, Workflow
-from goflow.validation import containers
+from goflow.language.expr import Condition, parse_condition
+from goflow.language.model import LoopNode, NodeBase, ParallelNode, Workflow
+from goflow.language.validation import containers
 
 
 @dataclass

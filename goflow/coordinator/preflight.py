@@ -13,8 +13,8 @@ import difflib
 from typing import TYPE_CHECKING, Any, Callable
 
 from goflow.errors import GoflowError
-from goflow.expr import interpolate
-from goflow.model import McpToolNode
+from goflow.language.expr import interpolate
+from goflow.language.model import McpToolNode
 
 if TYPE_CHECKING:
     from goflow.coordinator.execution import Execution, Task

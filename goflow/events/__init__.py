@@ -1,6 +1,6 @@
 """The goflow event stream: types, wire codec, filters and the coordinator's publisher.
 
-Subscribers use :class:`goflow.monitor.Monitor`; the wire format is in ``docs/events.md``.
+Subscribers use :class:`goflow.events.monitor.Monitor`; the wire format is in ``docs/events.md``.
 """
 
 from .codec import decode_event, decode_payload, encode_event, encode_variables, parse_topic, topic_for

@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Generator, Iterator, Literal
 
 import zmq
 
-from goflow.control import AsyncControlClient, ControlClient, ControlError
+from goflow.control.framing import AsyncControlClient, ControlClient, ControlError
 from goflow.events.codec import decode_event, topic_for
 from goflow.events.filter import EventFilter
 from goflow.events.types import EXECUTION_SCOPED_TYPES, HEARTBEAT, Event

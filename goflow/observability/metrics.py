@@ -4,7 +4,7 @@
 process-global one, so several coordinators or tests never collide). It is fed two ways:
 
 - ``observe_event(topic, payload)``: the coordinator's event sink (combine it with the
-  history store's with :func:`goflow.store.combine_sinks`). It runs on the reactor
+  history store's with :func:`goflow.history.store.combine_sinks`). It runs on the reactor
   thread, so it only appends to a bounded queue (~0.3 us); a daemon thread applies the
   queued events every ``interval`` seconds, and every scrape applies what is queued
   first, so a scrape always reflects every event observed before it. Applying decodes
@@ -33,7 +33,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest, start_http_server
 
-log = logging.getLogger("goflow.metrics")
+log = logging.getLogger("goflow.observability.metrics")
 
 DEFAULT_ADDRESS = "127.0.0.1:9464"
 NODE_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,

@@ -2,7 +2,7 @@
 
 Both GoFlow dialects load: the parser's (``default:``, ``return:``, ``merge_strategy:``) and the
 CLI loader's / docs' spellings (``default_value:``, ``return_value:``, ``merge:``). Keys are
-checked strictly by :mod:`goflow.loader` before these models see them, so a typo is an error
+checked strictly by :mod:`goflow.language.loader` before these models see them, so a typo is an error
 that names the key and suggests the nearest known one.
 """
 
@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 
-from goflow.durations import parse_duration
+from goflow.language.durations import parse_duration
 
 ID_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 VARIABLE_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

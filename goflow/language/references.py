@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from goflow.errors import ExpressionError
-from goflow.expr.paths import parse_path, resolve_path
+from goflow.language.expr.paths import parse_path, resolve_path
 
 
 def _path_text(text: str) -> str:

@@ -18,9 +18,9 @@
     query gives the list of matches (possibly empty).  With ``.length()`` the result
     is the length of that value (``len`` of a list / map / string; 0 for ``None``).
 ``template``
-    Given as ``template=``: see :mod:`goflow.expr.templates`.  Always returns ``str``.
+    Given as ``template=``: see :mod:`goflow.language.expr.templates`.  Always returns ``str``.
 ``expression``
-    Anything else: a condition-language expression (:mod:`goflow.expr.conditions`)
+    Anything else: a condition-language expression (:mod:`goflow.language.expr.conditions`)
     evaluated over the variables, where ``input`` means the input value unless a
     variable named ``input`` exists.  The result keeps its type.
 
@@ -40,11 +40,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from goflow.errors import ExpressionError
-from goflow.expr.conditions import parse_condition
-from goflow.expr.paths import parse_path, resolve_path, type_name
-from goflow.expr.scanner import scan
-from goflow.expr.templates import compile_template
-from goflow.expr.text import to_jsonable
+from goflow.language.expr.conditions import parse_condition
+from goflow.language.expr.paths import parse_path, resolve_path, type_name
+from goflow.language.expr.scanner import scan
+from goflow.language.expr.templates import compile_template
+from goflow.language.expr.text import to_jsonable
 
 __all__ = ["Transform", "compile_transform", "MAX_JQ_RESULTS"]
 

@@ -72,7 +72,7 @@ class Worker:
         sock.setsockopt(zmq.IDENTITY, identity)
         sock.setsockopt(zmq.LINGER, 1000)
         sock.setsockopt(zmq.MAXMSGSIZE, protocol.MAX_MESSAGE_BYTES)
-        if self.curve:  # {"server_public", "public", "secret"}, as goflow.control clients take it
+        if self.curve:  # {"server_public", "public", "secret"}, as goflow.control.framing clients take it
             sock.curve_secretkey = self.curve["secret"]
             sock.curve_publickey = self.curve["public"]
             sock.curve_serverkey = self.curve["server_public"]

@@ -52,8 +52,8 @@ from functools import lru_cache
 from typing import Any, Callable
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.expr.paths import parse_path, type_name
-from goflow.expr.text import to_text
+from goflow.language.expr.paths import parse_path, type_name
+from goflow.language.expr.text import to_text
 
 __all__ = ["Condition", "parse_condition", "parse_expression", "CONDITION_FUNCTIONS",
            "MAX_SOURCE_LENGTH", "MAX_DEPTH", "truthy_required", "Function"]

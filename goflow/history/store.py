@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable
 
 import msgpack
 
-log = logging.getLogger("goflow.store")
+log = logging.getLogger("goflow.history.store")
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
 TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
@@ -615,7 +615,7 @@ class Store:
             return 0.0
 
     def gauges(self) -> dict[str, float]:
-        """Scrape-time values for :class:`goflow.metrics.Metrics` (``set_gauge_source``)."""
+        """Scrape-time values for :class:`goflow.observability.metrics.Metrics` (``set_gauge_source``)."""
         return {"store_queue_depth": len(self._queue), "store_write_lag_seconds": self.write_lag(),
                 "store_dropped_events": self.dropped_from_history, "store_healthy": 1.0 if self.healthy else 0.0,
                 "store_events_written": self.stats["events_written"]}

@@ -20,9 +20,9 @@ import zmq
 
 from goflow.coordinator.coordinator import Coordinator
 from goflow.coordinator.local_workers import LocalWorkerPool
-from goflow.loader import load
-from goflow.model import Workflow
-from goflow.store import Store, combine_sinks
+from goflow.language.loader import load
+from goflow.language.model import Workflow
+from goflow.history.store import Store, combine_sinks
 
 EXIT_CODES = {"completed": 0, "failed": 1, "timed_out": 1, "cancelled": 130}
 
@@ -79,7 +79,7 @@ class EmbeddedRuntime:
         self.metrics_server = None
         try:
             if metrics:   # first, so a bad or busy address fails before anything starts
-                from goflow.metrics import Metrics
+                from goflow.observability.metrics import Metrics
 
                 self.metrics = Metrics()
                 self.metrics_server = self.metrics.serve(metrics)
@@ -97,7 +97,7 @@ class EmbeddedRuntime:
             shutil.rmtree(self.tempdir, ignore_errors=True)
             raise
         if self.metrics is not None:
-            from goflow.metrics import coordinator_gauges
+            from goflow.observability.metrics import coordinator_gauges
 
             self.metrics.set_gauge_source(coordinator_gauges(self.coordinator, self.store))
         self.pool = LocalWorkerPool(self.coordinator.workers_endpoint, self.worker_count,

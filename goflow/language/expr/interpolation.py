@@ -6,10 +6,10 @@ Rules:
   left untouched; tuples come back as lists; other values are returned as they are).
 * A string that is *exactly* one reference -- ``"${x}"`` with nothing around it, not
   even whitespace -- becomes the referenced value **with its type** (int, dict, ...).
-* Any other string renders each reference as text with :func:`~goflow.expr.to_text`:
+* Any other string renders each reference as text with :func:`~goflow.language.expr.to_text`:
   str as-is, ``None`` -> ``""``, bools -> ``true``/``false``, numbers as JSON numbers
   (``36.0`` stays ``"36.0"``), maps and lists as compact JSON.
-* The inside of ``${...}`` is a path (see :mod:`goflow.expr.paths`): ``a.b``,
+* The inside of ``${...}`` is a path (see :mod:`goflow.language.expr.paths`): ``a.b``,
   ``items[0]``, ``m["odd key"]``; whitespace just inside the braces is ignored.
   Expressions are not allowed here (templates allow them).
 * ``\\${`` produces a literal ``${``.  No other escapes exist; text without ``${`` is
@@ -27,9 +27,9 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError
-from goflow.expr.paths import parse_path, resolve_path, type_name
-from goflow.expr.scanner import scan
-from goflow.expr.text import to_text
+from goflow.language.expr.paths import parse_path, resolve_path, type_name
+from goflow.language.expr.scanner import scan
+from goflow.language.expr.text import to_text
 
 __all__ = ["interpolate", "interpolation_references", "check_interpolation", "render_text"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.expr import Transform, compile_transform
+from goflow.language.expr import Transform, compile_transform
 from goflow.workers.executors import TaskError
 
 

@@ -20,9 +20,9 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-from goflow.loader import check, parse
+from goflow.language.loader import check, parse
 
-log = logging.getLogger("goflow.recovery")
+log = logging.getLogger("goflow.coordinator.recovery")
 SECRET_MASK = "***"
 
 

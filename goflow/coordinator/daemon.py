@@ -30,7 +30,7 @@ DEFAULT_WORKERS = "tcp://127.0.0.1:5557"
 DEFAULT_GRACE = 30.0
 DEFAULT_LIVENESS = 5.0
 
-log = logging.getLogger("goflow.daemon")
+log = logging.getLogger("goflow.coordinator.daemon")
 
 _RESERVED = {"name", "msg", "args", "levelname", "levelno", "pathname", "filename", "module", "exc_info",
              "exc_text", "stack_info", "lineno", "funcName", "created", "msecs", "relativeCreated", "thread",
@@ -217,8 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         context.destroy(linger=0)
         return 2
 
-    from goflow.metrics import Metrics, coordinator_gauges
-    from goflow.store import Store, combine_sinks
+    from goflow.observability.metrics import Metrics, coordinator_gauges
+    from goflow.history.store import Store, combine_sinks
 
     store = Store(args.db) if args.db else None
     metrics = Metrics() if args.metrics else None
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     if pool is not None:
         pool.start()
     if store is not None:
-        from goflow.recovery import recover
+        from goflow.coordinator.recovery import recover
 
         recovery = recover(coordinator, store)
         if recovery.resumed or recovery.failed:

@@ -1,8 +1,8 @@
-"""Load a workflow file into a :class:`~goflow.model.Workflow`, collecting every problem.
+"""Load a workflow file into a :class:`~goflow.language.model.Workflow`, collecting every problem.
 
 Loading never stops at the first problem: each variable, server, node and edge is checked
 on its own, so one bad node does not hide the next. Semantic checks (graph, references,
-expressions) live in :mod:`goflow.validation`; :func:`load` runs both.
+expressions) live in :mod:`goflow.language.validation`; :func:`load` runs both.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from goflow.errors import WorkflowError
-from goflow.model import (
+from goflow.language.model import (
     NODE_TYPES,
     Edge,
     Metadata,
@@ -26,8 +26,8 @@ from goflow.model import (
     Workflow,
     allowed_keys,
 )
-from goflow.problems import Problem
-from goflow.yaml_source import Path, SourceMap, YamlSyntaxError, load_yaml
+from goflow.language.problems import Problem
+from goflow.language.yaml_source import Path, SourceMap, YamlSyntaxError, load_yaml
 
 _SECTIONS: dict[str, type[BaseModel]] = {"variables": Variable, "servers": Server, "edges": Edge}
 _NESTED: dict[str, type[BaseModel]] = {"retry": RetryPolicy, "worker": WorkerSelector}
@@ -236,7 +236,7 @@ def read(path: str | FsPath) -> LoadedWorkflow:
 
 def check(loaded: LoadedWorkflow) -> LoadedWorkflow:
     """Run semantic validation on ``loaded`` (when it is a mapping at all) and return it."""
-    from goflow.validation import validate_loaded
+    from goflow.language.validation import validate_loaded
 
     if loaded.parsed:
         validate_loaded(loaded)

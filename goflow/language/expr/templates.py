@@ -38,11 +38,11 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.expr.conditions import (CONDITION_FUNCTIONS, KEYWORDS, Function, Node, Ref,
+from goflow.language.expr.conditions import (CONDITION_FUNCTIONS, KEYWORDS, Function, Node, Ref,
                                     _is_num, evaluate_node, parse_expression, root_names)
-from goflow.expr.paths import parse_path, type_name
-from goflow.expr.scanner import scan
-from goflow.expr.text import to_text
+from goflow.language.expr.paths import parse_path, type_name
+from goflow.language.expr.scanner import scan
+from goflow.language.expr.text import to_text
 
 __all__ = ["Template", "compile_template", "render_template", "TEMPLATE_FUNCTIONS",
            "format_date"]

@@ -250,7 +250,7 @@ class Supervisor:
 
 
 def _setup_logging(fmt: str) -> None:
-    from goflow.daemon import setup_logging
+    from goflow.coordinator.daemon import setup_logging
 
     setup_logging(fmt)
 

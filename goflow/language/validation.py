@@ -16,9 +16,9 @@ from collections import defaultdict
 from typing import Any, Iterable
 
 from goflow.errors import ExpressionError
-from goflow.expr import compile_transform, interpolation_references, parse_condition, check_interpolation
-from goflow.loader import LoadedWorkflow
-from goflow.model import (
+from goflow.language.expr import compile_transform, interpolation_references, parse_condition, check_interpolation
+from goflow.language.loader import LoadedWorkflow
+from goflow.language.model import (
     ID_PATTERN,
     VARIABLE_PATTERN,
     CALL_PATTERN,
@@ -31,7 +31,7 @@ from goflow.model import (
     PythonNode,
     TransformNode,
 )
-from goflow.references import reference_root
+from goflow.language.references import reference_root
 
 _TYPE_CHECKS = {
     "string": lambda v: isinstance(v, str),
@@ -451,6 +451,6 @@ def validate_loaded(loaded: LoadedWorkflow) -> None:
 
 def validate_file(path: str) -> list:
     """Every problem (errors and warnings) in the workflow file at ``path``."""
-    from goflow.loader import check, read
+    from goflow.language.loader import check, read
 
     return check(read(path)).problems

@@ -1,0 +1,1 @@
+"""The coordinator's control socket: request/reply framing, client calls and error kinds."""

@@ -1,0 +1,1 @@
+"""Execution history: a SQLite projection of the event stream, its schema and its queries."""

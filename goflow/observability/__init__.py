@@ -1,0 +1,1 @@
+"""Observability fed from the event stream: Prometheus metrics (and, later, traces)."""
