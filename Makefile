@@ -3,10 +3,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Exact versions with hashes of every Python package (runtime, test and build), generated
+# from pyproject.toml by `make lock`; installs never resolve anything themselves.
+LOCK := requirements.lock
+UV_VERSION := 0.13.9
 
 NODE_STAMP := node_modules/.installed
 
-.PHONY: test run bench bench-quick clean venv
+.PHONY: test run bench bench-quick clean venv lock
 
 venv: $(STAMP)
 
@@ -15,12 +19,23 @@ $(NODE_STAMP): package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	touch $(NODE_STAMP)
 
-# Re-install when the project metadata changes (a stale venv is rebuilt in place).
-$(STAMP): pyproject.toml
+# Install exactly the lock (hash-checked), then goflow itself without resolving anything;
+# a stale venv is rebuilt in place when the lock or the project metadata changes.
+$(STAMP): $(LOCK) pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q --require-hashes --no-deps -r $(LOCK)
+	$(BIN)/python -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
+
+# Regenerate the lock after changing dependencies in pyproject.toml (the one command).
+# The build backend (setuptools, wheel: [build-system] in pyproject.toml) and pip are
+# locked too, so `--no-build-isolation` above builds with pinned tools.
+lock:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	printf 'setuptools>=68\nwheel\npip\n' | $(BIN)/uv pip compile pyproject.toml - \
+	    --extra test --generate-hashes --python-version 3.11 \
+	    --custom-compile-command 'make lock' -o $(LOCK)
 
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/python -m pytest -q
