@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgpack
 import zmq
 
-from goflow.events import EVENT_TYPES, Event, EventFilter, EventPublisher
+from goflow.events import EVENT_TYPES, TERMINAL_TYPES, Event, EventFilter, EventPublisher
 from goflow.events.codec import (PAYLOAD_KEYS, decode_event, decode_payload, encode_event,
                                  encode_variables, parse_topic, topic_for)
 
@@ -86,8 +86,10 @@ def test_decode_rejects_garbage():
 
 def test_filter_prefixes_and_matches():
     assert EventFilter().prefixes() == [""]
-    assert EventFilter(types=["node.failed"]).prefixes() == ["node.failed/"]
-    assert EventFilter(types="node.failed", executions="E1").prefixes() == ["node.failed/E1/"]
+    ends = [f"{t}/" for t in TERMINAL_TYPES]
+    assert EventFilter(types=["node.failed"]).prefixes() == ["node.failed/", *ends]
+    assert EventFilter(types="node.failed", executions="E1").prefixes() == \
+        ["node.failed/E1/", *(f"{t}/E1/" for t in TERMINAL_TYPES)]
     p = EventFilter(executions=["E1"]).prefixes()
     assert "execution.started/E1/" in p and "node.completed/E1/" in p
     assert not any(x.startswith(("worker.", "heartbeat")) for x in p)
@@ -95,7 +97,25 @@ def test_filter_prefixes_and_matches():
     assert "node.failed/" in nodes_only.prefixes() and "" not in nodes_only.prefixes()
     assert nodes_only.matches({"type": "node.failed", "execution_id": "E", "node_id": "n1"})
     assert not nodes_only.matches({"type": "node.failed", "execution_id": "E", "node_id": "n10"})
-    assert not nodes_only.matches({"type": "execution.failed", "execution_id": "E", "node_id": None})
+    assert not nodes_only.matches({"type": "execution.started", "execution_id": "E", "node_id": None})
+    assert not nodes_only.matches({"type": "progress.update", "execution_id": "E", "node_id": None})
     assert not EventFilter().matches({"type": "heartbeat"})
     assert EventFilter(types=["heartbeat"]).matches({"type": "heartbeat"})
     assert not EventFilter(executions=["E1"]).matches({"type": "worker.lost", "execution_id": None})
+
+
+def test_filters_never_hide_the_end_of_an_execution():
+    """Whatever types and nodes say, an execution's terminal events match (and are
+    subscribed to), so ``until=lambda ev: ev.is_terminal`` always fires."""
+    filters = [EventFilter(nodes=["n1"]), EventFilter(types=["node.failed"]),
+               EventFilter(types=["node.completed"], executions=["E1"], nodes=["n1"]),
+               EventFilter(types=["heartbeat"], nodes=["n1"])]
+    for filt in filters:
+        for etype in TERMINAL_TYPES:
+            event = {"type": etype, "execution_id": "E1", "node_id": None}
+            assert filt.matches(event), (filt, etype)
+            assert any(f"{etype}/E1/".startswith(p) for p in filt.prefixes()), (filt, etype)
+        assert not filt.matches({"type": "execution.started", "execution_id": "E1", "node_id": None})
+    scoped = EventFilter(executions=["E1"], nodes=["n1"])
+    assert not scoped.matches({"type": "execution.completed", "execution_id": "E2", "node_id": None})
+    assert not any("execution.completed/E2/".startswith(p) for p in scoped.prefixes())

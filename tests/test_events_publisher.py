@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from goflow.control.framing import ControlServer, publisher_handlers
-from goflow.events import EVENT_TYPES, EventFilter, EventPublisher
+from goflow.events import EVENT_TYPES, TERMINAL_TYPES, EventFilter, EventPublisher
 from goflow.events.codec import PAYLOAD_KEYS
 
 
@@ -198,6 +198,8 @@ def test_prefix_filters_deliver_exactly_matching_events(harness):
                 for t in ("node.started", "node.completed", "node.failed"):
                     p.emit(t, eid, node_id=node)
                     emitted.append((t, eid, node))
+            p.emit("execution.completed", eid)
+            emitted.append(("execution.completed", eid, None))
         p.emit("worker.lost", worker_id="w1")
         emitted.append(("worker.lost", None, None))
         p.heartbeat()
@@ -215,8 +217,8 @@ def test_prefix_filters_deliver_exactly_matching_events(harness):
         sock.close(0)
     # spot-check the narrowness: n1 never leaks n10, E1 never leaks E10
     assert EventFilter(types=["node.completed"], executions=["E1"], nodes=["n1"]).prefixes() == \
-        ["node.completed/E1/n1/"]
-    assert len([e for e in emitted if e[1] == "E1"]) == 7
+        ["node.completed/E1/n1/", *(f"{t}/E1/" for t in TERMINAL_TYPES)]
+    assert len([e for e in emitted if e[1] == "E1"]) == 8
     ctx.term()
 
 

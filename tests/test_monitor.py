@@ -215,16 +215,17 @@ def test_non_reliable_mode_uses_narrow_prefixes(harness):
     mon = Monitor(harness.events_ep)
     filt = EventFilter(types=["node.failed"])
     c = Consumer(mon, filter=filt, reliable=False, timeout=1.0)
-    harness.wait_subscriptions(1)
-    assert harness.call(lambda p: p.subscriptions) == {"node.failed/": 1}
+    harness.wait_subscriptions(1 + len(TERMINAL_TYPES))
+    assert harness.call(lambda p: p.subscriptions) == {"node.failed/": 1, **{f"{t}/": 1 for t in TERMINAL_TYPES}}
 
     def scenario(p):
-        emit_execution(p, "E1", 5)
+        emit_execution(p, "E1", 5, close=False)
         p.emit("node.failed", "E1", node_id="x", error={"type": "t", "message": "m", "node_id": "x"})
+        p.emit("execution.failed", "E1", status="failed")
 
     harness.call(scenario)
     events = c.result()
-    assert [(e.type, e.node_id) for e in events] == [("node.failed", "x")]
+    assert [(e.type, e.node_id) for e in events] == [("node.failed", "x"), ("execution.failed", None)]
 
 
 def test_asubscribe_is_the_async_twin(harness):

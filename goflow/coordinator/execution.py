@@ -190,18 +190,20 @@ class Frame:
             return
         self.state = "failed"
         self.error = error
-        self.cancel_running()
+        self.cancel_running(f"node '{error.get('node_id')}' failed")
         if self.on_done:
             self.on_done(self)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str) -> None:
         if self.state != "running":
             return
         self.state = "cancelled"
-        self.cancel_running()
+        self.cancel_running(reason)
 
-    def cancel_running(self) -> None:
-        for run in self.runs.values():
+    def cancel_running(self, reason: str) -> None:
+        """Stop every running node of this frame; each announced attempt ends with
+        ``node.cancelled`` (inner nodes of a container before the container itself)."""
+        for run in list(self.runs.values()):
             if run.timer is not None:
                 run.timer.cancel()
                 run.timer = None
@@ -209,8 +211,8 @@ class Frame:
                 if run.task is not None and not run.task.done:
                     self.execution.host.cancel_task(run.task)
                 if run.child is not None:
-                    run.child.cancel()
-                run.state = "cancelled"
+                    run.child.cancel(reason)
+                self.execution.node_cancelled(run, reason)
 
 
 class _ContainerRun:
@@ -225,16 +227,16 @@ class _ContainerRun:
         if self.state != "running":
             return
         self.state = "failed"
-        self.cancel_children()
+        self.cancel_children(f"node '{self.run.node.id}' failed")
         self.execution.node_failed_final(self.run, error)
 
-    def cancel(self) -> None:
+    def cancel(self, reason: str) -> None:
         self.state = "cancelled"
-        self.cancel_children()
+        self.cancel_children(reason)
 
-    def cancel_children(self) -> None:
+    def cancel_children(self, reason: str) -> None:
         for child in list(self.active.values()):
-            child.cancel()
+            child.cancel(reason)
 
 
 class LoopRun(_ContainerRun):
@@ -372,7 +374,7 @@ class ParallelRun(_ContainerRun):
 
     def complete(self, winners: list[int]) -> None:
         self.state = "completed"
-        self.cancel_children()
+        self.cancel_children(f"parallel '{self.node.id}' was decided by branch {winners[0]}")
         target = self.run.frame.scope.target
         written: dict[str, int] = {}
         conflicts = set()
@@ -416,7 +418,7 @@ class Execution:
         self.records: deque[dict] = deque(maxlen=MAX_RECORDS)
         self.main_total = len(plan.main.nodes)
         self.main_resolved = 0
-        self.counts = {"completed": 0, "failed": 0, "skipped": 0, "running": 0, "retries": 0}
+        self.counts = {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0, "running": 0, "retries": 0}
         self.running_nodes: dict[str, int] = {}
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -468,7 +470,8 @@ class Execution:
         if self.timer is not None:
             self.timer.cancel()
         if self.root is not None and self.root.state == "running":
-            self.root.cancel()
+            self.root.cancel({"completed": "the execution completed", "cancelled": "the execution was cancelled",
+                              "timed_out": "the execution timed out"}.get(status, "the execution failed"))
         if self.preflight is not None:
             self.preflight.cancel()
         self.progress(force=True)
@@ -752,6 +755,21 @@ class Execution:
                   meta={"duration_s": time.time() - run.started, "worker": worker, **run.frame.context})
         self._resolved(run.frame)
         run.frame.fail(error)
+
+    def node_cancelled(self, run: NodeRun, reason: str) -> None:
+        """``run`` stopped being wanted while running: its announced attempt ends with
+        ``node.cancelled`` (an attempt between retries has already ended with ``node.retrying``)."""
+        if run.state != "running":
+            return
+        run.state = "cancelled"
+        self._stop_running(run)
+        self.counts["cancelled"] += 1
+        if run.announced != run.attempt:
+            return
+        error = {"type": "cancelled", "message": reason, "node_id": run.node.id}
+        self.record(run, "cancelled", error=error)
+        self.emit("node.cancelled", run, status="cancelled", error=error,
+                  meta={"duration_s": time.time() - run.started, "reason": reason, **run.frame.context})
 
     def skip(self, frame: Frame, node_id: str, reason: str) -> None:
         node = self.plan.nodes[node_id]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Mapping
 
-from .types import EVENT_TYPES, EXECUTION_SCOPED_TYPES, HEARTBEAT, WORKER_TYPES
+from .types import EVENT_TYPES, EXECUTION_SCOPED_TYPES, HEARTBEAT, TERMINAL_TYPES, WORKER_TYPES
 
 
 def _tuple(x: Iterable[str] | str | None) -> tuple[str, ...] | None:
@@ -23,8 +23,14 @@ class EventFilter:
     - ``types``: the event's type is one of them. Heartbeats match only when ``types``
       names ``"heartbeat"``.
     - ``executions``: the event belongs to one of them (worker events never do).
-    - ``nodes``: the event's ``node_id`` is one of them; an event without a node never
-      matches (execution-level events are excluded), as in GoFlow.
+    - ``nodes``: the event's ``node_id`` is one of them; other execution-level events
+      do not match, as in GoFlow.
+
+    One exception, so a filter cannot trap a subscriber waiting for the end: the terminal
+    events of an execution (``execution.completed``/``failed``/``cancelled``, see
+    :data:`~goflow.events.types.TERMINAL_TYPES`) match whenever ``executions`` does,
+    whatever ``types`` and ``nodes`` say. ``until=lambda ev: ev.is_terminal`` therefore
+    always fires.
 
     :meth:`prefixes` compiles the filter into the narrowest ZeroMQ topic prefixes; since
     topics start with the type, a node filter without executions can only narrow by type
@@ -63,20 +69,26 @@ class EventFilter:
         """Topic prefixes to subscribe to; ``[""]`` means everything."""
         if self.is_empty:
             return [""]
+        ends = [f"{t}/{e}/" for t in TERMINAL_TYPES for e in self.executions] if self.executions \
+            else [f"{t}/" for t in TERMINAL_TYPES]
         if not self.executions and not self.nodes:
-            return [f"{t}/" for t in self.types]
-        types = self._scoped_types()
-        if self.executions:
+            prefixes = [f"{t}/" for t in self.types]
+        elif self.executions:
+            types = self._scoped_types()
             if self.nodes:
-                return [f"{t}/{e}/{n}/" for t in types for e in self.executions
-                        for n in self.nodes]
-            return [f"{t}/{e}/" for t in types for e in self.executions]
-        return [f"{t}/" for t in types]   # nodes only: narrow by type, check on arrival
+                prefixes = [f"{t}/{e}/{n}/" for t in types for e in self.executions for n in self.nodes]
+            else:
+                prefixes = [f"{t}/{e}/" for t in types for e in self.executions]
+        else:
+            prefixes = [f"{t}/" for t in self._scoped_types()]   # nodes only: check on arrival
+        return list(dict.fromkeys(prefixes + ends))
 
     def matches(self, event: Mapping[str, Any] | Any) -> bool:
         """Whether a decoded event (dict or :class:`~goflow.events.types.Event`) matches."""
         get = event.get if isinstance(event, Mapping) else (lambda k: getattr(event, k, None))
         etype = get("type")
+        if etype in TERMINAL_TYPES and get("node_id") is None:
+            return self._exec_set is None or get("execution_id") in self._exec_set
         if self._types_set is not None:
             if etype not in self._types_set:
                 return False

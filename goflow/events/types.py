@@ -22,6 +22,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "node.failed",
     "node.skipped",
     "node.retrying",
+    "node.cancelled",
     "variable.changed",
     "condition.evaluated",
     "loop.started",
@@ -39,6 +40,9 @@ HEARTBEAT = "heartbeat"
 #: Types that belong to an execution (topic ``<type>/<execution_id>/[<node_id>/]``).
 EXECUTION_SCOPED_TYPES: tuple[str, ...] = tuple(
     t for t in EVENT_TYPES if t not in WORKER_TYPES and t != HEARTBEAT)
+#: The events that end one node attempt: every ``node.started`` is followed by exactly one.
+NODE_ATTEMPT_END_TYPES: frozenset[str] = frozenset(
+    {"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 #: The last event of an execution (until a later ``execution.resumed``).
 TERMINAL_TYPES: frozenset[str] = frozenset(
     {"execution.completed", "execution.failed", "execution.cancelled"})

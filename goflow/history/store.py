@@ -35,6 +35,8 @@ log = logging.getLogger("goflow.history.store")
 
 TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
 TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
+NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
+"""As in goflow.events.types (repeated so the store does not import pydantic)."""
 SECRET_MASK = "***"
 INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
                      "node_id": None}
@@ -556,8 +558,8 @@ class Store:
             conn.execute("DELETE FROM node_executions WHERE id = (SELECT id FROM node_executions WHERE "
                          "execution_id = ? AND node_id = ? AND context IS ? AND status = 'running' "
                          "ORDER BY id DESC LIMIT 1)", (eid, node_id, _context(meta)))
-        elif etype in ("node.completed", "node.failed", "node.retrying") and node_id is not None:
-            status = "completed" if etype == "node.completed" else "failed"
+        elif etype in NODE_ATTEMPT_END_TYPES and node_id is not None:
+            status = {"node.completed": "completed", "node.cancelled": "cancelled"}.get(etype, "failed")
             output = None
             if etype == "node.completed":
                 output = meta.get("output")

@@ -42,7 +42,7 @@ DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     5.0, 30.0, float("inf"))
 WORKER_NODE_TYPES = frozenset({"python", "transform", "mcp_tool"})
 _TERMINAL = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
-_NODE_OUTCOMES = frozenset({"node.completed", "node.failed", "node.skipped"})
+_NODE_OUTCOMES = frozenset({"node.completed", "node.failed", "node.skipped", "node.cancelled"})
 _WANTED = frozenset({"execution_id", "node_id", "node_type", "status", "attempt", "ts", "meta"})
 _PENDING_CAP = 100_000
 
