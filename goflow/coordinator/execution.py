@@ -150,10 +150,10 @@ class Frame:
 
     def start(self) -> None:
         if not self.graph.nodes:
-            self._finish()
+            self.execution.soon(self._finish)
             return
         for node_id in self.graph.entries:
-            self.execution.ready(self, node_id)
+            self.execution.soon(self.execution.ready, self, node_id)
 
     def resolve_edges(self, node_id: str, chosen: bool | None, *, skipped: bool = False) -> None:
         """Resolve ``node_id``'s outgoing edges: none taken (``skipped``), all taken (``chosen``
@@ -171,9 +171,9 @@ class Frame:
             self.taken[target] = self.taken.get(target, False) or taken
             if self.pending[target] == 0 and self.state == "running":
                 if self.taken[target]:
-                    self.execution.ready(self, target)
+                    self.execution.soon(self.execution.ready, self, target)
                 else:
-                    self.execution.skip(self, target, "no incoming edge was taken")
+                    self.execution.soon(self.execution.skip, self, target, "no incoming edge was taken")
 
     def node_resolved(self) -> None:
         self.unresolved -= 1
@@ -181,6 +181,8 @@ class Frame:
             self._finish()
 
     def _finish(self) -> None:
+        if self.state != "running":
+            return
         self.state = "completed"
         if self.on_done:
             self.on_done(self)
@@ -312,9 +314,11 @@ class LoopRun(_ContainerRun):
         self.state = "completed"
         outputs = [self.results[i] for i in sorted(self.results)]
         target = self.run.frame.scope.target
-        for index in sorted(self.writes):
-            for name, value in self.writes[index].items():
-                self.execution.write(target, name, value, node=self.run, scope="merge")
+        merged: dict[str, Any] = {}
+        for index in sorted(self.writes):  # item order: a later iteration's value wins
+            merged.update(self.writes[index])
+        for name, value in merged.items():  # one write per name, however many iterations wrote it
+            self.execution.write(target, name, value, node=self.run, scope="merge")
         meta = {"iterations": len(outputs), "count": len(self.items), "broken": self.broken_at is not None,
                 "break_index": self.broken_at, **self.run.frame.context}
         self.execution.emit("loop.completed", self.run, meta=meta)
@@ -420,6 +424,8 @@ class Execution:
         self.main_resolved = 0
         self.counts = {"completed": 0, "failed": 0, "skipped": 0, "cancelled": 0, "running": 0, "retries": 0}
         self.running_nodes: dict[str, int] = {}
+        self._agenda: deque[tuple[Callable[..., None], tuple]] = deque()
+        self._draining = False
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -547,7 +553,28 @@ class Execution:
         return {"type": error_type, "message": message, "node_id": run.node.id, **extra}
 
     # -- scheduling ------------------------------------------------------------------------
+    def soon(self, step: Callable[..., None], *args: Any) -> None:
+        """Run ``step(*args)`` once the current step returns.
+
+        Scheduling steps (a node becoming ready or skipped, a frame finishing) go through this
+        agenda instead of calling each other, so the stack depth stays constant however long a
+        chain of coordinator-side nodes (passthrough, condition, skips) or a loop is. The first
+        call on an idle agenda drains it; calls made while draining only append.
+        """
+        self._agenda.append((step, args))
+        if self._draining:
+            return
+        self._draining = True
+        try:
+            while self._agenda:
+                step, args = self._agenda.popleft()
+                step(*args)
+        finally:
+            self._draining = False
+
     def ready(self, frame: Frame, node_id: str) -> None:
+        if frame.state != "running":
+            return  # the frame failed or was cancelled after this step was queued
         node = self.plan.nodes[node_id]
         run = frame.runs[node_id] = NodeRun(frame, node)
         if node.condition is not None and not isinstance(node, ConditionNode):
@@ -772,6 +799,8 @@ class Execution:
                   meta={"duration_s": time.time() - run.started, "reason": reason, **run.frame.context})
 
     def skip(self, frame: Frame, node_id: str, reason: str) -> None:
+        if frame.state != "running":
+            return
         node = self.plan.nodes[node_id]
         run = frame.runs[node_id] = NodeRun(frame, node, state="skipped")
         self.counts["skipped"] += 1

@@ -1,0 +1,102 @@
+"""Scheduling at scale: iterative (no recursion per node) and O(1) amortised merges.
+
+The big shapes run in-process against :class:`tests.scheduling_host.TestHost` (pure
+scheduling semantics); one smaller chain runs as a user runs it, through ``goflow run``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from goflow.language.model import Workflow
+from tests.scheduling_host import TestHost
+
+pytestmark = pytest.mark.timeout(180)
+
+BIG = 100_000
+
+
+def chain(n: int, kind: str = "passthrough", *, first: dict | None = None) -> Workflow:
+    """start -> [first] -> n nodes of ``kind`` -> end, one edge after another."""
+    extra = {"condition": "true"} if kind == "condition" else {}
+    nodes = [{"id": "start", "type": "start"}] + ([first] if first else [])
+    nodes += [{"id": f"n{i}", "type": kind, **extra} for i in range(n)] + [{"id": "end", "type": "end"}]
+    ids = [node["id"] for node in nodes]
+    return Workflow.model_validate({"name": f"chain-{kind}", "nodes": nodes,
+                                    "edges": [{"from": a, "to": b} for a, b in zip(ids, ids[1:])]})
+
+
+@pytest.mark.parametrize("kind", ["passthrough", "condition"])
+def test_a_100k_chain_of_coordinator_side_nodes_runs_to_completion(kind):
+    host = TestHost()
+    execution = host.run(chain(BIG, kind))
+    assert execution.status == "completed", execution.error
+    assert host.events["node.completed"] == BIG + 2
+    assert execution.counts["completed"] == BIG + 2
+
+
+def test_skips_propagate_down_a_100k_chain_without_recursion():
+    # A false condition takes no plain edge, so every node after it is skipped, one by one.
+    host = TestHost()
+    execution = host.run(chain(BIG, first={"id": "gate", "type": "condition", "condition": "false"}))
+    assert execution.status == "completed", execution.error
+    assert execution.counts["skipped"] == BIG + 1  # the chain and end
+    assert host.events["node.skipped"] == BIG + 1
+
+
+def loop(n: int, max_parallel: int) -> Workflow:
+    return Workflow.model_validate({
+        "name": "loop",
+        "variables": [{"name": "items", "type": "array", "default": list(range(n))}],
+        "nodes": [{"id": "start", "type": "start"},
+                  {"id": "each", "type": "loop", "collection": "${items}", "item": "item", "body": ["body"],
+                   "max_parallel": max_parallel, "output": "outs"},
+                  {"id": "body", "type": "python", "call": "flowlib:echo", "args": ["${item}"], "output": "x"},
+                  {"id": "end", "type": "end", "return": "${x}"}],
+        "edges": [{"from": "start", "to": "each"}, {"from": "each", "to": "end"}]})
+
+
+def test_a_100k_item_loop_with_max_parallel_completes_and_merges_once_per_name():
+    host = TestHost()
+    execution = host.run(loop(BIG, 64))
+    assert execution.status == "completed", execution.error
+    assert host.max_in_flight == 64
+    assert execution.variables["outs"] == list(range(BIG))  # item order
+    assert execution.result == BIG - 1  # the last iteration's write wins the merge
+    merges = [event for event in host.log if event[0] == "variable.changed" and event[1] == "merge"]
+    assert merges == [("variable.changed", "merge", "x")]
+
+
+def test_an_empty_bodied_sequence_of_iterations_does_not_recurse():
+    workflow = Workflow.model_validate({
+        "name": "empty-bodies",
+        "variables": [{"name": "items", "type": "array", "default": list(range(BIG))}],
+        "nodes": [{"id": "start", "type": "start"},
+                  {"id": "each", "type": "loop", "collection": "${items}", "item": "item", "body": [],
+                   "output": "outs"},
+                  {"id": "end", "type": "end"}],
+        "edges": [{"from": "start", "to": "each"}, {"from": "each", "to": "end"}]})
+    host = TestHost()
+    execution = host.run(workflow)
+    assert execution.status == "completed", execution.error
+    assert len(execution.variables["outs"]) == BIG
+
+
+def test_goflow_run_completes_a_5k_passthrough_chain(tmp_path):
+    lines = ["name: chain-5k", "nodes:", "  - {id: start, type: start}"]
+    lines += [f"  - {{id: n{i}, type: passthrough}}" for i in range(5000)]
+    lines += ["  - {id: end, type: end, return: done}", "edges:", "  - {from: start, to: n0}"]
+    lines += [f"  - {{from: n{i}, to: n{i + 1}}}" for i in range(4999)]
+    lines += ["  - {from: n4999, to: end}"]
+    path = tmp_path / "chain.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run([sys.executable, "-m", "goflow", "run", str(path), "--json", "--workers", "1",
+                           "--no-history"], capture_output=True, text=True, timeout=170)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    outcome = json.loads(proc.stdout)
+    assert outcome["status"] == "completed"
+    assert outcome["result"] == "done"
