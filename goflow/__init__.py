@@ -6,6 +6,7 @@ protocol does not pay for pydantic and the loader:
 * :func:`load` / :func:`validate`: read and check a workflow file.
 * :func:`run`: run a workflow on an embedded coordinator with local workers.
 * :class:`Monitor`, :class:`EventFilter`: subscribe to the event stream.
+* :func:`progress`: report a python node's progress from inside it (``node.progress``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ _EXPORTS = {
     "Monitor": ("goflow.events.monitor", "Monitor"),
     "EventFilter": ("goflow.events.filter", "EventFilter"),
     "Event": ("goflow.events.types", "Event"),
+    "progress": ("goflow.workers.capture", "progress"),
     "GoflowError": ("goflow.errors", "GoflowError"),
     "WorkflowError": ("goflow.errors", "WorkflowError"),
     "ExpressionError": ("goflow.errors", "ExpressionError"),

@@ -8,6 +8,8 @@ Each worker process holds two DEALER sockets connected to the coordinator's ROUT
 * the **control lane** (identity ``<worker_id>.ctl``), served by a thread of its own so it
   keeps working while a task runs: ``heartbeat`` both ways, ``cancel``, ``shutdown`` and
   ``reconnect`` in.
+* the **log lane** (identity ``<worker_id>.log``, out only): ``log`` batches of the running
+  task's output lines and progress (goflow/workers/capture.py).
 
 Every message is one msgpack map with a ``t`` (type) key; unknown or malformed messages
 are counted and dropped, never fatal.
@@ -21,6 +23,7 @@ import msgpack
 
 VERSION = 1
 CONTROL_SUFFIX = b".ctl"
+LOG_SUFFIX = b".log"
 
 # Message types.
 READY = "ready"
@@ -33,6 +36,8 @@ HEARTBEAT = "heartbeat"
 CANCEL = "cancel"
 SHUTDOWN = "shutdown"
 BYE = "bye"
+LOG = "log"
+"""A batch of a running task's output lines and latest progress, on the log lane."""
 RECONNECT = "reconnect"
 """Sent to a worker the coordinator does not know (it restarted, or declared the worker lost):
 a worker that was welcomed before must drop what it holds and register again."""

@@ -79,3 +79,34 @@ def append(path: str, text: str):
     with open(path, "a") as handle:
         handle.write(text + "\n")
     return text
+
+
+def chatty(lines: int, secret: str = ""):
+    """Log at every level, print a secret, then ``lines`` numbered lines; report progress."""
+    import logging
+
+    import goflow
+
+    log = logging.getLogger("flowlib.chatty")
+    log.debug("debug record")
+    log.info("info record")
+    log.warning("warning record")
+    log.error("error record")
+    log.critical("critical record")
+    print(f"the secret is {secret}")
+    print("to stderr", file=__import__("sys").stderr)
+    for i in range(lines):
+        print(f"line {i}")
+        if i % 100 == 0:
+            goflow.progress(i, lines, f"printed {i}")
+    return lines
+
+
+def wait_for_file(path: str, lines: int = 3):
+    """Print ``lines`` lines, then wait until ``path`` exists (the test creates it once it saw them)."""
+    for i in range(lines):
+        print(f"waiting line {i}", flush=True)
+    deadline = time.time() + 60
+    while not Path(path).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    return Path(path).exists()

@@ -28,13 +28,16 @@ def short_text(value: Any, limit: int = 80) -> str:
 
 
 def log_line(event: Event, base_ts: float | None) -> str:
-    """One readable line: time offset, type, node, short detail."""
+    """One readable line: time offset, type, node, short detail (a ``node.log`` event: one
+    line per output line it carries, plus one for the lines it says were dropped)."""
     offset = f"+{event.ts - base_ts:.3f}s" if base_ts is not None else f"{event.ts:.3f}"
     offset = offset.rjust(10)
     meta = event.meta or {}
     node = event.node_id or "-"
     if event.node_id and meta.get("index") is not None:
         node += f"[{meta['index']}]"
+    if event.type == "node.log":
+        return node_log_lines(offset, node, meta)
     detail: list[str] = []
     t = event.type
     if event.attempt and event.attempt > 1 and t.startswith("node."):
@@ -62,6 +65,9 @@ def log_line(event: Event, base_ts: float | None) -> str:
         detail.append(f"index={meta.get('index')} item={short_text(meta.get('item'), 40)}")
     elif t == "loop.completed":
         detail.append(f"iterations={meta.get('iterations')}" + (" broken" if meta.get("broken") else ""))
+    elif t == "node.progress":
+        total = f"/{meta['total']}" if meta.get("total") is not None else ""
+        detail.append(f"{meta.get('progress')}{total}" + (f" {meta['message']}" if meta.get("message") else ""))
     elif t == "progress.update":
         detail.append(f"{meta.get('resolved')}/{meta.get('total')} ({meta.get('percent')}%)")
     if t.startswith(("node.completed", "node.failed", "execution.")) and meta.get("duration_s") is not None:
@@ -69,3 +75,12 @@ def log_line(event: Event, base_ts: float | None) -> str:
     if event.error:
         detail.append(f"{event.error.get('type')}: {event.error.get('message')}")
     return f"{offset}  {t:<20} {node:<16} {' '.join(detail)}".rstrip()
+
+
+def node_log_lines(offset: str, node: str, meta: dict) -> str:
+    """``node.log``: ``<offset>  node.log  <node>  <stream> [<level>] <text>`` per line."""
+    out = [f"{offset}  {'node.log':<20} {node:<16} {line.get('stream')} [{line.get('level')}] {line.get('text')}"
+           for line in meta.get("lines") or ()]
+    if meta.get("dropped"):
+        out.append(f"{offset}  {'node.log':<20} {node:<16} ({meta['dropped']} line(s) dropped: over the log bound)")
+    return "\n".join(out)

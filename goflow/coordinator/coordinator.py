@@ -27,6 +27,7 @@ from goflow import protocol
 from goflow.control.framing import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
 from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
+from goflow.coordinator.node_output import NodeOutput
 from goflow.coordinator.plan import compile_plan, initial_variables
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
 from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
@@ -143,6 +144,7 @@ class Coordinator:
         self.timers: list[Timer] = []
         self.progress_due: dict[str, Timer] = {}
         self.progress_last: dict[str, float] = {}
+        self.node_output = NodeOutput(self, progress_interval)
         self.durations: dict[tuple, float] = {}
         """Moving average of task run time by task profile, to decide when to prefetch."""
         self.stats = {"bad_worker_frames": 0, "tasks_dispatched": 0, "workers_lost": 0}
@@ -492,6 +494,10 @@ class Coordinator:
         kind = message["t"]
         control = identity.endswith(protocol.CONTROL_SUFFIX)
         base = identity[: -len(protocol.CONTROL_SUFFIX)] if control else identity
+        if kind == protocol.LOG and identity.endswith(protocol.LOG_SUFFIX):
+            if self.workers.get(identity[: -len(protocol.LOG_SUFFIX)]) is not None:
+                self.node_output.on_batch(self.tasks.get(message.get("id")), message)
+            return
         worker = self.workers.get(base)
         if worker is not None:
             worker.last_seen = time.monotonic()
@@ -551,7 +557,7 @@ class Coordinator:
             if not task.done:
                 task.done = True
                 message["worker"] = worker.name
-                task.execution.task_result(task, message)
+                self.node_output.finish(task, message, task.execution.task_result)
 
     def _worker_lost(self, worker: WorkerInfo, reason: str) -> None:
         if self.workers.remove(worker.identity) is None:

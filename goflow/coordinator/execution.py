@@ -87,6 +87,11 @@ class Task:
     started_at: float | None = None
     timer: Any = None
     done: bool = False
+    log_batches: int = 0
+    """Log-lane batches received for this task (goflow/coordinator/node_output.py)."""
+    progress_sent: float = 0.0
+    progress_pending: dict | None = None
+    progress_timer: bool = False
 
     @property
     def node_id(self) -> str | None:

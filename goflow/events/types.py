@@ -23,6 +23,8 @@ EVENT_TYPES: tuple[str, ...] = (
     "node.skipped",
     "node.retrying",
     "node.cancelled",
+    "node.log",
+    "node.progress",
     "variable.changed",
     "condition.evaluated",
     "loop.started",

@@ -22,6 +22,7 @@ import msgpack
 import zmq
 
 from goflow import protocol
+from goflow.workers.capture import CAPTURE
 from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
 
 RESULT_BATCH_S = 0.002
@@ -133,6 +134,7 @@ class Worker:
     def _execute(self, task: dict) -> dict:
         started = time.time()
         result: dict[str, Any] = {"t": protocol.RESULT, "id": task.get("id"), "started": started}
+        CAPTURE.begin(task.get("id"), task.get("kind", ""))
         try:
             if task.get("id") in self.cancelled:
                 raise TaskCancelled()
@@ -148,6 +150,10 @@ class Worker:
             result.update(ok=False, error={"type": exc.error_type, "message": exc.message, **exc.detail})
         except Exception as exc:  # an executor bug must not kill the worker
             result.update(ok=False, error={"type": "worker_error", "message": f"{type(exc).__name__}: {exc}"})
+        finally:
+            logs = CAPTURE.end()
+            if logs is not None:
+                result["logs"] = logs  # the lines not yet sent on the log lane (goflow/workers/capture.py)
         result["finished"] = time.time()
         return result
 
@@ -168,6 +174,7 @@ class Worker:
         """Serve until told to shut down. Returns the process exit code."""
         control = threading.Thread(target=self._control_loop, name="goflow-worker-control", daemon=True)
         control.start()
+        CAPTURE.start(self._socket, self.worker_id.encode() + protocol.LOG_SUFFIX)
         sock = self._socket(self.worker_id.encode())
         sock.send(protocol.encode({"t": protocol.READY, "v": protocol.VERSION, "worker": self.worker_id,
                                    "pid": os.getpid(), "credits": self.credits, "labels": self.labels,
@@ -212,6 +219,7 @@ class Worker:
                 pass
             sock.close(linger=500)
             self.executors.close()
+            CAPTURE.stop()
             control.join(timeout=2)
         return 0
 
