@@ -7,6 +7,7 @@ Every command takes ``--coordinator ENDPOINT`` (the control endpoint; env
 
 Exit codes: 0 ok (with ``--wait``: completed), 1 failed / timed out / not found,
 2 usage or invalid workflow, 3 the coordinator cannot be reached (or refused the key),
+4 (with ``--wait``) completed but its history could not be recorded completely,
 130 cancelled (with ``--wait``).
 """
 
@@ -112,6 +113,18 @@ def result_object(client: Any, execution_id: str) -> dict:
     return ExecutionResult.from_summary(summary).to_dict()
 
 
+def _wait_recorded(client: Any, execution_id: str) -> None:
+    """After the terminal event: wait until the coordinator says the outcome is recorded
+    in its history (or why it cannot be); at once when it keeps no history."""
+    delay = 0.02
+    while True:
+        history = client.request("status", execution_id=execution_id).get("history")
+        if not history or history.get("recorded") or history.get("problem"):
+            return
+        time.sleep(delay)
+        delay = min(0.5, delay * 1.5)
+
+
 def _wait_polling(client: Any, execution_id: str) -> str:
     from goflow.control.framing import ControlTimeout
 
@@ -213,15 +226,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             client.request("cancel", execution_id=execution_id, reason="interrupted (Ctrl-C) by the submitter")
             status = _wait_polling(client, execution_id)
+        _wait_recorded(client, execution_id)
         result = result_object(client, execution_id)
+        from goflow.cli.run import _summary, report_history_problem
+        from goflow.coordinator.embedded import ExecutionResult
+
+        outcome = ExecutionResult(**result)
         if args.json:
             print(json.dumps(result, default=str))
         else:
-            from goflow.cli.run import _summary
-            from goflow.coordinator.embedded import ExecutionResult
-
-            _summary(ExecutionResult(**result))
-        return EXIT_CODES.get(result.get("status") or status, 1)
+            _summary(outcome)
+        report_history_problem(outcome)
+        return outcome.exit_code if result.get("status") else EXIT_CODES.get(status, 1)
 
     return _run("submit", args, body)
 
@@ -255,6 +271,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         if error:
             where = f" at node '{error.get('node_id')}'" if error.get("node_id") else ""
             print(f"  error{where}: {error.get('type')}: {error.get('message')}")
+        problem = (summary.get("history") or {}).get("problem")
+        if problem:
+            print(f"  history incomplete: {problem}")
         return 0
 
     return _run("status", args, body)

@@ -17,7 +17,7 @@ from goflow.cli.run_display import live_panel, plain_line
 from goflow.errors import GoflowError
 from goflow.events.filter import EventFilter
 from goflow.language.loader import check, read
-from goflow.coordinator.embedded import EXIT_CODES, EmbeddedRuntime, ExecutionResult
+from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
 
 
 def add_parser(subparsers: Any) -> None:
@@ -143,7 +143,15 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
         print(json.dumps(result.to_dict(), default=str))
     else:
         _summary(result)
-    return EXIT_CODES.get(result.status, 1)
+    report_history_problem(result)
+    return result.exit_code
+
+
+def report_history_problem(result: ExecutionResult) -> None:
+    """Tell the user (stderr) that this run's history is incomplete, and why."""
+    if result.history_problem:
+        print(f"goflow: warning: the history of execution {result.execution_id} is incomplete: "
+              f"{result.history_problem}", file=sys.stderr)
 
 
 def _summary(result: ExecutionResult) -> None:

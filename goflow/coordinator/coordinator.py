@@ -25,6 +25,7 @@ import zmq
 
 from goflow import protocol
 from goflow.control.framing import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
+from goflow.coordinator import from_history
 from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.node_output import NodeOutput
@@ -87,6 +88,7 @@ class Coordinator:
                  progress_interval: float = 0.1, keep_finished: int = 200,
                  servers: dict[str, dict] | None = None, curve: dict | None = None,
                  sink: Callable[[str | None, bytes, bytes], None] | None = None,
+                 history: Any = None,
                  max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
                  max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
         self.context = context or zmq.Context.instance()
@@ -95,6 +97,15 @@ class Coordinator:
         self.heartbeat_interval = heartbeat_interval
         self.progress_interval = progress_interval
         self.keep_finished = keep_finished
+        self.history = history
+        """The history store (:class:`goflow.history.store.Store`) fed by ``sink``, or None.
+
+        With it: dispatch holds while the store is backlogged (:meth:`_pump`), a finished
+        execution is reported to its waiter and leaves memory only once it is recorded
+        (:meth:`execution_finished`), and control ops answer executions no longer in
+        memory from it (:mod:`goflow.coordinator.from_history`)."""
+        if history is not None:
+            history.set_relief(lambda: self.call_soon(self._pump))
         self.registered_servers = servers or {}
 
         self.accepting = True
@@ -371,11 +382,27 @@ class Coordinator:
             timer.cancel()
         self.progress_last.pop(execution.id, None)
         future = self.futures.pop(execution.id, None)
-        self.finished_order.append(execution.id)
+        summary = self.result_of(execution)
+        if self.history is None:
+            self._forget_finished(execution.id)
+            if future is not None and not future.done():
+                future.set_result(summary)
+            return
+
+        def recorded(problem: str | None) -> None:   # the writer thread, once the terminal event is committed
+            execution.history = {"recorded": problem is None, "problem": problem}
+            if future is not None and not future.done():
+                future.set_result({**summary, "history": execution.history})
+            self.call_soon(lambda: self._forget_finished(execution.id))
+
+        execution.history = {"recorded": False, "problem": None}
+        self.history.after_written(execution.id, recorded)
+
+    def _forget_finished(self, execution_id: str) -> None:
+        """Keep the ``keep_finished`` newest finished executions in memory (older: from history)."""
+        self.finished_order.append(execution_id)
         while len(self.finished_order) > self.keep_finished:
             self.executions.pop(self.finished_order.popleft(), None)
-        if future is not None and not future.done():
-            future.set_result(self.result_of(execution))
 
     def result_of(self, execution: Execution) -> dict:
         return {"execution_id": execution.id, "workflow": execution.workflow.name, "status": execution.status,
@@ -394,6 +421,8 @@ class Coordinator:
         self._pump_wanted = False
         if not self.dispatching:
             return
+        if self.history is not None and self.history.backlogged():
+            return   # back-pressure: the store's relief callback pumps again
         queue = self.queue
         blocked: list[Task] = []
         outgoing: dict[bytes, list[bytes]] = {}
@@ -627,21 +656,35 @@ class Coordinator:
             raise ControlError("not_found", f"no execution {execution_id!r}")
         return execution
 
+    def _in_memory(self, request: dict) -> Execution | None:
+        """The execution a control request names, if it is in memory; ControlError if not
+        and there is no history to ask."""
+        try:
+            return self._execution(request)
+        except ControlError:
+            if self.history is None:
+                raise
+            return None
+
     def _op_progress(self, request: dict) -> dict:
         execution = self._execution(request)
         return {"execution_id": execution.id, "status": execution.status, "progress": execution.progress_meta()}
 
     def _op_variables(self, request: dict) -> dict:
-        execution = self._execution(request)
+        execution = self._in_memory(request)
+        if execution is None:
+            return from_history.variables_from_history(self.history, request.get("execution_id"))
         return {"execution_id": execution.id, "variables": execution.redact(execution.variables)}
 
     def _op_execution(self, request: dict) -> dict:
-        execution = self._execution(request)
+        execution = self._in_memory(request)
+        if execution is None:
+            return from_history.execution_from_history(self.history, request.get("execution_id"))
         nodes = {}
         if execution.root is not None:
             for node_id, run in execution.root.runs.items():
                 nodes[node_id] = {"status": run.state, "attempt": run.attempt}
-        return {**execution.summary(), "result": execution.result, "nodes": nodes,
+        return {**self._with_history(execution, execution.summary()), "result": execution.result, "nodes": nodes,
                 "running": sorted(execution.running_nodes), "records": list(execution.records)[-1000:]}
 
     def _op_executions(self, request: dict) -> dict:
@@ -683,8 +726,20 @@ class Coordinator:
         return {"execution_id": execution_id, "workflow": loaded.workflow.name}
 
     def _op_status(self, request: dict) -> dict:
-        execution = self._execution(request)
-        return execution.summary()
+        execution = self._in_memory(request)
+        if execution is None:
+            return from_history.status_from_history(self.history, request.get("execution_id"))
+        return self._with_history(execution, execution.summary())
+
+    def _with_history(self, execution: Execution, answer: dict) -> dict:
+        """``answer`` plus ``history`` (recorded / problem) when there is a history store."""
+        if self.history is None:
+            return answer
+        recorded = execution.history
+        if recorded is None:   # still running: complete so far unless the store says otherwise
+            problem = self.history.history_problem(execution.id)
+            recorded = {"recorded": False, "problem": problem}
+        return {**answer, "history": recorded}
 
     def _op_workers(self, request: dict) -> dict:
         return {"workers": [worker.describe() for worker in self.workers.workers.values()]}

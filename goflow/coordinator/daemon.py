@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
                                   control_endpoints=args.control_endpoint, context=context, curve=curve,
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
-                                  sndhwm=args.sndhwm, progress_interval=args.progress_interval,
+                                  sndhwm=args.sndhwm, progress_interval=args.progress_interval, history=store,
                                   **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {}),
                                   sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
     except (zmq.ZMQError, OSError, ValueError) as exc:

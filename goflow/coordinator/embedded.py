@@ -25,6 +25,8 @@ from goflow.language.model import Workflow
 from goflow.history.store import Store, combine_sinks
 
 EXIT_CODES = {"completed": 0, "failed": 1, "timed_out": 1, "cancelled": 130}
+HISTORY_INCOMPLETE_EXIT = 4
+"""Exit code of a run that completed but whose history could not be recorded completely."""
 
 
 @dataclass
@@ -39,10 +41,19 @@ class ExecutionResult:
     error: dict | None = None
     duration_s: float = 0.0
     records: list[dict] = field(default_factory=list, repr=False)
+    history: dict | None = None
+    """With a history store: ``{"recorded": bool, "problem": str | None}`` once the outcome is
+    recorded (``problem`` says why the history in the file is incomplete)."""
 
     @property
     def exit_code(self) -> int:
-        return EXIT_CODES.get(self.status, 1)
+        code = EXIT_CODES.get(self.status, 1)
+        return HISTORY_INCOMPLETE_EXIT if code == 0 and self.history_problem else code
+
+    @property
+    def history_problem(self) -> str | None:
+        """Why this run's history is incomplete (None when it is complete or not kept)."""
+        return (self.history or {}).get("problem")
 
     @property
     def ok(self) -> bool:
@@ -51,6 +62,8 @@ class ExecutionResult:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data.pop("records")
+        if not self.history_problem:   # present only to say that the history is incomplete
+            data.pop("history")
         if data["error"] is not None:
             data["error"] = {key: data["error"].get(key) for key in ("type", "message", "node_id")}
         return data
@@ -58,7 +71,7 @@ class ExecutionResult:
     @classmethod
     def from_summary(cls, summary: dict) -> "ExecutionResult":
         return cls(**{key: summary.get(key) for key in ("execution_id", "workflow", "status", "result", "variables",
-                                                        "error", "duration_s", "records")})
+                                                        "error", "duration_s", "records", "history")})
 
 
 class EmbeddedRuntime:
@@ -88,7 +101,7 @@ class EmbeddedRuntime:
                 workers_endpoint=f"ipc://{self.tempdir}/workers",
                 event_endpoints=[self.events_endpoint, *(publish or [])],
                 control_endpoints=[self.control_endpoint, *(control or [])],
-                sndhwm=sndhwm, context=zmq.Context.instance(), progress_interval=progress_interval,
+                sndhwm=sndhwm, context=zmq.Context.instance(), progress_interval=progress_interval, history=self.store,
                 **({"max_value_bytes": max_value_bytes} if max_value_bytes else {}),
                 sink=combine_sinks(self.store.sink if self.store else None,
                                    self.metrics.sink if self.metrics else None))

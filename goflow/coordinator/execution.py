@@ -417,6 +417,8 @@ class Execution:
         self.error: dict | None = None
         self.started_at = 0.0
         self.finished_at = 0.0
+        self.history: dict | None = None
+        """Once finished, with a history store: ``{recorded, problem}`` (set by the store's writer)."""
         self.hidden_texts = secret_texts(self.secret_values())
         self.restored = restored
         """Main-graph node id -> output, for nodes completed before a coordinator restart."""

@@ -8,7 +8,15 @@ be resumed is marked failed with the reason, never silently dropped:
 * its workflow text was not recorded, or no longer validates (e.g. a registered server it
   uses was removed);
 * a secret variable was supplied at submission (secrets are never stored, so the run
-  cannot be rebuilt faithfully: resubmit it).
+  cannot be rebuilt faithfully: resubmit it);
+* the previous coordinator could not write its history (disk full, read-only, ...: the
+  store's :attr:`~goflow.history.store.Store.previous_failure`): nodes may have completed,
+  and been reported, without being recorded, so running the execution again could run
+  them twice.
+
+Recovery never resumes or fails anything on a store that cannot be written now: what it
+would run could not be recorded either, so the executions stay unfinished in the file
+for a coordinator that can write it.
 
 A completed node whose recorded output was too large for the event stream (an
 ``$omitted`` marker) is run again rather than restored with a placeholder.
@@ -30,6 +38,8 @@ SECRET_MASK = "***"
 class RecoveryReport:
     resumed: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
+    skipped: str | None = None
+    """Why nothing was recovered (the store cannot be written), or None."""
 
 
 def _omitted(value: Any) -> bool:
@@ -39,10 +49,19 @@ def _omitted(value: Any) -> bool:
 def recover(coordinator: Any, store: Any) -> RecoveryReport:
     """Resume (or fail, with a reason) every unfinished execution recorded in ``store``."""
     report = RecoveryReport()
+    if not store.healthy:
+        report.skipped = (f"the history cannot be written ({store.last_error}); unfinished executions are left "
+                          f"for a coordinator that can record them")
+        log.error("recovery skipped: %s", report.skipped)
+        return report
+    lost = store.previous_failure
     for unfinished in store.unfinished_executions():
         reason = None
         workflow = None
-        if not unfinished.workflow_text:
+        if lost is not None:
+            reason = (f"the previous coordinator could not record its history ({lost}), so nodes may have "
+                      f"completed unrecorded; resubmit the workflow")
+        elif not unfinished.workflow_text:
             reason = "its workflow text was not recorded"
         else:
             loaded = check(parse(unfinished.workflow_text, f"<execution {unfinished.id}>"))
@@ -66,4 +85,20 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
         coordinator.resume(unfinished.id, workflow, variables, completed)
         report.resumed.append(unfinished.id)
         log.info("resuming execution %s (%d node(s) already completed)", unfinished.id, len(completed))
+    if lost is not None:
+        _settle_previous_failure(coordinator, store)
     return report
+
+
+def _settle_previous_failure(coordinator: Any, store: Any) -> None:
+    """Clear the store's failure marker once the executions failed above are recorded.
+
+    ``fail_unresumable`` publishes on the reactor: a round trip through it orders the
+    barrier after those events, and the marker is cleared only when they are committed
+    (until then a crash leaves the marker, and the next recovery fails them again).
+    """
+    def settled(problem: str | None) -> None:
+        if store.healthy and store.clear_previous_failure():
+            log.info("history: the previous coordinator's write failure is settled")
+
+    coordinator.call_soon(lambda: store.after_written("", settled))

@@ -2,15 +2,30 @@
 
 The coordinator's :class:`~goflow.events.publisher.EventPublisher` calls
 ``sink(execution_id, topic, payload)`` for every event, on the reactor thread.
-:meth:`Store.sink` only appends to a bounded in-memory queue (it never blocks, never raises);
+:meth:`Store.sink` only appends to an in-memory queue (it never blocks, never raises);
 a writer thread decodes the events and writes them in batches (every ``flush_interval``
 seconds or ``batch_size`` events, one transaction per batch) to a WAL-mode SQLite file.
 
-Queries may be made from any thread (each thread gets its own read connection). When the
-file cannot be written (disk full, read-only path, ...) the failure is reported once
-(``store.healthy`` becomes False, ``store.last_error`` says why, one log record) and the
-store keeps recent history in an in-memory database instead: nothing is raised into the
-coordinator. See ``docs/history.md``.
+Contracts (see ``docs/history.md``):
+
+* **Nothing is dropped while the coordinator cooperates.** When more than
+  ``high_watermark`` events wait, :meth:`backlogged` is True and the coordinator stops
+  handing tasks to workers (the publisher is never slowed); the writer calls the relief
+  callback once the queue is back under half of that. Only beyond ``queue_capacity``
+  (a bound the coordinator's back-pressure keeps the queue far from) is an event dropped,
+  and its execution is then marked history-incomplete.
+* **Closing drains.** :meth:`close` returns once every queued item is written; the writer
+  thread owns its connection and closes it itself, so no connection is closed under it.
+* **Completion is reported after it is recorded.** :meth:`after_written` queues a barrier:
+  its callback runs once everything queued before it is committed, with the execution's
+  :meth:`history_problem` (None when its history is complete in the file).
+* **A failing disk is reported, never raised.** When the file cannot be written (disk full,
+  read-only path, ...) the failure is reported once (``store.healthy`` False,
+  ``store.last_error``, one log record), recent history continues in an in-memory
+  database, every execution with events since then is history-incomplete, and a small
+  marker file next to the database (``<db>.state``, overwritten in place so it needs no
+  new disk space) says so to the next coordinator (:attr:`previous_failure`), whose
+  recovery must then not resume what this one may have run unrecorded.
 """
 
 from __future__ import annotations
@@ -41,14 +56,18 @@ SECRET_MASK = "***"
 INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
                      "node_id": None}
 
-DEFAULT_QUEUE_CAPACITY = 100_000
-DEFAULT_BATCH_SIZE = 1000
+DEFAULT_QUEUE_CAPACITY = 200_000
+DEFAULT_HIGH_WATERMARK = 20_000
+DEFAULT_BATCH_SIZE = 2000
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_MEMORY_EVENTS = 50_000
 MEMORY_EXECUTIONS = 1000
 
 _SUBMISSION = 1
 _EVENT = 0
+_BARRIER = 2
+STATE_SIZE = 512
+"""Bytes of the ``<db>.state`` marker; always rewritten whole, in place."""
 _memory_ids = itertools.count(1)
 
 
@@ -177,6 +196,83 @@ def migrate(conn: sqlite3.Connection, migrations: list[tuple[int, str]] | None =
     return current
 
 
+def create_private(path: Path) -> None:
+    """Create ``path``'s directory (0700) and the empty file (0600) unless they exist.
+
+    An existing directory or file keeps its mode (the operator chose it). SQLite gives its
+    ``-wal`` and ``-shm`` files the database file's mode.
+    """
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, exist_ok=True)
+        os.chmod(parent, 0o700)
+    if not path.exists():
+        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+
+
+class StateMarker:
+    """``<db>.state``: one fixed-size record saying whether the last writer failed.
+
+    The record is rewritten in place at offset 0 (``os.pwrite`` of ``STATE_SIZE`` bytes
+    into a file already that long), so marking a failure needs no new space on a full disk.
+    ``failure`` is the reason a previous store recorded, or None.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.failure: str | None = None
+        self._fd: int | None = None
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            log.debug("history state marker %s unavailable: %s", path, exc)
+            self._read_only()
+            return
+        self._fd = fd
+        self.failure = self._parse(os.pread(fd, STATE_SIZE, 0))
+        if os.fstat(fd).st_size < STATE_SIZE:
+            self._write("failed " + self.failure if self.failure else "ok")
+
+    def _read_only(self) -> None:
+        try:
+            self.failure = self._parse(self.path.read_bytes()[:STATE_SIZE])
+        except OSError:
+            pass
+
+    @staticmethod
+    def _parse(data: bytes) -> str | None:
+        text = data.rstrip(b"\0 \n").decode("utf-8", "replace")
+        return text[len("failed "):] if text.startswith("failed ") else None
+
+    def _write(self, text: str) -> bool:
+        if self._fd is None:
+            return False
+        data = text.encode("utf-8")[:STATE_SIZE - 1] + b"\n"
+        try:
+            os.pwrite(self._fd, data.ljust(STATE_SIZE, b"\0"), 0)
+            os.fsync(self._fd)
+            return True
+        except OSError as exc:
+            log.error("history state marker %s cannot be written: %s", self.path, exc)
+            return False
+
+    def mark_failed(self, reason: str) -> bool:
+        """Record that history written from now on is not in the file."""
+        return self._write(f"failed {time.strftime('%Y-%m-%dT%H:%M:%S')} {reason}")
+
+    def clear(self) -> bool:
+        """The previous failure has been dealt with (its executions are settled in the file)."""
+        if self._write("ok"):
+            self.failure = None
+            return True
+        return False
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
 def _connect(target: str, *, uri: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(target, uri=uri, timeout=10.0, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA busy_timeout = 10000")
@@ -269,14 +365,19 @@ class Store:
 
     ``path``: the database file (default :func:`default_db_path`; ``":memory:"`` for a
     private in-memory history). ``start=False`` skips the writer thread (read-only use,
-    e.g. the CLI; calling :meth:`sink` then only queues).
+    e.g. the CLI; calling :meth:`sink` then only queues). ``high_watermark``: queued
+    events above which :meth:`backlogged` asks the coordinator to hold dispatch.
+    ``queue_capacity``: the hard bound beyond which events are dropped (and their
+    executions marked history-incomplete).
     """
 
     def __init__(self, path: str | os.PathLike | None = None, *, queue_capacity: int = DEFAULT_QUEUE_CAPACITY,
+                 high_watermark: int = DEFAULT_HIGH_WATERMARK,
                  batch_size: int = DEFAULT_BATCH_SIZE, flush_interval: float = DEFAULT_FLUSH_INTERVAL,
                  memory_events: int = DEFAULT_MEMORY_EVENTS, start: bool = True, readonly: bool = False):
         self.path = str(path) if path is not None else str(default_db_path())
         self.queue_capacity = max(1, int(queue_capacity))
+        self.high_watermark = max(1, min(int(high_watermark), self.queue_capacity))
         self.batch_size = max(1, int(batch_size))
         self.flush_interval = float(flush_interval)
         self.memory_events = max(1, int(memory_events))
@@ -285,8 +386,10 @@ class Store:
         self.last_error: str | None = None
         self.in_memory = False
         self.dropped_from_history = 0
+        self.max_queue_depth = 0
         self.stats = {"events_written": 0, "batches": 0, "bad_events": 0, "submissions": 0,
-                      "dropped_from_history": 0, "last_batch_lag_s": 0.0}
+                      "dropped_from_history": 0, "last_batch_lag_s": 0.0, "write_seconds": 0.0,
+                      "backlogged": 0}
         self._queue: deque = deque()
         self._wake = threading.Event()
         self._idle = threading.Event()
@@ -294,6 +397,9 @@ class Store:
         self._closing = False
         self._closed = False
         self._warned_full = False
+        self._pressure = False
+        self._relief: Callable[[], None] | None = None
+        self._incomplete: dict[str, str] = {}
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
@@ -301,6 +407,7 @@ class Store:
         self._writer: sqlite3.Connection | None = None
         self._known: set[str] = set()
         self._thread: threading.Thread | None = None
+        self._marker: StateMarker | None = None
         if self.path == ":memory:":
             self._use_memory(reason=None)
         elif readonly:
@@ -316,13 +423,25 @@ class Store:
                 log.debug("history store %s: not migrated: %s", self.path, exc)
         else:
             try:
-                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                create_private(Path(self.path))
+                self._marker = StateMarker(Path(self.path + ".state"))
                 self._writer = self._open_writer(self.path, uri=False)
             except (OSError, sqlite3.Error) as exc:
+                if self._marker is None:
+                    self._marker = StateMarker(Path(self.path + ".state"))
                 self._degrade(exc, during="opening")
         if start and not readonly:
             self._thread = threading.Thread(target=self._run, name="goflow-history", daemon=True)
             self._thread.start()
+
+    @property
+    def previous_failure(self) -> str | None:
+        """Why a previous writer of this file could not record everything (None: it could)."""
+        return self._marker.failure if self._marker is not None else None
+
+    def clear_previous_failure(self) -> bool:
+        """Forget :attr:`previous_failure` once recovery has settled its executions in the file."""
+        return self._marker.clear() if self._marker is not None and self.healthy else False
 
     # -- connections ---------------------------------------------------------------------
     def _open_writer(self, target: str, *, uri: bool) -> sqlite3.Connection:
@@ -381,6 +500,10 @@ class Store:
         self.healthy = False
         self.last_error = f"{during} {self.path}: {type(exc).__name__}: {exc}"
         log.error("history store failed (%s); keeping recent history in memory from now on", self.last_error)
+        if self._marker is not None and during != "opening":
+            # (failing to open, this store records nothing and recovery resumes nothing:
+            # no history can go missing, so there is no failure to hand on)
+            self._marker.mark_failed(self.last_error)
         if self._writer is not None:
             try:
                 self._writer.close()
@@ -398,8 +521,14 @@ class Store:
         """Queue one published event. O(1), never blocks, never raises."""
         try:
             q = self._queue
-            if len(q) >= self.queue_capacity:
+            depth = len(q)
+            if depth > self.max_queue_depth:
+                self.max_queue_depth = depth
+            if depth >= self.queue_capacity:
                 self.dropped_from_history += 1
+                if execution_id is not None:
+                    self._mark_incomplete(execution_id, f"{self.dropped_from_history} event(s) dropped: the history "
+                                                        f"queue was full ({self.queue_capacity} events)")
                 if not self._warned_full:
                     self._warned_full = True
                     log.warning("history queue full (%d events): events are dropped from history",
@@ -428,29 +557,112 @@ class Store:
         except Exception:
             log.exception("history: cannot record the submission of %s", execution_id)
 
+    def after_written(self, execution_id: str, callback: Callable[[str | None], None]) -> None:
+        """Call ``callback(problem)`` once everything queued so far is committed.
+
+        ``problem`` is :meth:`history_problem` for ``execution_id`` at that moment: None when
+        its history is complete in the file. Runs on the writer thread (or at once, on the
+        caller's, when there is no writer); not subject to the queue cap. The callback
+        must be quick and must not raise.
+        """
+        if self._thread is None or self._closed:
+            self._call_barrier(execution_id, callback)
+            return
+        self._queue.append((_BARRIER, execution_id, callback, time.monotonic()))
+        self._wake.set()
+
+    def history_problem(self, execution_id: str) -> str | None:
+        """Why ``execution_id``'s history in the file is incomplete, or None."""
+        return self._incomplete.get(execution_id)
+
+    def _mark_incomplete(self, execution_id: str, reason: str) -> None:
+        incomplete = self._incomplete
+        if execution_id not in incomplete:
+            if len(incomplete) >= 100_000:   # bounded: the oldest reasons go first
+                del incomplete[next(iter(incomplete))]
+            incomplete[execution_id] = reason
+
+    def _call_barrier(self, execution_id: str, callback: Callable[[str | None], None]) -> None:
+        try:
+            callback(self.history_problem(execution_id))
+        except Exception:
+            log.exception("history: after_written callback failed")
+
+    # -- back-pressure -----------------------------------------------------------------------
+    def backlogged(self) -> bool:
+        """True while more than ``high_watermark`` events wait: hold dispatch until relief.
+
+        Cheap (a length check): the coordinator asks before handing out tasks.
+        """
+        if len(self._queue) < self.high_watermark or self._closed:
+            return False
+        if not self._pressure:
+            self._pressure = True
+            self.stats["backlogged"] += 1
+        self._wake.set()
+        return True
+
+    def set_relief(self, callback: Callable[[], None] | None) -> None:
+        """``callback()`` (writer thread) when the queue falls under half the high watermark
+        after :meth:`backlogged` said True. It must be quick (e.g. ``call_soon`` a pump)."""
+        self._relief = callback
+
+    def _relieve(self) -> None:
+        if self._pressure and len(self._queue) <= self.high_watermark // 2:
+            self._pressure = False
+            relief = self._relief
+            if relief is not None:
+                try:
+                    relief()
+                except Exception:
+                    log.exception("history: relief callback failed")
+
     # -- the writer thread -----------------------------------------------------------------
     def _run(self) -> None:
         q = self._queue
-        while True:
-            self._wake.wait(self.flush_interval)
-            self._wake.clear()
-            while q:
-                self._idle.clear()
-                batch = []
-                popleft = q.popleft
-                try:
-                    for _ in range(self.batch_size):
-                        batch.append(popleft())
-                except IndexError:
-                    pass
-                self._write(batch)
-            self._idle.set()
-            if self._closing and not q:
-                return
+        try:
+            while True:
+                self._wake.wait(self.flush_interval)
+                self._wake.clear()
+                while q:
+                    self._idle.clear()
+                    batch = []
+                    popleft = q.popleft
+                    try:
+                        for _ in range(self.batch_size):
+                            batch.append(popleft())
+                            if batch[-1][0] == _BARRIER:
+                                break
+                    except IndexError:
+                        pass
+                    self._write(batch)
+                    self._relieve()
+                self._idle.set()
+                if self._closing and not q:
+                    return
+        finally:   # the writer connection belongs to this thread: nobody closes it under us
+            self._close_writer()
+
+    def _close_writer(self) -> None:
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            try:
+                writer.close()
+            except Exception:
+                pass
 
     def _write(self, batch: list) -> None:
-        if self._writer is None:
-            return
+        barrier = batch[-1] if batch[-1][0] == _BARRIER else None
+        if barrier is not None:
+            batch.pop()
+        if batch and self._writer is not None:
+            started = time.monotonic()
+            self._write_batch(batch)
+            self.stats["write_seconds"] += time.monotonic() - started
+        if barrier is not None:
+            self._call_barrier(barrier[1], barrier[2])
+
+    def _write_batch(self, batch: list) -> None:
         try:
             self._apply(self._writer, batch)
         except (sqlite3.Error, OSError) as exc:
@@ -461,15 +673,21 @@ class Store:
                 except Exception as exc2:
                     self.last_error = f"in-memory history: {exc2}"
                     log.exception("history: in-memory write failed")
-            return
         except Exception:  # a bug: never kill the writer thread
             log.exception("history: batch of %d dropped", len(batch))
+            self._mark_batch(batch, "a batch of events could not be written (see the log)")
             return
+        if not self.healthy:
+            self._mark_batch(batch, f"history is not written to the file since: {self.last_error}")
         self.stats["batches"] += 1
-        first = batch[0]
-        self.stats["last_batch_lag_s"] = time.monotonic() - first[-1]
-        if self.in_memory:
+        self.stats["last_batch_lag_s"] = time.monotonic() - batch[0][-1]
+        if self.in_memory and self._writer is not None:
             self._bound_memory(self._writer)
+
+    def _mark_batch(self, batch: list, reason: str) -> None:
+        for item in batch:
+            if item[1] is not None:
+                self._mark_incomplete(item[1], reason)
 
     def _apply(self, conn: sqlite3.Connection, batch: list) -> None:
         unpack = msgpack.unpackb
@@ -485,6 +703,7 @@ class Store:
         conn.execute("COMMIT")
 
     def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable) -> None:
+        touched: dict[str, list] = {}   # execution id -> [epoch, last eseq, events, workflow]: one UPDATE each
         for item in batch:
             if item[0] == _SUBMISSION:
                 _, eid, name, text, variables_in, ts, _mono = item
@@ -518,6 +737,15 @@ class Store:
                 continue           # a duplicate (same execution, epoch, eseq): already applied
             self.stats["events_written"] += 1
             self._apply_event(conn, eid, etype, ev)
+            counters = touched.get(eid)
+            if counters is None:
+                touched[eid] = [ev.get("epoch"), ev.get("eseq"), 1, ev.get("workflow")]
+            else:
+                counters[0], counters[1], counters[2] = ev.get("epoch"), ev.get("eseq"), counters[2] + 1
+        if touched:
+            conn.executemany("UPDATE executions SET epoch = ?, last_eseq = ?, events = events + ?, "
+                             "workflow = COALESCE(workflow, ?) WHERE id = ?",
+                             [(*counters, eid) for eid, counters in touched.items()])
 
     def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict) -> None:
         ts = ev.get("ts")
@@ -528,9 +756,6 @@ class Store:
             if len(self._known) > 100_000:
                 self._known.clear()
             self._known.add(eid)
-        conn.execute("UPDATE executions SET epoch = ?, last_eseq = ?, events = events + 1, "
-                     "workflow = COALESCE(workflow, ?) WHERE id = ?",
-                     (ev.get("epoch"), ev.get("eseq"), ev.get("workflow"), eid))
         node_id = ev.get("node_id")
         if etype == "execution.started":
             # COALESCE: a resumed execution keeps its original start time
@@ -637,24 +862,33 @@ class Store:
             time.sleep(0.002)
         return False
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Drain the queue (up to ``timeout``), stop the writer and close every connection."""
+    def close(self) -> None:
+        """Write everything queued, stop the writer and close every connection.
+
+        Waits as long as the writer needs: it always finishes, since each batch is either
+        committed or, when the disk fails, kept in memory (progress is logged every 10 s).
+        The writer thread closes its own connection; a store without a writer thread
+        (``start=False``) discards what was queued.
+        """
         if self._closed:
             return
         self._closing = True
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("history store: %d event(s) not written at close", len(self._queue))
+        thread = self._thread
+        if thread is not None:
+            while True:
+                thread.join(10.0)
+                if not thread.is_alive():
+                    break
+                log.warning("history store: still writing at close, %d item(s) queued", len(self._queue))
+                self._wake.set()
+        else:
+            self._close_writer()
         self.stats["dropped_from_history"] = self.dropped_from_history
         self._closed = True
         self._drop_readers()
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
+        if self._marker is not None:
+            self._marker.close()
 
     def __enter__(self) -> "Store":
         return self
@@ -718,13 +952,18 @@ class Store:
             raise AmbiguousId(id_or_prefix, ids)
         return ids[0]
 
-    def get_execution(self, id_or_prefix: str) -> dict[str, Any]:
-        """One execution (workflow text included) with ``nodes`` (every attempt) and ``variable_changes``."""
+    def execution_row(self, id_or_prefix: str, *, full: bool = False) -> dict[str, Any]:
+        """One execution's row (``workflow_text`` only with ``full``), without its nodes."""
         eid = self.resolve_id(id_or_prefix)
         rows = self._query("SELECT * FROM executions WHERE id = ?", (eid,))
         if not rows:
             raise NotFound(f"no execution {eid!r}")
-        d = self._execution_row(rows[0], full=True)
+        return self._execution_row(rows[0], full=full)
+
+    def get_execution(self, id_or_prefix: str) -> dict[str, Any]:
+        """One execution (workflow text included) with ``nodes`` (every attempt) and ``variable_changes``."""
+        d = self.execution_row(id_or_prefix, full=True)
+        eid = d["id"]
         d["nodes"] = self.node_attempts(eid)
         d["variable_changes"] = self.variable_changes(eid)
         return d
