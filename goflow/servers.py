@@ -173,6 +173,29 @@ def expand_env_refs(
     return out
 
 
+SECRET_REF_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_secret_refs(spec: Mapping[str, Any], secrets: Mapping[str, Any]) -> dict[str, Any]:
+    """``spec`` with ``${NAME}`` in ``env`` and ``headers`` values replaced by the workflow's
+    secret variable NAME (e.g. ``Authorization: Bearer ${api_token}``).
+
+    Done by the coordinator when it sends the spec to a worker; the spec never enters events
+    or history, and the values are masked wherever else they appear. Other ``${...}`` text
+    (``${env.NAME}``, expanded by the worker) is left alone.
+    """
+    if not secrets:
+        return dict(spec)
+    out = dict(spec)
+    for key in ("env", "headers"):
+        values = spec.get(key)
+        if values:
+            out[key] = {name: SECRET_REF_RE.sub(
+                lambda m: str(secrets[m.group(1)]) if m.group(1) in secrets else m.group(0), str(value))
+                for name, value in values.items()}
+    return out
+
+
 def secret_values(*mappings: Mapping[str, str] | None, min_length: int = 4) -> list[str]:
     """Values that must never appear in logs or error messages (longest first)."""
     found = {v for m in mappings if m for v in m.values() if isinstance(v, str) and len(v) >= min_length}

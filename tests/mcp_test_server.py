@@ -17,20 +17,37 @@ mcp 2.x). Every tool is deliberately tiny; each exercises one behaviour of the c
 * ``env_value(name)`` returns ``os.environ.get(name)``
 * ``pid()`` returns the server's process id (to check session reuse)
 * ``noisy(lines)`` writes lines to stderr (to check the client drains it)
+* ``chatter(steps)`` sends ``notifications/message`` at several levels and
+  ``notifications/progress`` for each step, then returns ``steps``
+* ``headers_seen()`` returns the ``traceparent`` header of its HTTP request and the sha256 of
+  its ``authorization`` header (so a test can check a token arrived without echoing it)
+* ``wrong_schema()`` returns ``{"temperature": "hot"}`` while ``tools/list`` declares an
+  ``outputSchema`` with a numeric ``temperature`` (a server at fault)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 
 import anyio
 from typing import Any
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 
-server = MCPServer("goflow-test-server")
+WRONG_SCHEMA = {"type": "object", "properties": {"temperature": {"type": "number"}}, "required": ["temperature"]}
+
+
+class _Server(MCPServer):
+    async def list_tools(self):  # serves a deliberately wrong outputSchema for one tool
+        tools = await super().list_tools()
+        return [t.model_copy(update={"output_schema": WRONG_SCHEMA}) if t.name == "wrong_schema" else t
+                for t in tools]
+
+
+server = _Server("goflow-test-server")
 
 _CANCELLED: list[float] = []
 
@@ -112,6 +129,33 @@ def noisy(lines: int) -> int:
         print(f"noise line {i} " + "x" * 200, file=sys.stderr)
     sys.stderr.flush()
     return lines
+
+
+@server.tool()
+async def chatter(steps: int, ctx: Context) -> int:
+    """Log at several levels and report progress for each step."""
+    await ctx.debug("debug from the server")
+    await ctx.info("info from the server", logger_name="chatter")
+    await ctx.warning({"structured": "warning"})
+    for step in range(1, steps + 1):
+        await ctx.report_progress(step, steps, f"step {step}")
+    await ctx.error("error from the server")
+    return steps
+
+
+@server.tool()
+async def headers_seen(ctx: Context) -> dict[str, Any]:
+    """The trace-context header of this HTTP request and a digest of its authorization header."""
+    headers = ctx.headers or {}
+    authorization = headers.get("authorization")
+    return {"traceparent": headers.get("traceparent"),
+            "authorization_sha256": hashlib.sha256(authorization.encode()).hexdigest() if authorization else None}
+
+
+@server.tool()
+def wrong_schema() -> dict[str, Any]:
+    """Return a temperature that is not a number (the declared outputSchema says number)."""
+    return {"temperature": "hot"}
 
 
 def main(argv: list[str] | None = None) -> None:

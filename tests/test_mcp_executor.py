@@ -233,6 +233,12 @@ def test_result_rule_unit():
     assert tool_result_value({"content": [text("not json")], "structuredContent": {"content": "not json"}}) == "not json"
     # structured content beats a human summary text
     assert tool_result_value({"content": [text("3 rows")], "structuredContent": {"rows": 3}}) == {"rows": 3}
+    # ... and a JSON text that differs from it (structuredContent is the result where given)
+    assert tool_result_value({"content": [text('{"rows": "3"}')], "structuredContent": {"rows": 3}}) == {"rows": 3}
+    link = {"type": "resource_link", "uri": "file:///a.txt", "name": "a.txt", "mimeType": "text/plain"}
+    embedded = {"type": "resource", "resource": {"uri": "file:///b.txt", "text": "bee"}}
+    assert tool_result_value({"content": [link]}) == link
+    assert tool_result_value({"content": [text("two files"), link, embedded]}) == ["two files", link, embedded]
     # a tool that really returns {"result": ...}
     assert tool_result_value({"content": [text('{"result": 5}')], "structuredContent": {"result": 5}}) == {"result": 5}
     assert tool_result_value({"content": [], "structuredContent": {"result": None}}) is None

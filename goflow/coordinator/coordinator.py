@@ -344,6 +344,14 @@ class Coordinator:
         self.progress_due[execution.id] = self.call_later(delay, fire)
 
     def server_spec(self, execution: Execution, server_id: str) -> dict:
+        """The spec of ``server_id`` for a task of ``execution`` (``${secret}`` references expanded)."""
+        from goflow.servers import expand_secret_refs
+
+        secrets = {name: execution.variables[name] for name in execution.plan.secrets
+                   if execution.variables.get(name) is not None}
+        return expand_secret_refs(self._server_spec(execution, server_id), secrets)
+
+    def _server_spec(self, execution: Execution, server_id: str) -> dict:
         for server in execution.workflow.servers:
             if server.id == server_id:
                 return server.model_dump(exclude={"description"})

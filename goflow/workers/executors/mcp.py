@@ -21,21 +21,30 @@ The stderr of stdio servers is drained by a thread per session (so a chatty serv
 blocks on a full pipe); the last 50 lines are kept and appended, redacted, to
 ``connection`` and ``server_lost`` errors.
 
-Result rule (:func:`tool_result_value`, documented in docs/mcp.md):
+Result rule (:func:`tool_result_value`, documented in docs/mcp.md), following the MCP
+specification's ``structuredContent`` (validated against the tool's ``outputSchema`` by the
+SDK before this rule runs; a mismatch fails the call with ``tool_error``):
 
 1. ``isError: true`` -> raise ``MCPToolError("tool_error")`` with the result's text.
 2. ``structuredContent`` exactly ``{"result": X}`` (FastMCP/MCPServer's wrapper for a
    non-object return) -> ``X``, unless the single text item parses to that same object
    (the tool really returned ``{"result": ...}``).
-3. exactly one text item -> its text parsed as JSON if it is valid JSON, else:
-   ``structuredContent`` if present and not merely that text wrapped in a one-key object
-   (like ``{"content": text}``), else the text.
-4. no content -> ``structuredContent`` if present, else ``None``.
-5. anything else (several items, or one image/audio/resource item) -> ``structuredContent``
-   if present, else the item's value (one item) or the list of item values; a text item's
-   value follows rule 3's JSON parsing, other items are the dicts as sent.
+3. other ``structuredContent`` -> it, unless it merely wraps the single text item in a
+   one-key object (like the filesystem server's ``{"content": text}``): then rule 4.
+4. exactly one text item -> its text parsed as JSON if it is valid JSON, else the text.
+5. no content -> ``None``.
+6. anything else (several items, or one image/audio/resource link/embedded resource) ->
+   the item's value (one item) or the list of item values; a text item's value follows
+   rule 4's JSON parsing, other items are the dicts as sent (resource links and embedded
+   resources are kept as data: ``uri``, ``mimeType``, ``text``/``blob``...).
 
 The full result stays available as :attr:`ToolCallResult.raw`.
+
+While a call runs, the server's ``notifications/message`` and (stdio) stderr lines become
+the node's output lines and its ``notifications/progress`` the node's progress
+(:mod:`goflow.workers.capture`): every ``tools/call`` carries a progress token. A call
+given a ``traceparent`` (tracing on) sends it as an HTTP header to sse/http servers and in
+the request's ``_meta`` to every server.
 """
 
 from __future__ import annotations
@@ -52,6 +61,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from goflow.workers.capture import CAPTURE
 from goflow.servers import (
     ServerSpecError,
     describe_spec,
@@ -79,6 +89,8 @@ _STDERR_LINE_MAX = 500
 # Streamable HTTP buffers one SSE event per response; the SDK's default cap is 1 MiB, which
 # would reject large tool results. Raise it well above anything a workflow should move.
 _MAX_SSE_EVENT_SIZE = 256 * 1024 * 1024
+_HTTP_TIMEOUT_S = 30.0
+_HTTP_READ_TIMEOUT_S = 300.0  # a streamable HTTP response may stay open while a long tool runs
 _CLIENT_NAME = "goflow"
 _CLIENT_VERSION = "0.1.0"
 
@@ -179,24 +191,21 @@ def tool_result_value(raw: dict) -> Any:
             if ok and parsed == structured:
                 return parsed
         return structured["result"]
-    # 3. one text item
+    # 3. structured content, unless it only wraps the text
+    if has_structured:
+        wraps_text = single_text is not None and isinstance(structured, Mapping) and len(structured) == 1 and (
+            next(iter(structured.values())) == single_text
+        )
+        if not wraps_text:
+            return structured
+    # 4. one text item
     if single_text is not None:
         ok, parsed = _parse_json(single_text)
-        if ok:
-            return parsed
-        if has_structured:
-            wraps_text = isinstance(structured, Mapping) and len(structured) == 1 and (
-                next(iter(structured.values())) == single_text
-            )
-            if not wraps_text:
-                return structured
-        return single_text
-    # 4. no content
+        return parsed if ok else single_text
+    # 5. no content
     if not content:
-        return structured if has_structured else None
-    # 5. several items / non-text items
-    if has_structured:
-        return structured
+        return None
+    # 6. several items / non-text items
     if len(content) == 1:
         return _item_value(content[0])
     return [_item_value(i) for i in content]
@@ -277,6 +286,7 @@ class _StderrTail:
 
     def _add(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace").rstrip("\r")
+        CAPTURE.emit("mcp_stderr", "error", redact(line, self._secrets))  # the running call's output
         if len(line) > _STDERR_LINE_MAX:
             line = line[:_STDERR_LINE_MAX] + "..."
         with self._lock:
@@ -326,6 +336,60 @@ def _describe_exc(exc: BaseException) -> str:
     return f"{name}: {text}" if text else name
 
 
+_MCP_LEVELS = {"debug": "debug", "info": "info", "notice": "info", "warning": "warning", "error": "error",
+               "critical": "critical", "alert": "critical", "emergency": "critical"}
+
+
+async def _server_log(params: Any) -> None:
+    """``notifications/message`` from a server: an output line of the running call."""
+    data = params.data
+    text = data if isinstance(data, str) else json.dumps(data, default=str, ensure_ascii=False)
+    level = str(getattr(params.level, "value", params.level))
+    CAPTURE.emit("mcp_log", _MCP_LEVELS.get(level, "info"), text, logger=params.logger)
+
+
+async def _server_progress(progress: float, total: float | None, message: str | None) -> None:
+    """``notifications/progress`` for the call in flight: the node's progress."""
+    CAPTURE.progress(progress, total, message)
+
+
+class _WatchedStream:
+    """The transport's read stream, noticing when it ends (the public way to know a
+    transport closed: the SDK keeps that state private)."""
+
+    def __init__(self, stream: Any, on_end: Any) -> None:
+        self._stream = stream
+        self._on_end = on_end
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    async def __aenter__(self) -> "_WatchedStream":
+        await self._stream.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        self._on_end()
+        return await self._stream.__aexit__(*exc)
+
+    def __aiter__(self) -> "_WatchedStream":
+        return self
+
+    async def __anext__(self) -> Any:
+        try:
+            return await self._stream.__anext__()
+        except BaseException:
+            self._on_end()
+            raise
+
+    async def receive(self) -> Any:
+        try:
+            return await self._stream.receive()
+        except BaseException:
+            self._on_end()
+            raise
+
+
 class _Session:
     """One live MCP session, owned by a runner task on the pool's loop."""
 
@@ -342,6 +406,10 @@ class _Session:
         self.end_error: BaseException | None = None
         self.tools: dict[str, dict[str, Any]] | None = None  # name -> {name, description, input_schema}
         self.lost = False
+        self.transport_closed = False
+        """Set when the transport's read stream ends (the server closed it or went away)."""
+        self.traceparent: str | None = None
+        """The W3C trace context of the call in flight (sent as an HTTP header)."""
 
     # health ----------------------------------------------------------------
     def alive(self) -> bool:
@@ -349,10 +417,7 @@ class _Session:
             return False
         if self.stderr is not None and self.stderr.eof.is_set():
             return False  # the stdio server process (and its children) went away
-        dispatcher = getattr(self.session, "_dispatcher", None)
-        if dispatcher is not None and getattr(dispatcher, "_closed", False):
-            return False  # the transport reached EOF / was closed
-        return True
+        return not self.transport_closed  # the transport reached EOF / was closed
 
     def tail(self, wait: float = 0.0) -> list[str]:
         return self.stderr.tail(wait) if self.stderr is not None else []
@@ -375,7 +440,8 @@ class _Session:
             async with AsyncExitStack() as stack:
                 read, write = await self._open_transport(stack)
                 session = await stack.enter_async_context(
-                    ClientSession(read, write, client_info=Implementation(name=_CLIENT_NAME, version=_CLIENT_VERSION))
+                    ClientSession(_WatchedStream(read, self._transport_ended), write, logging_callback=_server_log,
+                                  client_info=Implementation(name=_CLIENT_NAME, version=_CLIENT_VERSION))
                 )
                 await session.initialize()
                 self.session = session
@@ -392,6 +458,16 @@ class _Session:
             if self.stderr is not None:
                 self.stderr.close_writer()
             self.ended.set()
+
+    def _transport_ended(self) -> None:
+        self.transport_closed = True
+
+    def _http_request_hook(self) -> Any:
+        async def add_trace_context(request: Any) -> None:
+            if self.traceparent:
+                request.headers["traceparent"] = self.traceparent
+
+        return add_trace_context
 
     async def _open_transport(self, stack: AsyncExitStack) -> tuple[Any, Any]:
         spec = self.spec
@@ -418,15 +494,18 @@ class _Session:
         self.secrets = secret_values(headers)
         url = spec["url"]
         if transport == "http":
+            import httpx2
             from mcp.client.streamable_http import streamable_http_client
-            from mcp.shared._httpx_utils import create_mcp_http_client
 
-            client = await stack.enter_async_context(create_mcp_http_client(headers=headers or None))
+            client = await stack.enter_async_context(httpx2.AsyncClient(
+                headers=headers or None, timeout=httpx2.Timeout(_HTTP_TIMEOUT_S, read=_HTTP_READ_TIMEOUT_S),
+                event_hooks={"request": [self._http_request_hook()]}))
             return await stack.enter_async_context(
                 streamable_http_client(url, http_client=client, max_sse_event_size=_MAX_SSE_EVENT_SIZE)
             )
         from mcp.client.sse import sse_client
 
+        # The legacy SSE client makes its own HTTP client: trace context goes in ``_meta`` only.
         return await stack.enter_async_context(sse_client(url, headers=headers or None))
 
     async def aclose(self, timeout: float = 10.0) -> None:
@@ -471,14 +550,16 @@ class MCPSessionPool:
         self._loop.run_forever()
 
     # -- public, blocking ------------------------------------------------------
-    def call_tool(self, server: dict, tool: str, arguments: dict, *, timeout: float = 60.0) -> ToolCallResult:
+    def call_tool(self, server: dict, tool: str, arguments: dict, *, timeout: float = 60.0,
+                  traceparent: str | None = None) -> ToolCallResult:
         """Call ``tool`` on ``server`` (a spec dict) and return its :class:`ToolCallResult`.
 
-        Raises :class:`MCPToolError`; see its ``error_type`` values.
+        ``traceparent`` (W3C trace context) travels with the request. Raises
+        :class:`MCPToolError`; see its ``error_type`` values.
         """
         sid = str(server.get("id") or "?") if isinstance(server, Mapping) else "?"
         deadline = timeout + self.connect_timeout + 15.0
-        return self._submit(self._call_tool(server, tool, arguments or {}, timeout), deadline, sid, tool)
+        return self._submit(self._call_tool(server, tool, arguments or {}, timeout, traceparent), deadline, sid, tool)
 
     def list_tools(self, server: dict, *, timeout: float = 30.0) -> list[dict]:
         """``[{name, description, input_schema}]`` for every tool the server offers."""
@@ -674,7 +755,8 @@ class MCPSessionPool:
             stderr_tail=entry.tail(),
         )
 
-    async def _call_tool(self, server: Mapping[str, Any], tool: str, arguments: dict, timeout: float) -> ToolCallResult:
+    async def _call_tool(self, server: Mapping[str, Any], tool: str, arguments: dict, timeout: float,
+                         traceparent: str | None = None) -> ToolCallResult:
         from mcp.shared.exceptions import MCPError
         from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS, REQUEST_TIMEOUT
 
@@ -709,7 +791,13 @@ class MCPSessionPool:
                             retryable=False,
                         )
                 remaining = max(0.001, timeout - (loop.time() - started))
-                result = await entry.session.call_tool(tool, dict(arguments), read_timeout_seconds=remaining)
+                entry.traceparent = traceparent
+                try:
+                    result = await entry.session.call_tool(
+                        tool, dict(arguments), read_timeout_seconds=remaining, progress_callback=_server_progress,
+                        meta={"traceparent": traceparent} if traceparent else None)
+                finally:
+                    entry.traceparent = None
         except MCPToolError:
             raise
         except TimeoutError:
@@ -741,10 +829,14 @@ class MCPSessionPool:
             raise
         except RuntimeError as exc:
             if entry.alive():
-                # e.g. structured content that does not match the tool's output schema
-                raise MCPToolError(
-                    "tool_error", entry.redact(f"{sid}/{tool}: {exc}"), server_id=sid, tool=tool, retryable=False
-                ) from None
+                text = str(exc).split("\n", 1)[0]
+                if "structured content" in text or "output schema" in text or "Invalid schema" in text:
+                    text = (f"the result of {sid}/{tool} does not match the tool's outputSchema: {text}. "
+                            f"The server's tool is at fault (its result or its declared schema)")
+                else:
+                    text = f"{sid}/{tool}: {text}"
+                raise MCPToolError("tool_error", entry.redact(text), server_id=sid, tool=tool,
+                                   retryable=False) from None
             raise await self._lost(entry, exc, tool, f"tool call '{tool}'") from None
         except Exception as exc:
             raise await self._lost(entry, exc, tool, f"tool call '{tool}'") from None

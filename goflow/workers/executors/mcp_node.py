@@ -11,7 +11,8 @@ DEFAULT_TIMEOUT_S = 60.0
 
 
 class McpNodeExecutor:
-    """Task spec: ``server`` (the server spec), ``tool``, ``arguments``, ``timeout``.
+    """Task spec: ``server`` (the server spec), ``tool``, ``arguments``, ``timeout``, and
+    ``traceparent`` when the coordinator traces the execution.
 
     The value is the tool result under the documented rule (docs/mcp.md); the raw MCP
     result travels in the node record's ``meta.raw``.
@@ -23,7 +24,8 @@ class McpNodeExecutor:
     def __call__(self, spec: dict) -> Any:
         try:
             result = self.pool.call_tool(spec["server"], spec["tool"], spec.get("arguments") or {},
-                                         timeout=spec.get("timeout") or DEFAULT_TIMEOUT_S)
+                                         timeout=spec.get("timeout") or DEFAULT_TIMEOUT_S,
+                                         traceparent=spec.get("traceparent"))
         except MCPToolError as exc:
             raise TaskError(exc.error_type, str(exc)) from None
         return ExecutorOutput(result.value, {"raw": result.raw})
