@@ -413,3 +413,26 @@ def test_missing_required_variable_is_an_error_before_anything_starts(write_flow
     with pytest.raises(ValueError, match="who"):
         goflow.run(path, workers=1)
     assert goflow.run(path, {"who": "me"}, workers=1).result == "me"
+
+
+def test_goflow_retry_class_names_match_goflow_error_classes(write_flow):
+    # GoFlow documents `on: [connection_error, timeout]`; timeout_error is its alias of timeout.
+    path = write_flow("""
+        name: goflowretry
+        nodes:
+          - {id: start, type: start}
+          - id: spin
+            type: python
+            call: "flowlib:spin"
+            args: [30]
+            timeout: 200ms
+            retry: {max_attempts: 2, initial_delay: 0s, on: [connection_error, timeout_error]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: spin}
+          - {from: spin, to: end}
+    """)
+    result = goflow.run(path, workers=1, timeout=20)
+    assert result.status == "failed"
+    assert result.error["type"] == "timeout"
+    assert [r["attempt"] for r in result.records if r["node_id"] == "spin"] == [1, 2]

@@ -156,11 +156,9 @@ def test_templates():
     assert run(template="${factor}") == "3"
 
 
-def test_expression_that_is_really_a_template():
-    with pytest.raises(ExpressionError) as ei:
-        compile_transform(expression="Total: ${sum}")
-    assert "use 'template:'" in str(ei.value)
-    assert "looks like text with embedded references" in str(ei.value)
+def test_expression_that_is_text_renders_as_a_template():
+    t = compile_transform(expression="Total: ${sum}")
+    assert (t.kind, t.names, t.apply(None, {"sum": 36.0})) == ("template", {"sum"}, "Total: 36.0")
 
 
 def test_expression_that_is_really_a_jsonpath():

@@ -200,10 +200,56 @@ def test_expressions_that_do_not_parse():
         assert any(f"node {node}: invalid" in e for e in errors(text)), (node, errors(text))
 
 
-def test_expression_that_is_really_a_template_suggests_template():
-    text = flow(BASE_NODES + "- {id: t, type: transform, expression: 'Total: ${count} items', output: o}",
+def test_expression_in_goflow_template_form_validates_its_references():
+    ok = flow(BASE_NODES + "- {id: t, type: transform, expression: 'Total: ${count} items', output: o}",
+              SIMPLE_EDGES + "\n- {from: start, to: t}")
+    assert errors(ok) == []
+    bad = flow(BASE_NODES + "- {id: t, type: transform, expression: 'Total: ${nope} items', output: o}",
+               SIMPLE_EDGES + "\n- {from: start, to: t}")
+    assert "nope" in one_error(bad, "node 't'")
+
+
+def test_format_number_with_one_argument_fails_validation():
+    text = flow(BASE_NODES + "- {id: t, type: transform, expression: '${formatNumber(count)}', output: o}",
                 SIMPLE_EDGES + "\n- {from: start, to: t}")
-    assert "template:" in one_error(text, "node 't'")
+    assert "requires 2 arguments" in one_error(text, "node 't'")
+
+
+def test_pattern_re2_rejects_fails_validation():
+    # RE2 has no lookahead or backreferences; GoFlow's expr-lang refuses them too.
+    text = flow(BASE_NODES + "- {id: c, type: condition, condition: \"count > 1 && 'ab' matches 'a(?=b)'\"}",
+                "- {from: start, to: c}\n- {from: c, to: end, condition: 'true'}"
+                "\n- {from: c, to: end2, condition: 'false'}").replace(
+        "- {id: end, type: end}", "- {id: end, type: end}\n  - {id: end2, type: end}")
+    assert "RE2" in one_error(text, "node 'c'")
+
+
+def test_literal_type_mismatch_fails_validation():
+    text = flow(BASE_NODES + "- {id: t, type: transform, expression: '\"5\" == 5', output: o}",
+                SIMPLE_EDGES + "\n- {from: start, to: t}")
+    assert "mismatched types" in one_error(text, "node 't'")
+
+
+def test_metadata_is_free_form():
+    text = flow(BASE_NODES, SIMPLE_EDGES, head=HEAD + """
+metadata: {author: me, phase: beta, status: future-implementation, tags: [a]}
+""")
+    assert errors(text) == []
+
+
+def test_metadata_documented_keys_are_typed_and_located():
+    text = flow(BASE_NODES, SIMPLE_EDGES, head=HEAD + "metadata: {tags: 5}\n")
+    message = one_error(text, "tags")
+    assert "in 'metadata'" in message and "top level" not in message
+
+
+def test_goflow_retry_class_names_map_onto_goflow_classes():
+    from goflow.language.model import RetryPolicy
+    policy = RetryPolicy(on=["connection_error", "timeout"])
+    assert [policy.retries(c) for c in ("connection", "server_lost", "timeout", "python_error")] == \
+        [True, True, True, False]
+    assert RetryPolicy(on=["execution_error"]).retries("python_error")
+    assert not RetryPolicy(non_retryable_errors=["data"]).retries("transform_error")
 
 
 def test_bad_durations_merge_strategies_and_retry_policies():

@@ -76,7 +76,14 @@ def _where(path: Path, raw: Any) -> str:
             return f" in {path[0][:-1]} '{name}'"
     if len(path) >= 2:
         return f" in {path[0]}[{path[1]}]"
+    if len(path) == 1:
+        return f" in '{path[0]}'"
     return " at the top level"
+
+
+def _free_form(model: type[BaseModel]) -> bool:
+    """A model that takes any key (``metadata:``): only its documented keys are typed."""
+    return model.model_config.get("extra") == "allow"
 
 
 class _Loader:
@@ -84,6 +91,8 @@ class _Loader:
         self.loaded = loaded
 
     def check_keys(self, data: dict, model: type[BaseModel], path: Path, owner: Any, node_id: str | None) -> None:
+        if _free_form(model):
+            return
         known = allowed_keys(model)
         for key in data:
             if key not in known:
@@ -96,7 +105,7 @@ class _Loader:
             self.loaded.problem(path, f"expected a mapping{_where(path, data)}, got {type(data).__name__}", node=node_id)
             return None
         self.check_keys(data, model, path, data, node_id)
-        clean = {k: v for k, v in data.items() if k in allowed_keys(model)}
+        clean = dict(data) if _free_form(model) else {k: v for k, v in data.items() if k in allowed_keys(model)}
         for key, nested in _NESTED.items():
             if key in model.model_fields and isinstance(clean.get(key), dict):
                 self.check_keys(clean[key], nested, path + (key,), data, node_id)

@@ -1,9 +1,11 @@
 """Splitting text into literal pieces and ``${...}`` placeholders.
 
-Shared by interpolation and templates.  Rules:
+The one ``${...}`` scanner: interpolation, templates and the expression lexer all use it.
+Rules:
 
 * ``${`` opens a placeholder; it ends at the matching ``}``.  Quotes inside the
-  placeholder are respected (``${a["}"]}`` works) and nested ``{...}`` are balanced.
+  placeholder (``'``, ``"`` and backticks) are respected (``${a["}"]}`` works) and nested
+  ``{...}`` are balanced (``${map(xs, {# * 2})}``).
 * ``\\${`` is an escape: it produces a literal ``${`` and opens nothing.  A backslash
   anywhere else (including ``\\$`` not followed by ``{``) is kept as-is, so text that
   contains no ``${`` is never changed.
@@ -17,7 +19,7 @@ from functools import lru_cache
 
 from goflow.errors import ExpressionError
 
-__all__ = ["Placeholder", "scan", "MAX_TEXT_LENGTH"]
+__all__ = ["Placeholder", "scan", "placeholder_end", "MAX_TEXT_LENGTH"]
 
 MAX_TEXT_LENGTH = 1_000_000
 
@@ -30,7 +32,8 @@ class Placeholder:
     end: int       # index just after '}'
 
 
-def _close(text: str, i: int) -> int:
+def placeholder_end(text: str, i: int) -> int:
+    """Index of the ``}`` closing a ``${`` whose content starts at ``text[i]``; -1 if none."""
     depth = 0
     quote = None
     n = len(text)
@@ -75,7 +78,7 @@ def scan(text: str) -> tuple[str | Placeholder, ...]:
             i = j + 2
             continue
         buf.append(text[i:j])
-        end = _close(text, j + 2)
+        end = placeholder_end(text, j + 2)
         if end < 0:
             raise ExpressionError(f"unclosed '${{' at position {j}", source=text, position=j)
         content = text[j + 2:end]

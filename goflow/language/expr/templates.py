@@ -11,7 +11,8 @@ interpolation).  The inside of a placeholder is a full condition-language expres
 * ``default(x, fallback)`` -- ``fallback`` when ``x`` is nil, ``""`` or an undefined
   variable
 * ``join(list, sep=",")`` -- items rendered with ``to_text``
-* ``formatNumber(num, precision)`` -- fixed decimals (``precision`` 0..20)
+* ``formatNumber(num, precision)`` -- fixed decimals (``precision`` 0..20; both arguments
+  are required, as in GoFlow)
 * ``formatDate(value, layout)`` -- ``value``: datetime, RFC 3339 / ISO 8601 text, or
   epoch seconds (numbers above 1e11 are taken as milliseconds); ``layout``: a strftime
   format if it contains ``%``, otherwise a Go layout (``2006-01-02T15:04:05Z07:00``,
@@ -19,7 +20,8 @@ interpolation).  The inside of a placeholder is a full condition-language expres
 * ``if(cond, a, b)`` -- ``cond`` must be a boolean; only the chosen branch is evaluated
 * a placeholder that is just a path (``${step-1.result}``, ``${items[0]}``) is a
   reference, so hyphenated names work as in GoFlow; anything else is an expression
-* plus every condition builtin (``len``, ``abs``, ``int``, ``string``, ``round`` ...).
+* plus every expression builtin (``len``, ``abs``, ``int``, ``string``, ``round``,
+  ``map(xs, {# * 2})`` ...).
 
 Each placeholder's value is rendered with ``to_text``; the result is always ``str``.
 Missing variables raise UndefinedVariableError (strict; use ``default()`` for optional
@@ -38,8 +40,11 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError, UndefinedVariableError
-from goflow.language.expr.conditions import (CONDITION_FUNCTIONS, KEYWORDS, Function, Node, Ref,
-                                    _is_num, evaluate_node, parse_expression, root_names)
+from goflow.language.expr.ast import Function, Node, Ref
+from goflow.language.expr.builtins import EXPRESSION_FUNCTIONS
+from goflow.language.expr.conditions import evaluate_node
+from goflow.language.expr.parser import KEYWORDS, parse_expression, root_names
+from goflow.language.expr.semantics import is_num
 from goflow.language.expr.paths import parse_path, type_name
 from goflow.language.expr.scanner import scan
 from goflow.language.expr.text import to_text
@@ -77,13 +82,13 @@ def _join(items, sep=","):
     return out
 
 
-def _format_number(num, precision=2):
+def _format_number(num, precision):
     if isinstance(num, str):
         try:
             num = float(num.strip())
         except ValueError:
             raise ExpressionError(f"cannot format {num!r} as a number") from None
-    if not _is_num(num):
+    if not is_num(num):
         raise ExpressionError(f"needs a number, got {type_name(num)}")
     if isinstance(precision, bool) or not isinstance(precision, int) or not 0 <= precision <= 20:
         raise ExpressionError("precision must be an integer between 0 and 20")
@@ -97,7 +102,7 @@ def _to_datetime(value: Any) -> _dt.datetime:
         return value
     if isinstance(value, _dt.date):
         return _dt.datetime(value.year, value.month, value.day)
-    if _is_num(value):
+    if is_num(value):
         secs = float(value)
         if abs(secs) > 1e11:
             secs /= 1000.0
@@ -233,7 +238,7 @@ def _if(ctx, args, pos):
     return args[1].ev(ctx) if c else args[2].ev(ctx)
 
 
-TEMPLATE_FUNCTIONS: dict[str, Function] = {**CONDITION_FUNCTIONS, **{f.name: f for f in [
+TEMPLATE_FUNCTIONS: dict[str, Function] = {**EXPRESSION_FUNCTIONS, **{f.name: f for f in [
     Function("upper", 1, 1, _text_fn(str.upper)),
     Function("lower", 1, 1, _text_fn(str.lower)),
     Function("capitalize", 1, 1, _text_fn(_capitalize)),
@@ -241,7 +246,7 @@ TEMPLATE_FUNCTIONS: dict[str, Function] = {**CONDITION_FUNCTIONS, **{f.name: f f
     Function("length", 1, 1, _length),
     Function("default", 2, 2, _default, lazy=True),
     Function("join", 1, 2, _join),
-    Function("formatNumber", 1, 2, _format_number),
+    Function("formatNumber", 2, 2, _format_number),
     Function("formatDate", 1, 2, format_date),
     Function("if", 3, 3, _if, lazy=True),
 ]}}

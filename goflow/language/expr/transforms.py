@@ -18,11 +18,16 @@
     query gives the list of matches (possibly empty).  With ``.length()`` the result
     is the length of that value (``len`` of a list / map / string; 0 for ``None``).
 ``template``
-    Given as ``template=``: see :mod:`goflow.language.expr.templates`.  Always returns ``str``.
+    Given as ``template=``, or an ``expression:`` in GoFlow's template form: text that is
+    not an expression but holds ``${...}`` (``Hello ${user.name}``), or an expression whose
+    string literals hold ``${...}`` (``'${trim(text)}'``, ``{"name": "${name}"}``) -- as
+    in GoFlow the whole text is rendered, quotes and all.  See
+    :mod:`goflow.language.expr.templates`.  Always returns ``str``.
 ``expression``
-    Anything else: a condition-language expression (:mod:`goflow.language.expr.conditions`)
-    evaluated over the variables, where ``input`` means the input value unless a
-    variable named ``input`` exists.  The result keeps its type.
+    Anything else: an expression (:mod:`goflow.language.expr.conditions`) evaluated over
+    the variables, where ``input`` means the input value unless a variable named
+    ``input`` exists, and ``${x}`` outside string literals is a reference
+    (``${x} * 3`` is a number).  The result keeps its type.
 
 For jq and JSONPath, an input that is text holding JSON is parsed first.
 
@@ -42,7 +47,6 @@ from typing import Any
 from goflow.errors import ExpressionError
 from goflow.language.expr.conditions import parse_condition
 from goflow.language.expr.paths import parse_path, resolve_path, type_name
-from goflow.language.expr.scanner import scan
 from goflow.language.expr.templates import compile_template
 from goflow.language.expr.text import to_jsonable
 
@@ -235,12 +239,37 @@ def _restore_floats(result: Any, probe: Any) -> Any:
 # --------------------------------------------------------------------------- JSONPath
 
 _LENGTH_SUFFIX = re.compile(r"\.length\(\)\s*$")
+# GoFlow's filter spelling '@.roles[*] contains 'x'' is RFC 9535's '@.roles contains 'x''.
+_WILDCARD_CONTAINS = re.compile(r"(@(?:\.[A-Za-z_][\w-]*|\[[^\]]*\])*)\[\*\](\s+contains\b)")
+
+
+def _index_type_error(text: str, data: Any) -> str | None:
+    """Why a singular query that found nothing is a type error (``[0]`` on a non-list)."""
+    try:
+        segs = parse_path("_" + text[1:])[1:]
+    except ExpressionError:
+        return None
+    value = data
+    for seg in segs:
+        if isinstance(seg, int):
+            if not isinstance(value, list):
+                return (None if value is None else
+                        f"type mismatch in JSONPath {text!r}: index [{seg}] on a "
+                        f"{type_name(value)}")
+            if not -len(value) <= seg < len(value):
+                return None
+            value = value[seg]
+        elif isinstance(value, dict) and seg in value:
+            value = value[seg]
+        else:
+            return None
+    return None
 
 
 def _compile_jsonpath(source: str) -> Transform:
     import jsonpath  # python-jsonpath
 
-    text = source.strip()
+    text = _WILDCARD_CONTAINS.sub(r"\1\2", source.strip())
     want_length = bool(_LENGTH_SUFFIX.search(text))
     if want_length:
         text = _LENGTH_SUFFIX.sub("", text) or "$"
@@ -260,6 +289,10 @@ def _compile_jsonpath(source: str) -> Transform:
                 matches = path.findall(to_jsonable(data))
             except jsonpath.JSONPathError as e:
                 raise ExpressionError(f"JSONPath {source!r} failed: {e}", source=source) from None
+        if singular and not matches:
+            problem = _index_type_error(text, data)
+            if problem:
+                raise ExpressionError(problem, source=source)
         result: Any = (matches[0] if matches else None) if singular else matches
         if want_length:
             if result is None:
@@ -280,21 +313,15 @@ def _compile_expression(source: str) -> Transform:
         cond = parse_condition(source)
     except ExpressionError as first:
         if "${" in source:
-            try:
-                compile_template(source)
-            except ExpressionError:
-                pass
-            else:
-                if any(isinstance(p, str) and p.strip() for p in scan(source)):
-                    raise ExpressionError(
-                        f"{source!r} looks like text with embedded references; use 'template:' "
-                        f"to render text (expression error: {first.message})",
-                        source=source, position=first.position) from None
+            return _compile_template(source)  # GoFlow's template form: text with ${...}
         if "[*]" in source or "[?(" in source or ".." in source:
             raise ExpressionError(f"{first.message} (JSONPath queries must start with '$', "
                                   f"e.g. '$.items[*].name')", source=source,
                                   position=first.position) from None
         raise
+    if any("${" in s for s in cond.string_literals()):
+        # '${trim(text)}' or {"name": "${name}"}: GoFlow renders the whole text.
+        return _compile_template(source)
 
     def run(input_value: Any, variables: Mapping[str, Any]) -> Any:
         return cond.evaluate(_bind_input(input_value, variables))
