@@ -9,7 +9,7 @@ from goflow import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from goflow.cli import history, run, validate, watch
+    from goflow.cli import dashboard, history, run, validate, watch
     from goflow.cli.remote import add_parsers as add_remote_parsers
     from goflow.cli.server_commands import add_parsers as add_server_parsers
 
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_server_parsers(subparsers)
     add_remote_parsers(subparsers)
     history.add_parsers(subparsers)
+    dashboard.add_parser(subparsers)
     return parser
 
 

@@ -51,6 +51,11 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--no-history", action="store_true", help="do not record the run in the history")
     parser.add_argument("--metrics", metavar="ADDRESS", default=None,
                         help="serve Prometheus metrics on ADDRESS (e.g. 127.0.0.1:9464) while the run lasts")
+    parser.add_argument("--http", metavar="HOST:PORT", default=None,
+                        help="serve the live web dashboard on HOST:PORT while the run lasts (docs/web.md)")
+    from goflow.web.server import add_token_arguments
+
+    add_token_arguments(parser)
     parser.set_defaults(func=main)
 
 
@@ -94,9 +99,35 @@ def main(args: argparse.Namespace) -> int:
         return 2
     try:
         with runtime:
-            return _run(runtime, workflow, variables, args, loaded.text)
+            gateway = _start_gateway(runtime, args)
+            if gateway is False:
+                return 2
+            try:
+                return _run(runtime, workflow, variables, args, loaded.text)
+            finally:
+                if gateway is not None:
+                    gateway.stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _start_gateway(runtime: EmbeddedRuntime, args: argparse.Namespace) -> Any:
+    """``--http``: the dashboard in its own process (None without it, False when it cannot start)."""
+    if not args.http:
+        return None
+    from goflow.web.server import AddressError, GatewayProcess, read_token
+
+    try:
+        gateway = GatewayProcess(args.http, runtime.events_endpoint, runtime.control_endpoint,
+                                 token=read_token(args.http_token, args.http_token_file),
+                                 db=str(runtime.store.path) if runtime.store is not None else None)
+        url = gateway.start()
+    except (AddressError, RuntimeError) as exc:
+        print(f"goflow run: {exc}", file=sys.stderr)
+        return False
+    if not args.json:
+        print(f"dashboard: {url}", file=sys.stderr)
+    return gateway
 
 
 def _await_subscribers(runtime: EmbeddedRuntime, count: int, timeout: float, quiet: bool) -> None:

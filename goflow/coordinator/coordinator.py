@@ -141,6 +141,7 @@ class Coordinator:
             "progress": self._op_progress, "variables": self._op_variables, "execution": self._op_execution,
             "executions": self._op_executions, "cancel": self._op_cancel, "workers": self._op_workers,
             "submit": self._op_submit, "status": self._op_status, "list": self._op_executions,
+            "graph": self._op_graph,
         })
 
         self.workers = WorkerTable()
@@ -694,6 +695,13 @@ class Coordinator:
                 nodes[node_id] = {"status": run.state, "attempt": run.attempt}
         return {**self._with_history(execution, execution.summary()), "result": execution.result, "nodes": nodes,
                 "running": sorted(execution.running_nodes), "records": list(execution.records)[-1000:]}
+
+    def _op_graph(self, request: dict) -> dict:
+        """The execution's workflow as nodes and edges (``goflow.language.graph``)."""
+        from goflow.language.graph import workflow_graph
+
+        execution = self._execution(request)
+        return {"execution_id": execution.id, **workflow_graph(execution.plan.workflow)}
 
     def _op_executions(self, request: dict) -> dict:
         return {"executions": [execution.summary() for execution in self.executions.values()]}

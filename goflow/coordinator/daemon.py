@@ -125,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="with --db: delete executions finished more than DAYS ago (at start, then hourly)")
     parser.add_argument("--metrics", metavar="ADDRESS",
                         help="serve Prometheus metrics on ADDRESS, e.g. 127.0.0.1:9464")
+    parser.add_argument("--http", metavar="HOST:PORT",
+                        help="serve the live web dashboard and its HTTP API on HOST:PORT, e.g. 127.0.0.1:8080 "
+                             "(other than loopback needs --http-token or --http-token-file)")
+    from goflow.web.server import add_token_arguments
+
+    add_token_arguments(parser)
     parser.add_argument("--local-workers", type=int, default=0, metavar="N",
                         help="also run N worker processes on this machine (default 0)")
     parser.add_argument("--curve-secret-key", metavar="FILE",
@@ -174,7 +180,36 @@ def check_args(args: argparse.Namespace) -> list[str]:
     args.exposed = exposed
     if args.keep_days is not None and not args.db:
         errors.append("--keep-days needs --db (it prunes the history store)")
+    args.http_token_value = None
+    if args.http:
+        from goflow.web.server import AddressError, check_exposure, parse_address, read_token
+
+        try:
+            args.http_token_value = read_token(args.http_token, args.http_token_file)
+            check_exposure(parse_address(args.http)[0], args.http_token_value)
+        except AddressError as exc:
+            errors.append(str(exc))
     return errors
+
+
+def connectable(endpoint: str) -> str:
+    """An endpoint this machine can connect to for one it binds (``*`` and ``0.0.0.0`` -> loopback)."""
+    for wildcard in ("tcp://*:", "tcp://0.0.0.0:"):
+        if endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + endpoint[len(wildcard):]
+    return endpoint
+
+
+def _start_gateway(args: argparse.Namespace) -> Any:
+    """``--http``: the dashboard in its own process, fronting this daemon (submit and cancel)."""
+    from goflow.web.server import GatewayProcess
+
+    gateway = GatewayProcess(args.http, connectable(args.events_endpoint[0]),
+                             connectable(args.control_endpoint[0]), token=args.http_token_value, db=args.db,
+                             allow_control=True, curve_secret_key=args.curve_secret_key)
+    url = gateway.start()
+    log.info("dashboard: %s", url, extra={"fields": {"dashboard": url}})
+    return gateway
 
 
 def _local_pool(endpoint: str, count: int, secret_file: str | None):
@@ -278,6 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     coordinator.start()
     if pool is not None:
         pool.start()
+    gateway = None
+    exit_code = 0
+    if args.http:
+        try:
+            gateway = _start_gateway(args)
+        except RuntimeError as exc:
+            log.error("%s", exc)
+            exit_code = 2
+            stop.set()
     if store is not None:
         from goflow.coordinator.recovery import recover
 
@@ -319,6 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("drained in %.2fs: nothing unfinished", time.monotonic() - started,
                  extra={"fields": {"unfinished": []}})
     try:
+        if gateway is not None:
+            gateway.stop()
         coordinator.stop()
     finally:
         if metrics_server is not None:
@@ -332,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.exception("closing the store failed")
         context.destroy(linger=0)
     log.info("coordinator stopped")
-    return 0
+    return exit_code
 
 
 def _wrap_submit(coordinator: Any, store: Any) -> None:

@@ -1,0 +1,277 @@
+"""The HTTP gateway (goflow/web): SSE exactness across reconnects and gateway restarts, the
+JSON API, submit/cancel, and the guard (token, Host, Origin). Real coordinator, workers,
+gateway processes and HTTP; the browser tests are in test_web_page.py."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+
+import pytest
+
+from goflow.events.filter import EventFilter
+from goflow.events.monitor import Monitor
+from goflow.events.types import Event
+from goflow.language.loader import load
+from goflow.coordinator.embedded import EmbeddedRuntime
+from goflow.web.hub import Hub, event_id
+from goflow.web.server import AddressError, GatewayProcess
+from webtools import get_json, read_sse, start_gateway, wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+LOOP_FLOW = """
+name: web-loop
+variables:
+  - {name: items, type: array, default: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}
+nodes:
+  - {id: start, type: start}
+  - id: each
+    type: loop
+    collection: items
+    item: n
+    body: [step]
+    output: outs
+  - {id: step, type: python, call: "flowlib:timed", args: [0.05, "${n}"], output: s}
+  - {id: end, type: end}
+edges:
+  - {from: start, to: each}
+  - {from: each, to: end}
+"""
+
+
+@pytest.fixture
+def runtime(tmp_path, free_ports):
+    events_port, control_port = free_ports(2)
+    rt = EmbeddedRuntime(workers=2, publish=[f"tcp://127.0.0.1:{events_port}"],
+                         control=[f"tcp://127.0.0.1:{control_port}"], db=tmp_path / "history.db")
+    with rt:
+        rt.wait_for_workers(2)
+        rt.events_tcp = f"tcp://127.0.0.1:{events_port}"
+        rt.control_tcp = f"tcp://127.0.0.1:{control_port}"
+        yield rt
+
+
+@pytest.fixture
+def gateways():
+    started: list[GatewayProcess] = []
+
+    def start(*args, **kwargs) -> GatewayProcess:
+        gateway = start_gateway(*args, **kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+def _replayed_seqs(runtime, execution_id: str) -> list[int]:
+    with Monitor(runtime.events_tcp, runtime.control_tcp) as mon:
+        return [ev.seq for ev in mon.replay(execution_id)]
+
+
+def test_sse_resumes_exactly_after_a_dropped_connection_and_a_gateway_kill(runtime, gateways, free_ports, write_flow):
+    (port,) = free_ports(1)
+    gateway = gateways(port, runtime.events_tcp, runtime.control_tcp)
+    eid = uuid.uuid4().hex
+    _, future = runtime.coordinator.submit(load(write_flow(LOOP_FLOW)), {}, execution_id=eid)
+    url = f"http://127.0.0.1:{port}/api/events?execution={eid}"
+
+    first, _ = read_sse(url, until=lambda evs: len(evs) >= 10)          # connection 1: dropped by us
+    second, _ = read_sse(url, headers={"Last-Event-ID": first[-1].id}, until=lambda evs: len(evs) >= 10)
+    gateway.process.kill()                                              # the gateway dies mid-run
+    gateway.process.wait()
+    gateways(port, runtime.events_tcp, runtime.control_tcp)              # and is started again
+    rest, _ = read_sse(url, headers={"Last-Event-ID": second[-1].id},
+                       until=lambda evs: bool(evs) and evs[-1].data["type"] == "execution.completed")
+    assert future.result(timeout=60)["status"] == "completed"
+
+    seen = [e.data["seq"] for e in first + second + rest]
+    assert seen == _replayed_seqs(runtime, eid)              # no gap, no duplicate, in order
+    assert all(e.id == event_id(e.data["epoch"], e.data["seq"]) for e in first + second + rest)
+    assert {e.data["execution_id"] for e in first + second + rest} == {eid}
+
+
+def test_sse_filters_and_query_resume(runtime, gateways, free_ports, write_flow):
+    (port,) = free_ports(1)
+    gateways(port, runtime.events_tcp, runtime.control_tcp)
+    eid = uuid.uuid4().hex
+    _, future = runtime.coordinator.submit(load(write_flow(LOOP_FLOW)), {}, execution_id=eid)
+    assert future.result(timeout=60)["status"] == "completed"
+    base = f"http://127.0.0.1:{port}/api/events?execution={eid}"
+    done = lambda evs: bool(evs) and evs[-1].data["type"] == "node.completed" and evs[-1].data["node_id"] == "end"
+    nodes, _ = read_sse(base + "&types=node.completed&nodes=step,end", until=done)
+    assert [e.data["node_id"] for e in nodes] == ["step"] * 12 + ["end"]
+    # a fresh EventSource cannot send Last-Event-ID: the page passes last_event_id= instead
+    tail, _ = read_sse(base + f"&types=node.completed&nodes=step,end&last_event_id={nodes[5].id}", until=done)
+    assert [e.data["seq"] for e in tail] == [e.data["seq"] for e in nodes[6:]]
+    status, body = get_json(base.replace("/api/events?execution=", "/api/events?types=") + "nope")
+    assert status == 400 and "nope" in body["error"]["message"]
+
+
+def test_json_api_executions_detail_events_workers(runtime, gateways, free_ports, write_flow):
+    (port,) = free_ports(1)
+    gateways(port, runtime.events_tcp, runtime.control_tcp, db=str(runtime.store.path))
+    ids = []
+    for _ in range(3):
+        eid, future = runtime.coordinator.submit(load(write_flow(LOOP_FLOW)), {"items": [1, 2]})
+        assert future.result(timeout=60)["status"] == "completed"
+        ids.append(eid)
+    api = f"http://127.0.0.1:{port}/api"
+    wait_for(lambda: get_json(f"{api}/executions")[1]["total"] == 3, what="three executions listed")
+    status, page1 = get_json(f"{api}/executions?limit=2")
+    _, page2 = get_json(f"{api}/executions?limit=2&offset=2")
+    assert status == 200 and len(page1["executions"]) == 2 and len(page2["executions"]) == 1
+    assert {e["execution_id"] for e in page1["executions"] + page2["executions"]} == set(ids)
+    assert get_json(f"{api}/executions?status=failed")[1]["executions"] == []
+
+    status, detail = get_json(f"{api}/executions/{ids[0]}")
+    assert status == 200 and detail["status"] == "completed"
+    assert {n["id"] for n in detail["graph"]["nodes"]} == {"start", "each", "step", "end"}
+    assert {(e["source"], e["target"], e["kind"]) for e in detail["graph"]["edges"]} == {
+        ("start", "each", "edge"), ("each", "end", "edge")}
+    assert [n["container"] for n in detail["graph"]["nodes"] if n["id"] == "step"] == ["each"]
+    assert [out["value"] for out in detail["variables"]["outs"]] == [1, 2]
+    assert [r["node_id"] for r in detail["records"]].count("step") == 2
+
+    _, events = get_json(f"{api}/executions/{ids[0]}/events?types=loop.iteration")
+    assert [e["meta"]["index"] for e in events["events"]] == [0, 1]
+    assert get_json(f"{api}/executions/nope-nope/events")[0] == 404
+    _, workers = get_json(f"{api}/workers")
+    assert len(workers["workers"]) == 2
+    _, metrics = get_json(f"{api}/metrics")
+    assert metrics["executions"] == {"completed": 3} and metrics["subscriber"]["lost"] == 0
+    # submit is off unless the gateway fronts a daemon
+    assert get_json(f"{api}/executions", method="POST", body={"workflow": LOOP_FLOW})[0] == 403
+
+
+def test_history_serves_executions_the_coordinator_no_longer_holds(tmp_path, gateways, free_ports, write_flow):
+    db = tmp_path / "history.db"
+    with EmbeddedRuntime(workers=1, db=db) as rt:
+        eid = uuid.uuid4().hex
+        rt.store.record_submission(eid, "web-loop", LOOP_FLOW, {"items": [7]})   # as goflow run does
+        _, future = rt.coordinator.submit(load(write_flow(LOOP_FLOW)), {"items": [7]}, execution_id=eid)
+        assert future.result(timeout=60)["status"] == "completed"
+    events_port, control_port, port = free_ports(3)
+    with EmbeddedRuntime(workers=1, publish=[f"tcp://127.0.0.1:{events_port}"],
+                         control=[f"tcp://127.0.0.1:{control_port}"]):
+        gateways(port, f"tcp://127.0.0.1:{events_port}", f"tcp://127.0.0.1:{control_port}", db=str(db))
+        api = f"http://127.0.0.1:{port}/api"
+        status, detail = get_json(f"{api}/executions/{eid}")
+        assert status == 200 and detail["source"] == "history" and detail["status"] == "completed"
+        assert {n["id"] for n in detail["graph"]["nodes"]} == {"start", "each", "step", "end"}
+        _, events = get_json(f"{api}/executions/{eid}/events")
+        assert events["source"] == "history" and events["events"][-1]["type"] == "execution.completed"
+        assert [e["eseq"] for e in events["events"]] == list(range(1, len(events["events"]) + 1))
+        assert [e["execution_id"] for e in get_json(f"{api}/executions")[1]["executions"]] == [eid]
+
+
+def test_token_is_required_off_loopback_and_checked_on_every_request(runtime, gateways, free_ports):
+    (port,) = free_ports(1)
+    with pytest.raises(AddressError, match="without a token"):
+        GatewayProcess(f"0.0.0.0:{port}", runtime.events_tcp, runtime.control_tcp)
+    refused = subprocess.run([sys.executable, "-m", "goflow", "dashboard", runtime.events_tcp, "--http",
+                              f"0.0.0.0:{port}"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "--http-token" in refused.stderr
+
+    token = "t0ken-" + uuid.uuid4().hex
+    gateway = GatewayProcess(f"0.0.0.0:{port}", runtime.events_tcp, runtime.control_tcp, token=token)
+    gateway.start()
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for path in ("/", "/api/executions", "/api/metrics", "/static/app.js", "/api/events"):
+            assert get_json(base + path)[0] == 401, path
+            assert get_json(base + path, headers={"Authorization": "Bearer wrong" + token})[0] == 401, path
+        assert get_json(base + "/api/executions", headers={"Authorization": f"Bearer {token}"})[0] == 200
+        events, _ = read_sse(base + f"/api/events?token={token}&since=now", until=lambda evs: True)
+        assert events == []   # the stream opened (200) with the query token
+        cookie = get_json(base + f"/?token={token}")
+        assert cookie[0] == 303   # the token moves into an HttpOnly cookie, out of the address bar
+    finally:
+        gateway.stop()
+
+
+def test_loopback_gateway_refuses_foreign_hosts_and_cross_origin_posts(runtime, gateways, free_ports):
+    (port,) = free_ports(1)
+    gateways(port, runtime.events_tcp, runtime.control_tcp, allow_control=True)
+    base = f"http://127.0.0.1:{port}"
+    assert get_json(base + "/api/executions", headers={"Host": "attacker.example:80"})[0] == 403
+    assert get_json(base + "/api/executions", method="POST", body={"workflow": LOOP_FLOW},
+                    headers={"Origin": "http://attacker.example"})[0] == 403
+    status, _ = get_json(base + "/api/executions", method="POST", body=None,
+                         headers={"Content-Type": "text/plain"})
+    assert status == 415   # a simple cross-site form post cannot reach submit
+
+
+def test_daemon_http_submit_and_cancel(tmp_path, free_ports, write_flow):
+    control, events, workers, port = free_ports(4)
+    command = [sys.executable, "-m", "goflow.coordinator.daemon", "--control-endpoint", f"tcp://127.0.0.1:{control}",
+               "--events-endpoint", f"tcp://127.0.0.1:{events}", "--workers-endpoint", f"tcp://127.0.0.1:{workers}",
+               "--local-workers", "1", "--http", f"127.0.0.1:{port}"]
+    log = open(tmp_path / "daemon.log", "w+")
+    daemon = subprocess.Popen(command, stderr=log, stdout=log)
+    api = f"http://127.0.0.1:{port}/api"
+    try:
+        def up() -> bool:
+            try:
+                return get_json(f"{api}/workers")[1].get("workers", []) != []
+            except OSError:
+                return False
+        wait_for(up, 60, "the daemon's dashboard and a worker")
+        slow = LOOP_FLOW.replace("[0.05,", "[5,")
+        status, reply = get_json(f"{api}/executions", method="POST", body={"workflow": slow, "name": "slow.yaml"})
+        assert status == 201 and reply["workflow"] == "web-loop"
+        eid = reply["execution_id"]
+        status, cancelled = get_json(f"{api}/executions/{eid}/cancel", method="POST", body={"reason": "enough"})
+        assert status == 200
+        wait_for(lambda: get_json(f"{api}/executions/{eid}")[1]["status"] == "cancelled", what="cancelled")
+        bad = get_json(f"{api}/executions", method="POST", body={"workflow": "name: x\nnodes: [{id: a}]"})
+        assert bad[0] == 400 and bad[1]["error"]["type"] == "invalid_workflow"
+    finally:
+        daemon.terminate()
+        assert daemon.wait(60) == 0
+        log.seek(0)
+        assert "dashboard: http://127.0.0.1" in log.read()
+
+
+def _event(seq: int, etype: str = "node.completed", epoch: str = "e1", execution: str = "x") -> Event:
+    return Event.from_wire({"type": etype, "ts": 0.0, "epoch": epoch, "seq": seq, "eseq": seq,
+                            "execution_id": execution, "node_id": "n", "meta": {}})
+
+
+def test_hub_cuts_off_a_lagging_reader_and_resumes_it_by_id():
+    """The ring's bounds: a reader more than client_lag behind is cut off, never buffered,
+    and its last id resumes it exactly; a coordinator restart (new epoch) starts over."""
+    hub = Hub("ipc:///nonexistent", None, capacity=50, client_lag=10)
+
+    async def scenario() -> None:
+        hub._loop = asyncio.get_running_loop()
+        hub._changed = asyncio.Event()
+        for seq in range(1, 31):
+            hub.append(_event(seq))
+        reader = hub.follow(EventFilter(), hub.position_after(("e1", 5)))
+        chunks = [chunk async for chunk in reader]   # 25 behind > 10: cut off at once
+        assert chunks == [] and hub.stats["cut_off"] == 1
+        start = hub.position_after(("e1", 25))
+        frames = (await reader_once(hub, start)).decode()
+        assert [int(line.rsplit(":", 1)[1]) for line in frames.splitlines() if line.startswith("id:")] == \
+            list(range(26, 31))
+        for seq in range(1, 4):
+            hub.append(_event(seq, epoch="e2"))
+        assert hub.position_after(("e1", 30)) == 30          # the next event after e1:30 is e2:1
+        assert hub.position_after(("gone", 7)) == 30        # an unknown epoch: the current one's start
+        for seq in range(4, 60):
+            hub.append(_event(seq, epoch="e2"))
+        assert hub.position_after(None) == hub.oldest_pos == 59 + 30 - 50
+        assert hub.entry(hub.oldest_pos - 1) is None
+
+    async def reader_once(hub: Hub, start: int) -> bytes:
+        gen = hub.follow(EventFilter(), start)
+        chunk = await gen.__anext__()
+        await gen.aclose()
+        return chunk
+
+    asyncio.run(scenario())
