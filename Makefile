@@ -9,8 +9,10 @@ LOCK := requirements.lock
 UV_VERSION := 0.13.9
 
 NODE_STAMP := node_modules/.installed
+# The browser the dashboard tests drive (Debian's package; Playwright never downloads one).
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: test run bench bench-quick clean venv lock
+.PHONY: test run bench bench-quick clean venv lock vendor
 
 venv: $(STAMP)
 
@@ -37,7 +39,19 @@ lock:
 	    --extra test --generate-hashes --python-version 3.11 \
 	    --custom-compile-command 'make lock' -o $(LOCK)
 
-test: $(STAMP) $(NODE_STAMP)
+# Installed where missing when we may (root, as in CI); otherwise say how.
+$(CHROMIUM):
+	@if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	else echo "the dashboard tests need Debian's chromium: sudo apt-get install chromium"; fi
+
+# The dashboard's JavaScript libraries, copied from node_modules (pinned in package-lock.json)
+# into goflow/web/static/vendor/ with their licences; the copies are committed, so users
+# need no npm and no build step. Run after changing their versions in package.json.
+vendor: $(NODE_STAMP)
+	sh goflow/web/vendor.sh
+
+test: $(STAMP) $(NODE_STAMP) $(CHROMIUM)
 	$(BIN)/python -m pytest -q
 
 run: $(STAMP)
