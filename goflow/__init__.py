@@ -4,7 +4,9 @@ The public API is small and imported lazily, so a worker process that only needs
 protocol does not pay for pydantic and the loader:
 
 * :func:`load` / :func:`validate`: read and check a workflow file.
-* :func:`run`: run a workflow on an embedded coordinator with local workers.
+* :func:`start` / :func:`astart`: start a run and get its :class:`RunHandle` at once
+  (execution id, events from the first, result, cancel), embedded or on a daemon.
+* :func:`run`: run a workflow to its end and return its :class:`ExecutionResult`.
 * :class:`Monitor`, :class:`EventFilter`: subscribe to the event stream.
 * :func:`progress`: report a python node's progress from inside it (``node.progress``).
 """
@@ -21,6 +23,9 @@ _EXPORTS = {
     "Workflow": ("goflow.language.model", "Workflow"),
     "Problem": ("goflow.language.problems", "Problem"),
     "run": ("goflow.coordinator.embedded", "run"),
+    "start": ("goflow.handle", "start"),
+    "astart": ("goflow.handle", "astart"),
+    "RunHandle": ("goflow.handle", "RunHandle"),
     "ExecutionResult": ("goflow.coordinator.embedded", "ExecutionResult"),
     "Monitor": ("goflow.events.monitor", "Monitor"),
     "EventFilter": ("goflow.events.filter", "EventFilter"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import textwrap
 from typing import Any, Callable
 
+import goflow
 from hypothesis import given, settings, strategies as st
 
 from goflow.coordinator.execution import Execution, Task
@@ -148,3 +149,32 @@ def test_every_started_attempt_ends_exactly_once(strategy, branches, items, max_
     assert host.events[-1]["type"] in TERMINAL_TYPES
     assert execution.counts["running"] == 0 and not execution.running_nodes
 
+
+
+def test_losing_wait_any_branch_and_timeout_end_with_node_cancelled(write_flow):
+    """Real workers: the slow branch loses (node.cancelled, reason names the parallel);
+    then the execution timeout cancels the node that is still running."""
+    path = write_flow("""
+        name: cancelled
+        nodes:
+          - {id: start, type: start}
+          - {id: par, type: parallel, merge_strategy: wait_any, branches: [[fast], [slow]]}
+          - {id: fast, type: python, call: "flowlib:echo", args: [fast]}
+          - {id: slow, type: python, call: "flowlib:spin", args: [60]}
+          - {id: hang, type: python, call: "flowlib:spin", args: [60]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: par}
+          - {from: par, to: hang}
+          - {from: hang, to: end}
+    """)
+    with goflow.start(path, workers=2, timeout=3, history=False) as handle:
+        events = list(handle.events())
+        result = handle.result()
+    assert result.status == "timed_out"
+    assert_one_end_per_start([e.model_dump() for e in events])
+    ends = {e.node_id: e for e in events if e.type == "node.cancelled"}
+    assert set(ends) == {"slow", "hang"}
+    assert "par" in ends["slow"].meta["reason"] and ends["slow"].meta["branch"] == 1
+    assert ends["hang"].meta["reason"] == "the execution timed out"
+    assert [e.type for e in events][-1] == "execution.failed"

@@ -102,29 +102,6 @@ def _print_problems(problems: list[dict], file: str) -> None:
                   f"{p.get('message')}", file=sys.stderr)
 
 
-def result_object(client: Any, execution_id: str) -> dict:
-    """The same object as ``goflow run --json`` prints, from the ``execution``/``variables`` ops."""
-    from goflow.coordinator.embedded import ExecutionResult
-
-    execution = client.request("execution", execution_id=execution_id)
-    variables = client.request("variables", execution_id=execution_id).get("variables") or {}
-    started, finished = execution.get("started_at") or 0.0, execution.get("finished_at") or time.time()
-    summary = {**execution, "variables": variables, "duration_s": max(0.0, finished - started), "records": []}
-    return ExecutionResult.from_summary(summary).to_dict()
-
-
-def _wait_recorded(client: Any, execution_id: str) -> None:
-    """After the terminal event: wait until the coordinator says the outcome is recorded
-    in its history (or why it cannot be); at once when it keeps no history."""
-    delay = 0.02
-    while True:
-        history = client.request("status", execution_id=execution_id).get("history")
-        if not history or history.get("recorded") or history.get("problem"):
-            return
-        time.sleep(delay)
-        delay = min(0.5, delay * 1.5)
-
-
 def _wait_polling(client: Any, execution_id: str) -> str:
     from goflow.control.framing import ControlTimeout
 
@@ -152,11 +129,13 @@ def _wait_events(client: Any, args: argparse.Namespace, execution_id: str, start
 
     monitor = Monitor(args.events, _endpoint(args), curve=_curve(args), control_timeout=args.request_timeout)
     show = args.watch and not args.json
+    since: int | str = "start"
     try:
         while True:
-            stream = monitor.subscribe(EventFilter(executions=[execution_id]), reliable=True, since="start",
+            stream = monitor.subscribe(EventFilter(executions=[execution_id]), reliable=True, since=since,
                                        timeout=2.0, until=lambda event: event.is_terminal)
             for event in stream:
+                since = event.eseq + 1   # after an idle spell, go on from here (never reprint)
                 if event.type == "execution.started":
                     started = event.ts
                 if show:
@@ -226,18 +205,16 @@ def cmd_submit(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             client.request("cancel", execution_id=execution_id, reason="interrupted (Ctrl-C) by the submitter")
             status = _wait_polling(client, execution_id)
-        _wait_recorded(client, execution_id)
-        result = result_object(client, execution_id)
         from goflow.cli.run import _summary, report_history_problem
-        from goflow.coordinator.embedded import ExecutionResult
+        from goflow.handle import result_from_control
 
-        outcome = ExecutionResult(**result)
+        result = result_from_control(client, execution_id)
         if args.json:
-            print(json.dumps(result, default=str))
+            print(json.dumps(result.to_dict(), default=str))
         else:
-            _summary(outcome)
-        report_history_problem(outcome)
-        return outcome.exit_code if result.get("status") else EXIT_CODES.get(status, 1)
+            _summary(result)
+        report_history_problem(result)
+        return result.exit_code if result.status else EXIT_CODES.get(status, 1)
 
     return _run("submit", args, body)
 

@@ -156,10 +156,8 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
     display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
     if display is not None:
         display.start()
-    if runtime.store is not None:
-        runtime.store.record_submission(execution_id, workflow.name, workflow_text, variables,
-                                        secrets=workflow.secret_variables)
-    _, future = runtime.coordinator.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id)
+    future = runtime.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id,
+                            source=workflow_text)
     try:
         try:
             summary = future.result()

@@ -3,7 +3,7 @@
 :class:`EmbeddedRuntime` owns a private temporary directory (for the ipc:// endpoints), a
 :class:`~goflow.coordinator.coordinator.Coordinator` on a background thread and a pool of
 local worker processes; leaving it stops the workers and removes the directory.
-:func:`run` is the one-call Python API.
+:func:`run` is the one-call Python API (over :func:`goflow.handle.start`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ import os
 import shutil
 import tempfile
 import time
+import uuid
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,6 @@ import zmq
 
 from goflow.coordinator.coordinator import Coordinator
 from goflow.coordinator.local_workers import LocalWorkerPool
-from goflow.language.loader import load
 from goflow.language.model import Workflow
 from goflow.history.store import Store, combine_sinks
 
@@ -142,6 +143,17 @@ class EmbeddedRuntime:
         if self.store is not None:
             self.store.close()
 
+    def submit(self, workflow: Workflow, variables: dict[str, Any] | None = None, *, timeout: float | None = None,
+               execution_id: str | None = None, source: str | None = None) -> Future:
+        """Record the submission in the history (``source``: the YAML text) and start it;
+        the one path ``goflow run`` and :func:`goflow.start` share. Returns the Future of
+        the execution's summary."""
+        execution_id = execution_id or uuid.uuid4().hex
+        if self.store is not None:
+            self.store.record_submission(execution_id, workflow.name, source if source is not None else workflow,
+                                         variables, secrets=workflow.secret_variables)
+        return self.coordinator.submit(workflow, variables, timeout=timeout, execution_id=execution_id)[1]
+
     def wait_for_workers(self, count: int = 1, timeout: float = 30.0) -> bool:
         """Block until ``count`` workers have joined (False on timeout)."""
         deadline = time.monotonic() + timeout
@@ -152,26 +164,16 @@ class EmbeddedRuntime:
         return False
 
 
-def _workflow_and_paths(source: str | os.PathLike | Workflow) -> tuple[Workflow, list[str]]:
-    if isinstance(source, Workflow):
-        return source, []
-    path = Path(source)
-    return load(path), [str(path.resolve().parent)]
-
-
 def run(source: str | os.PathLike | Workflow, variables: dict[str, Any] | None = None, *,
-        workers: int | None = None, timeout: float | None = None) -> ExecutionResult:
+        workers: int | None = None, timeout: float | None = None, **options: Any) -> ExecutionResult:
     """Run a workflow (a path or a loaded :class:`Workflow`) to its end and return the result.
 
-    Raises :class:`~goflow.errors.WorkflowError` for an invalid workflow and ValueError for
+    ``options`` are :func:`goflow.start`'s (``on_event``, ``publish``, ``control``,
+    ``history``, ``db``, ``coordinator``, ...). Raises
+    :class:`~goflow.errors.WorkflowError` for an invalid workflow and ValueError for
     missing required variables, before anything starts.
     """
-    workflow, paths = _workflow_and_paths(source)
-    with EmbeddedRuntime(workers=workers, python_paths=paths) as runtime:
-        _, future = runtime.coordinator.submit(workflow, variables, timeout=timeout)
-        try:
-            summary = future.result()
-        except KeyboardInterrupt:
-            runtime.coordinator.cancel(_, "interrupted (Ctrl-C)")
-            summary = future.result(timeout=10)
-    return ExecutionResult.from_summary(summary)
+    from goflow.handle import start
+
+    with start(source, variables, workers=workers, timeout=timeout, **options) as handle:
+        return handle.result()

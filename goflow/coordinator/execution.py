@@ -493,7 +493,7 @@ class Execution:
             self.emit("execution.completed", None, status=status,
                       meta={"result": self.bounded(self.result), "duration_s": duration})
         elif status == "cancelled":
-            self.emit("execution.cancelled", None, status=status, meta={"duration_s": duration})
+            self.emit("execution.cancelled", None, status=status, error=error, meta={"duration_s": duration})
         else:
             self.emit("execution.failed", None, status=status, error=error, meta={"duration_s": duration})
         self.host.execution_finished(self)
