@@ -2,7 +2,8 @@
 
 Each server's tool list is fetched by a worker (task kind ``mcp_tools``, so the session it
 opens is pooled for the nodes that follow). Every node's tool must exist, and its
-parameters must fit the tool's input schema where the server publishes one. Parameters
+parameters must fit the tool's input schema where the server publishes one (after scalars
+are converted to the types it asks for, :mod:`goflow.language.parameters`). Parameters
 that reference node outputs are unknown before the run: only their presence is checked.
 A mismatch fails the run before anything executes, naming the node, the tool and the fix.
 """
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from goflow.errors import GoflowError
 from goflow.language.expr import interpolate
 from goflow.language.model import McpToolNode
+from goflow.language.parameters import coerce_arguments
 
 if TYPE_CHECKING:
     from goflow.coordinator.execution import Execution, Task
@@ -82,7 +84,11 @@ class McpPreflight:
                 hint = f"; did you mean '{close[0]}'?" if close else f"; it offers: {', '.join(sorted(tools)) or 'none'}"
                 return {"type": "tool_not_found", "node_id": node.id,
                         "message": f"node '{node.id}': server '{node.server}' has no tool '{node.tool}'{hint}"}
-            problems = _schema_problems(tool.get("input_schema"), _static_arguments(node.parameters, variables))
+            schema = tool.get("input_schema")
+            arguments = _static_arguments(node.parameters, variables)
+            if isinstance(arguments, dict):
+                arguments = coerce_arguments(schema, arguments)
+            problems = _schema_problems(schema, arguments)
             if problems:
                 return {"type": "invalid_arguments", "node_id": node.id,
                         "message": f"node '{node.id}': parameters do not fit tool '{node.tool}' of server "

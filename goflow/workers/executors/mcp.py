@@ -61,6 +61,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from goflow.language.parameters import coerce_arguments
 from goflow.workers.capture import CAPTURE
 from goflow.servers import (
     ServerSpecError,
@@ -781,6 +782,7 @@ class MCPSessionPool:
                             tool=tool,
                             retryable=False,
                         )
+                    arguments = coerce_arguments(tools[tool].get("input_schema"), arguments)
                     problems = check_arguments(tools[tool].get("input_schema"), dict(arguments))
                     if problems:
                         raise MCPToolError(
