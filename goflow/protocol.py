@@ -5,9 +5,11 @@ Each worker process holds two DEALER sockets connected to the coordinator's ROUT
 * the **task lane** (identity ``<worker_id>``): ``ready`` -> ``welcome``; ``task`` (or a
   ``tasks`` batch) in, ``result`` (or a ``results`` batch) out. A worker announces ``credits`` (how many tasks it accepts in advance)
   so it always has its next task in hand; each ``result`` returns one credit.
-* the **control lane** (identity ``<worker_id>.ctl``), served by a thread of its own so it
-  keeps working while a task runs: ``heartbeat`` both ways, ``cancel``, ``shutdown`` and
-  ``reconnect`` in.
+* the **control lane** (identity ``<worker_id>.ctl``), served by a process of its own
+  (goflow.workers.control_lane) so it keeps working while a task holds the GIL:
+  ``heartbeat`` both ways, ``cancel``, ``shutdown`` and ``reconnect`` in.
+* draining (graceful stop): ``drain`` out on the task lane, ``drained`` in once the
+  coordinator sends nothing more; the worker finishes what it holds, then ``bye``.
 * the **log lane** (identity ``<worker_id>.log``, out only): ``log`` batches of the running
   task's output lines and progress (goflow/workers/capture.py).
 
@@ -38,6 +40,10 @@ SHUTDOWN = "shutdown"
 BYE = "bye"
 LOG = "log"
 """A batch of a running task's output lines and latest progress, on the log lane."""
+DRAIN = "drain"
+"""Worker -> coordinator (task lane): send me nothing new; I finish what I hold, then leave."""
+DRAINED = "drained"
+"""Coordinator -> worker (task lane), after every task it sent: nothing more will come."""
 RECONNECT = "reconnect"
 """Sent to a worker the coordinator does not know (it restarted, or declared the worker lost):
 a worker that was welcomed before must drop what it holds and register again."""

@@ -110,3 +110,20 @@ def wait_for_file(path: str, lines: int = 3):
     while not Path(path).exists() and time.time() < deadline:
         time.sleep(0.01)
     return Path(path).exists()
+
+
+def hold_gil(seconds: int):
+    """Hold the GIL for ``seconds`` in one C call (libc ``sleep`` through ctypes.PyDLL, which
+    keeps the GIL), as a long ``sum(range(...))`` or a huge jq program does: no other thread
+    of this interpreter runs meanwhile."""
+    import ctypes
+
+    ctypes.PyDLL("libc.so.6").sleep(int(seconds))
+    return "held"
+
+
+def write_then_sleep(marker_file: str, seconds: float):
+    """Announce the start (the test waits on the file), then work for ``seconds``."""
+    Path(marker_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {"slept": seconds}

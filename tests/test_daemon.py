@@ -155,6 +155,21 @@ def wait_for_workers(control: str, count: int, timeout: float = 20.0, curve: dic
     raise AssertionError(f"only {len(workers)} of {count} workers joined")
 
 
+def wait_until_finished(control: str, execution_id: str, timeout: float = 60.0) -> dict:
+    """The ``execution`` reply once the execution reached a terminal state."""
+    deadline = time.monotonic() + timeout
+    with ControlClient(control, timeout=2.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                execution = client.request("execution", execution_id=execution_id)
+            except ControlTimeout:
+                continue
+            if execution["status"] in ("completed", "failed", "cancelled"):
+                return execution
+            time.sleep(0.05)
+    raise AssertionError(f"execution {execution_id} did not finish")
+
+
 FLOW = """\
 name: remote-diamond
 variables:
@@ -319,6 +334,87 @@ def test_busy_cpu_work_does_not_get_the_worker_declared_dead(daemon, workers, tm
         execution = client.request("execution", execution_id=result["execution_id"])
     assert execution["nodes"]["spin"]["attempt"] == 1, "the node was retried: its worker was declared lost"
     assert "worker.lost" not in d.log()
+
+
+def test_node_holding_the_gil_longer_than_the_liveness_completes_in_one_attempt(daemon, workers, tmp_path):
+    """No thread of the worker's interpreter runs while the node holds the GIL, yet the worker
+    must not be declared lost: liveness must not need that interpreter."""
+    d = daemon("--liveness", "1")
+    workers(d.workers, "--concurrency", "1", "--heartbeat-interval", "0.2")
+    (joined,) = wait_for_workers(d.control, 1)
+    flow = tmp_path / "gil.yaml"
+    flow.write_text('name: gil\nnodes:\n  - {id: start, type: start}\n'
+                    '  - {id: hold, type: python, call: "flowlib:hold_gil", args: [4], output: held}\n'
+                    '  - {id: end, type: end, return: "${held}"}\n'
+                    'edges:\n  - {from: start, to: hold}\n  - {from: hold, to: end}\n')
+    done = cli("submit", str(flow), "--coordinator", d.control, "--wait", "--json")
+    assert done.returncode == 0, done.stdout + done.stderr + d.log()
+    result = json.loads(done.stdout)
+    assert result["status"] == "completed" and result["result"] == "held"
+    with ControlClient(d.control) as client:
+        execution = client.request("execution", execution_id=result["execution_id"])
+    assert execution["nodes"]["hold"]["attempt"] == 1, "the node was retried: its worker was declared lost"
+    assert "worker.lost" not in d.log()
+    assert _worker_names(d.control) == [joined["worker_id"]], "the worker was replaced"
+
+
+def _worker_names(control: str) -> list[str]:
+    with ControlClient(control, timeout=10.0) as client:
+        return [w["worker_id"] for w in client.request("workers")["workers"]]
+
+
+def test_stopped_worker_is_still_declared_lost(daemon, workers, tmp_path):
+    """A worker process that is SIGSTOPped (truly hung) is caught by the liveness check."""
+    d = daemon("--liveness", "1")
+    group = workers(d.workers, "--concurrency", "1", "--heartbeat-interval", "0.2")
+    (joined,) = wait_for_workers(d.control, 1)
+    os.kill(joined["pid"], signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + 30
+        while joined["worker_id"] in _worker_names(d.control) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert joined["worker_id"] not in _worker_names(d.control)
+        assert f"worker.lost {joined['worker_id']}: silent for" in d.log()
+    finally:
+        os.kill(joined["pid"], signal.SIGCONT)
+    group.stop()
+
+
+def test_sigterm_to_a_worker_finishes_what_it_holds_takes_nothing_new_costs_no_attempt(daemon, workers, tmp_path):
+    """Graceful worker stop (SIGTERM to goflow-worker): the running node completes on the
+    draining worker, later nodes go to another worker, no node spends a second attempt."""
+    d = daemon("--liveness", "3")
+    first = workers(d.workers, "--concurrency", "1", "--name", "first")
+    wait_for_workers(d.control, 1)
+    marker = tmp_path / "started"
+    flow = tmp_path / "drain.yaml"
+    flow.write_text(f"""\
+name: drain
+nodes:
+  - {{id: start, type: start}}
+  - {{id: slow, type: python, call: "flowlib:write_then_sleep", args: ["{marker}", 2], output: s,
+      retry: {{max_attempts: 3, on: [python_error]}}}}
+  - {{id: after, type: python, call: "flowlib:echo", args: [after], output: a}}
+  - {{id: end, type: end, return: "${{a}}"}}
+edges:
+  - {{from: start, to: slow}}
+  - {{from: slow, to: after}}
+  - {{from: after, to: end}}
+""")
+    eid = cli("submit", str(flow), "--coordinator", d.control).stdout.strip()
+    deadline = time.monotonic() + 30
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), d.log()
+    first.proc.send_signal(signal.SIGTERM)  # drain while "slow" runs
+    workers(d.workers, "--concurrency", "1", "--name", "second")
+    assert first.proc.wait(30) == 0, first.log()
+    execution = wait_until_finished(d.control, eid)
+    assert execution["status"] == "completed", (execution, d.log(), first.log())
+    assert {node: run["attempt"] for node, run in execution["nodes"].items()
+            if node in ("slow", "after")} == {"slow": 1, "after": 1}
+    ran_on = {r["node_id"]: r["worker"] for r in execution["records"] if r["status"] == "completed"}
+    assert ran_on["slow"] == "first-1" and ran_on["after"] == "second-1", ran_on
 
 
 def _garbage(endpoint: str) -> None:

@@ -549,8 +549,15 @@ class Coordinator:
             self._pump()
         elif kind == protocol.READY and not control:
             self._on_ready(identity, message)
+        elif kind == protocol.DRAIN and not control:
+            if worker is not None and not worker.draining:
+                worker.draining = True
+                log.info("worker %s is draining (%d task(s) in hand)", worker.name, len(worker.in_hand))
+            # After every task sent to it on this lane (ZeroMQ keeps the order): nothing more comes.
+            self._send(identity, {"t": protocol.DRAINED})
         elif kind == protocol.BYE and worker is not None:
-            self._worker_lost(worker, "the worker said goodbye")
+            # Its results all came before the goodbye: what it still holds was never run.
+            self._worker_lost(worker, "the worker said goodbye", ran_nothing=True)
         elif kind == protocol.HEARTBEAT and worker is None:
             # A worker we do not know: from before a restart (its epoch differs) or one we
             # declared lost (named in ``lost_names``); a worker that is still registering
@@ -597,11 +604,16 @@ class Coordinator:
                 message["worker"] = worker.name
                 self.node_output.finish(task, message, task.execution.task_result)
 
-    def _worker_lost(self, worker: WorkerInfo, reason: str) -> None:
+    def _worker_lost(self, worker: WorkerInfo, reason: str, *, ran_nothing: bool = False) -> None:
+        """Forget ``worker``: its running task fails as ``worker_lost`` (an attempt), the tasks
+        it held but had not started are requeued at no cost; with ``ran_nothing`` (it said
+        goodbye after its last result) every task it held is requeued at no cost."""
         if self.workers.remove(worker.identity) is None:
             return
         self.lost_names.append(worker.identity.decode(errors="replace"))
         self.stats["workers_lost"] += 1
+        log.log(logging.INFO if ran_nothing else logging.WARNING, "worker.lost %s: %s (%d task(s) in hand)",
+                worker.name, reason, len(worker.in_hand))
         self.publisher.emit("worker.lost", None, worker_id=worker.name,
                             meta={"worker_id": worker.name, "reason": reason, "in_hand": len(worker.in_hand)})
         tasks = list(worker.in_hand)
@@ -613,7 +625,7 @@ class Coordinator:
                 task.timer.cancel()
             if task.done:
                 continue
-            if position == 0 and task.started_at is not None:
+            if position == 0 and task.started_at is not None and not ran_nothing:
                 task.done = True
                 task.execution.task_result(task, {"ok": False, "worker": worker.name, "error": {
                     "type": "worker_lost", "message": f"worker {worker.name} was lost while running the node "

@@ -28,6 +28,8 @@ class WorkerInfo:
     last_seen: float = field(default_factory=time.monotonic)
     joined_at: float = field(default_factory=time.time)
     completed: int = 0
+    draining: bool = False
+    """The worker asked to leave (``drain``): it gets nothing new and finishes what it holds."""
 
     @property
     def control_identity(self) -> bytes:
@@ -35,7 +37,7 @@ class WorkerInfo:
 
     @property
     def free(self) -> int:
-        return self.credits - len(self.in_hand)
+        return 0 if self.draining else self.credits - len(self.in_hand)
 
     def accepts(self, labels: dict[str, str]) -> bool:
         return all(self.labels.get(key) == value for key, value in labels.items())
@@ -43,7 +45,7 @@ class WorkerInfo:
     def describe(self) -> dict[str, Any]:
         return {"worker_id": self.name, "pid": self.pid, "host": self.host, "labels": self.labels,
                 "credits": self.credits, "in_hand": len(self.in_hand), "completed": self.completed,
-                "local": self.local, "joined_at": self.joined_at}
+                "local": self.local, "joined_at": self.joined_at, "draining": self.draining}
 
 
 class WorkerTable:

@@ -6,8 +6,9 @@ them running: a child that exits is restarted after an exponential backoff (0.5 
 up to ``--max-backoff``, reset once a child stayed up for a minute). Exit code 75 means the
 child heard nothing from the coordinator for ``--coordinator-liveness`` seconds (the
 coordinator restarted or the network broke): it is restarted at once so it reconnects.
-SIGTERM/SIGINT stop the children cleanly (SIGTERM to each; they finish the task at hand,
-say goodbye; SIGKILL after ``--stop-grace``) and exit 0.
+SIGTERM/SIGINT stop the children cleanly and exit 0: SIGTERM to each, which drains it (the
+coordinator sends it nothing new; it finishes every task it holds, says goodbye; no node
+loses an attempt); SIGKILL after ``--stop-grace``.
 
 ``python -m goflow.workers ...`` (how the embedded coordinator starts local workers) and
 ``--single`` run one worker process in the foreground, without a supervisor.
@@ -97,7 +98,7 @@ def _invoked_as_module() -> bool:
 
 
 def run_single(args: argparse.Namespace) -> int:
-    """One worker process in the foreground. SIGTERM: finish the task at hand, say goodbye, exit 0."""
+    """One worker process in the foreground. SIGTERM: drain (finish what it holds), say goodbye, exit 0."""
     from goflow.workers.runtime import Worker, _die_with_parent
 
     curve = _curve(args)
@@ -106,7 +107,7 @@ def run_single(args: argparse.Namespace) -> int:
     worker = Worker(args.connect, worker_id=args.name, credits=args.credits, labels=args.labels,
                     heartbeat_interval=args.heartbeat_interval, coordinator_liveness=args.coordinator_liveness,
                     curve=curve)
-    signal.signal(signal.SIGTERM, lambda signum, frame: worker.stopping.set())
+    signal.signal(signal.SIGTERM, lambda signum, frame: worker.drain())
     return worker.run()
 
 

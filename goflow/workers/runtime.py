@@ -1,10 +1,15 @@
 """The worker process: connect to a coordinator, run tasks, report results (docs/protocol.md).
 
-Two DEALER sockets: the task lane (main thread: receive tasks, execute, send results) and
-the control lane (a thread of its own: heartbeats both ways, cancel, shutdown). Heartbeats
-therefore never depend on the executor being idle, and a task stuck in C code can still be
-cancelled: when cooperative cancellation does not take within ``cancel_grace`` seconds,
-the process exits hard and its supervisor replaces it.
+DEALER sockets: the task lane (this process's main thread: receive tasks, execute,
+send results) and the control lane, served by a process of its own
+(:mod:`goflow.workers.control_lane`) so heartbeats never depend on this interpreter getting
+the GIL: a node that holds it for minutes does not make its worker look dead, while a
+stopped or dead worker still falls silent. A thread here applies what the control process
+forwards (cancel, shutdown, reconnect). The log lane (goflow/workers/capture.py) carries the
+running task's output.
+
+SIGTERM drains: the worker tells the coordinator (``drain``), which sends it nothing new and
+answers ``drained``; the worker finishes every task it holds, says ``bye`` and exits 0.
 """
 
 from __future__ import annotations
@@ -23,11 +28,11 @@ import zmq
 
 from goflow import protocol
 from goflow.workers.capture import CAPTURE
+from goflow.workers.control_lane import CONTROL_LOST, ControlLane
 from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
 
 RESULT_BATCH_S = 0.002
 """The longest a finished task's result waits to travel with the next ones."""
-EXIT_CANCEL_STUCK = 70
 EXIT_COORDINATOR_LOST = 75
 
 
@@ -61,8 +66,13 @@ class Worker:
         self.cancelled: set[int] = set()
         self.current: dict | None = None
         self.stopping = threading.Event()
+        self.drain_requested = False
+        """Set by :meth:`drain` (SIGTERM): finish what is held, take nothing new, leave."""
+        self.drain_sent = False
+        self.drained = False
+        """The coordinator confirmed it sends nothing more (``drained``)."""
         self.main_thread_id = threading.get_ident()
-        self.last_heard = time.monotonic()
+        self.lane: ControlLane | None = None
         self.welcomed: str | None = None
         """The epoch of the coordinator that welcomed us (None until then)."""
         self.packer = msgpack.Packer(use_bin_type=True)
@@ -82,53 +92,39 @@ class Worker:
 
     # -- control lane ----------------------------------------------------------------------
     def _control_loop(self) -> None:
-        sock = self._socket(self.worker_id.encode() + protocol.CONTROL_SUFFIX)
-        heartbeat = protocol.encode({"t": protocol.HEARTBEAT})
-        sock.send(heartbeat)
-        next_beat = time.monotonic() + self.heartbeat_interval
-        try:
-            while not self.stopping.is_set():
-                timeout = max(0.0, next_beat - time.monotonic())
-                if sock.poll(int(timeout * 1000) + 1):
-                    try:
-                        message = protocol.decode(sock.recv())
-                    except protocol.ProtocolError:
-                        continue
-                    self.last_heard = time.monotonic()
-                    kind = message["t"]
-                    if kind == protocol.CANCEL:
-                        self._cancel(message.get("id"))
-                    elif kind == protocol.RECONNECT and self.welcomed is not None and (
-                            message.get("lost") or message.get("epoch") != self.welcomed):
-                        os._exit(EXIT_COORDINATOR_LOST)  # a new coordinator, or we were declared lost
-                    elif kind == protocol.SHUTDOWN:
-                        self.stopping.set()
-                now = time.monotonic()
-                if now >= next_beat:
-                    sock.send(heartbeat)
-                    next_beat = now + self.heartbeat_interval
-                if now - self.last_heard > self.coordinator_liveness:
-                    # The coordinator is gone; exit so a supervisor (or the operator) restarts us.
+        """Apply what the control process forwards; it beats and watches the coordinator."""
+        lane = self.lane
+        while True:
+            message = lane.receive()
+            if message is None:  # the control process is gone: we are deaf, start over
+                if not self.stopping.is_set():
                     os._exit(EXIT_COORDINATOR_LOST)
-        finally:
-            sock.close(0)
+                return
+            kind = message["t"]
+            if kind == protocol.CANCEL:
+                self._cancel(message.get("id"))
+            elif kind == protocol.RECONNECT and self.welcomed is not None and (
+                    message.get("lost") or message.get("epoch") != self.welcomed):
+                os._exit(EXIT_COORDINATOR_LOST)  # a new coordinator, or we were declared lost
+            elif kind == CONTROL_LOST:
+                # The coordinator is gone; exit so a supervisor (or the operator) restarts us.
+                os._exit(EXIT_COORDINATOR_LOST)
+            elif kind == protocol.SHUTDOWN:
+                self.stopping.set()
+
+    def drain(self) -> None:
+        """Finish the tasks in hand, accept no new ones, then leave (safe in a signal handler)."""
+        self.drain_requested = True
 
     def _cancel(self, task_id: Any) -> None:
+        """Cancel a held task; the control process enforces ``cancel_grace`` for a running one."""
         current = self.current
         if current is None or current.get("id") != task_id:
             self.cancelled.add(task_id)
             return
-        kind = current.get("kind", "")
-        if not self.executors.cancel(kind):
+        if not self.executors.cancel(current.get("kind", "")):
             ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.main_thread_id),
                                                        ctypes.py_object(TaskCancelled))
-        deadline = time.monotonic() + self.cancel_grace
-        while time.monotonic() < deadline:
-            if self.current is not current:
-                return
-            time.sleep(0.01)
-        # Cooperative cancellation failed (e.g. stuck in C code): only a new process frees us.
-        os._exit(EXIT_CANCEL_STUCK)
 
     # -- task lane -------------------------------------------------------------------------
     def _execute(self, task: dict) -> dict:
@@ -171,7 +167,11 @@ class Worker:
             return self.packer.pack(result)
 
     def run(self) -> int:
-        """Serve until told to shut down. Returns the process exit code."""
+        """Serve until told to shut down, or drained. Returns the process exit code."""
+        self.lane = ControlLane.start(self.endpoint, self.worker_id.encode() + protocol.CONTROL_SUFFIX,
+                                      heartbeat_interval=self.heartbeat_interval,
+                                      coordinator_liveness=self.coordinator_liveness,
+                                      cancel_grace=self.cancel_grace, curve=self.curve)
         control = threading.Thread(target=self._control_loop, name="goflow-worker-control", daemon=True)
         control.start()
         CAPTURE.start(self._socket, self.worker_id.encode() + protocol.LOG_SUFFIX)
@@ -184,24 +184,29 @@ class Worker:
         try:
             while not self.stopping.is_set():
                 try:
+                    self._announce_drain(sock)
+                    if self.drained and not self.queue:
+                        break  # everything held is done and the coordinator sends nothing more
                     if not self.queue:
                         if not poller.poll(200):
                             continue
-                    self._drain(sock)
+                    self._receive(sock)
                     unsent: list[bytes] = []
                     batch_started = 0.0
                     while self.queue and not self.stopping.is_set():
                         task = self.queue.popleft()
                         self.current = task
+                        self.lane.running(task.get("id"))
                         try:
                             result = self._execute(task)
                         finally:
                             self.current = None
+                            self.lane.running(None)
                         self.cancelled.discard(task.get("id"))
                         if not unsent:
                             batch_started = time.monotonic()
                         unsent.append(self._pack(result))
-                        self._drain(sock)
+                        self._receive(sock)
                         # Results of a quick run of tasks travel together; a result never waits
                         # longer than RESULT_BATCH_S, nor behind a task that is not in hand yet.
                         if not self.queue or time.monotonic() - batch_started > RESULT_BATCH_S:
@@ -214,20 +219,31 @@ class Worker:
         finally:
             self.stopping.set()
             try:
+                # Every result was sent before this on the same lane, so the coordinator knows
+                # that whatever it still counts as held here was never run.
                 sock.send(protocol.encode({"t": protocol.BYE}), zmq.NOBLOCK)
             except zmq.ZMQError:
                 pass
             sock.close(linger=500)
             self.executors.close()
             CAPTURE.stop()
+            self.lane.stop()
             control.join(timeout=2)
         return 0
 
-    @staticmethod
-    def _send_results(sock: zmq.Socket, frames: list[bytes]) -> None:
+    def _announce_drain(self, sock: zmq.Socket) -> None:
+        """Send ``drain`` once, as soon as asked: before any further result, so the results
+        that free our credits cannot earn us a new task."""
+        if self.drain_requested and not self.drain_sent:
+            self.drain_sent = True
+            sock.send(protocol.encode({"t": protocol.DRAIN}))
+
+    def _send_results(self, sock: zmq.Socket, frames: list[bytes]) -> None:
+        self._announce_drain(sock)
         sock.send(frames[0] if len(frames) == 1 else protocol.batch(protocol.RESULTS, frames))
 
-    def _drain(self, sock: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket) -> None:
+        """Take every message waiting on the task lane (tasks join the queue)."""
         while True:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
@@ -237,7 +253,6 @@ class Worker:
                 message = protocol.decode(frame)
             except protocol.ProtocolError:
                 continue
-            self.last_heard = time.monotonic()
             kind = message["t"]
             if kind == protocol.TASK:
                 self.queue.append(message)
@@ -245,6 +260,8 @@ class Worker:
                 self.queue.extend(item for item in message.get("items") or () if isinstance(item, dict))
             elif kind == protocol.WELCOME:
                 self.welcomed = message.get("epoch")
+            elif kind == protocol.DRAINED:
+                self.drained = True
             elif kind == protocol.SHUTDOWN:
                 self.stopping.set()
                 return
