@@ -49,6 +49,9 @@ def add_parser(subparsers: Any) -> None:
                         help="record the run in this history database (default: $GOFLOW_HOME/history.db "
                              "or ~/.local/share/goflow/history.db)")
     parser.add_argument("--no-history", action="store_true", help="do not record the run in the history")
+    parser.add_argument("--otlp-endpoint", metavar="URL", default=None,
+                        help="export an OpenTelemetry trace of the run over OTLP/HTTP to URL "
+                             "(default $OTEL_EXPORTER_OTLP_ENDPOINT, else off)")
     parser.add_argument("--metrics", metavar="ADDRESS", default=None,
                         help="serve Prometheus metrics on ADDRESS (e.g. 127.0.0.1:9464) while the run lasts")
     parser.add_argument("--http", metavar="HOST:PORT", default=None,
@@ -93,7 +96,8 @@ def main(args: argparse.Namespace) -> int:
                                   python_paths=[str(Path(args.file).resolve().parent)],
                                   db=None if args.no_history else (args.db or default_db_path()),
                                   metrics=args.metrics, sndhwm=args.sndhwm,
-                                  progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes)
+                                  progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes,
+                                  otlp_endpoint=args.otlp_endpoint)
     except Exception as exc:  # e.g. the publish endpoint is in use
         print(f"goflow run: cannot start the coordinator: {exc}", file=sys.stderr)
         return 2

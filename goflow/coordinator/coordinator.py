@@ -90,7 +90,7 @@ class Coordinator:
                  sink: Callable[[str | None, bytes, bytes], None] | None = None,
                  history: Any = None,
                  max_message_bytes: int = protocol.MAX_MESSAGE_BYTES,
-                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES):
+                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES, trace_context: bool = False):
         self.context = context or zmq.Context.instance()
         self.epoch = uuid.uuid4().hex
         self.worker_liveness = worker_liveness
@@ -107,6 +107,8 @@ class Coordinator:
         if history is not None:
             history.set_relief(lambda: self.call_soon(self._pump))
         self.registered_servers = servers or {}
+        self.trace_context = trace_context
+        """Tracing is on: MCP tasks carry their call's ``traceparent`` (goflow/observability/tracing.py)."""
 
         self.accepting = True
         self.dispatching = True
@@ -478,6 +480,11 @@ class Coordinator:
         self.stats["tasks_dispatched"] += 1
         message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,
                    "execution_id": task.execution.id, "node_id": task.node_id, "attempt": task.attempt}
+        if self.trace_context and task.kind == "mcp_tool" and task.run is not None:
+            from goflow.observability.tracing import mcp_traceparent
+
+            message["spec"] = {**task.spec, "traceparent": mcp_traceparent(
+                task.execution.id, task.run.node.id, task.run.frame.context, task.attempt)}
         try:
             frame = self._packer.pack(message)
         except (TypeError, ValueError, OverflowError) as exc:

@@ -131,6 +131,9 @@ def build_parser() -> argparse.ArgumentParser:
     from goflow.web.server import add_token_arguments
 
     add_token_arguments(parser)
+    parser.add_argument("--otlp-endpoint", metavar="URL", default=None,
+                        help="export OpenTelemetry traces over OTLP/HTTP to URL (a trace per execution; "
+                             "default $OTEL_EXPORTER_OTLP_ENDPOINT, else off)")
     parser.add_argument("--local-workers", type=int, default=0, metavar="N",
                         help="also run N worker processes on this machine (default 0)")
     parser.add_argument("--curve-secret-key", metavar="FILE",
@@ -253,12 +256,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from goflow.observability.metrics import Metrics, coordinator_gauges
+    from goflow.errors import GoflowError
     from goflow.history.store import Store, combine_sinks
+    from goflow.observability.tracing import tracer_for
 
     store = Store(args.db) if args.db else None
     metrics = Metrics() if args.metrics else None
     metrics_server = None
+    tracer = None
     try:
+        tracer = tracer_for(args.otlp_endpoint)
         if metrics is not None:
             metrics_server = metrics.serve(args.metrics)
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
@@ -266,9 +273,13 @@ def main(argv: list[str] | None = None) -> int:
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
                                   sndhwm=args.sndhwm, progress_interval=args.progress_interval, history=store,
                                   **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {}),
-                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None))
-    except (zmq.ZMQError, OSError, ValueError) as exc:
-        log.error("cannot bind: %s", exc)
+                                  trace_context=tracer is not None,
+                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None,
+                                                     tracer.sink if tracer else None))
+    except (zmq.ZMQError, OSError, ValueError, GoflowError) as exc:
+        log.error("cannot start: %s" if isinstance(exc, GoflowError) else "cannot bind: %s", exc)
+        if tracer is not None:
+            tracer.close()
         if metrics_server is not None:
             metrics_server.stop()
         if authenticator is not None:
@@ -371,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
             metrics_server.stop()
         if authenticator is not None:
             authenticator.stop()
+        if tracer is not None:
+            tracer.close()
         if store is not None:
             try:
                 store.close()

@@ -82,7 +82,7 @@ class EmbeddedRuntime:
                  control: list[str] | None = None, python_paths: list[str] | None = None,
                  sndhwm: int | None = None, credits: int = 4, db: str | os.PathLike | None = None,
                  metrics: str | None = None, progress_interval: float = 0.1,
-                 max_value_bytes: int | None = None):
+                 max_value_bytes: int | None = None, otlp_endpoint: str | None = None):
         self.tempdir = tempfile.mkdtemp(prefix="goflow-")
         os.chmod(self.tempdir, 0o700)
         self.events_endpoint = f"ipc://{self.tempdir}/events"
@@ -91,7 +91,12 @@ class EmbeddedRuntime:
         self.store: Store | None = None
         self.metrics = None
         self.metrics_server = None
+        self.tracer = None
         try:
+            from goflow.observability.tracing import tracer_for
+
+            # otlp_endpoint None: the standard OTEL_EXPORTER_OTLP_ENDPOINT decides (unset: off)
+            self.tracer = tracer_for(otlp_endpoint)
             if metrics:   # first, so a bad or busy address fails before anything starts
                 from goflow.observability.metrics import Metrics
 
@@ -104,8 +109,10 @@ class EmbeddedRuntime:
                 control_endpoints=[self.control_endpoint, *(control or [])],
                 sndhwm=sndhwm, context=zmq.Context.instance(), progress_interval=progress_interval, history=self.store,
                 **({"max_value_bytes": max_value_bytes} if max_value_bytes else {}),
+                trace_context=self.tracer is not None,
                 sink=combine_sinks(self.store.sink if self.store else None,
-                                   self.metrics.sink if self.metrics else None))
+                                   self.metrics.sink if self.metrics else None,
+                                   self.tracer.sink if self.tracer else None))
         except Exception:
             self._close_history()
             shutil.rmtree(self.tempdir, ignore_errors=True)
@@ -140,6 +147,9 @@ class EmbeddedRuntime:
             self.metrics_server = None
         if self.metrics is not None:
             self.metrics.close()
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
         if self.store is not None:
             self.store.close()
 

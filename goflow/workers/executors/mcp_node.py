@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from goflow.workers.executors import ExecutorOutput, TaskError
@@ -15,20 +16,23 @@ class McpNodeExecutor:
     ``traceparent`` when the coordinator traces the execution.
 
     The value is the tool result under the documented rule (docs/mcp.md); the raw MCP
-    result travels in the node record's ``meta.raw``.
+    result travels in the node record's ``meta.raw``, the call's server, tool and times
+    (worker clock) in ``meta.mcp`` (the tracer's MCP span).
     """
 
     def __init__(self) -> None:
         self.pool = MCPSessionPool()
 
     def __call__(self, spec: dict) -> Any:
+        started = time.time()
         try:
             result = self.pool.call_tool(spec["server"], spec["tool"], spec.get("arguments") or {},
                                          timeout=spec.get("timeout") or DEFAULT_TIMEOUT_S,
                                          traceparent=spec.get("traceparent"))
         except MCPToolError as exc:
             raise TaskError(exc.error_type, str(exc)) from None
-        return ExecutorOutput(result.value, {"raw": result.raw})
+        call = {"server": spec["server"].get("id"), "tool": spec["tool"], "started": started, "finished": time.time()}
+        return ExecutorOutput(result.value, {"raw": result.raw, "mcp": call})
 
     def list_tools(self, spec: dict) -> Any:
         """Task kind ``mcp_tools``: the server's tools (``[{name, description, input_schema}]``)."""
