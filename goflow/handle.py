@@ -19,12 +19,12 @@ import asyncio
 import os
 import threading
 import time
-import uuid
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Iterator
 
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
+from goflow.events import ids as execution_ids
 from goflow.events.filter import EventFilter
 from goflow.events.monitor import Monitor, Since
 from goflow.events.types import TERMINAL_TYPES, Event
@@ -263,7 +263,7 @@ def start(source: str | os.PathLike | Workflow, variables: dict[str, Any] | None
     for missing required variables, before anything starts.
     """
     workflow, text, paths, name = _load(source)
-    execution_id = execution_id or uuid.uuid4().hex
+    execution_id = execution_ids.given_or_new(execution_id)  # ValueError before anything starts
     if coordinator is not None:
         handle = _submit_to_daemon(workflow, text, name, variables, timeout=timeout, execution_id=execution_id,
                                    coordinator=coordinator, events=events, curve=curve)

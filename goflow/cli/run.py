@@ -8,13 +8,13 @@ import signal
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 from goflow.cli.common import parse_vars, print_problems, silence_stdout
 from goflow.cli.run_display import live_panel, plain_line
 from goflow.errors import GoflowError
+from goflow.events.ids import new_execution_id
 from goflow.events.filter import EventFilter
 from goflow.language.loader import check, read
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
@@ -156,7 +156,7 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
          workflow_text: str | None = None) -> int:
     _await_subscribers(runtime, args.await_subscribers, args.await_timeout, args.json)
     runtime.wait_for_workers(runtime.worker_count, timeout=30)
-    execution_id = uuid.uuid4().hex
+    execution_id = new_execution_id()
     display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
     if display is not None:
         display.start()

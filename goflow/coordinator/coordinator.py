@@ -31,6 +31,7 @@ from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.node_output import NodeOutput
 from goflow.coordinator.plan import compile_plan, initial_variables
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
+from goflow.events import ids as execution_ids
 from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
 from goflow.events.publisher import EventPublisher
 from goflow.language.model import Workflow
@@ -209,7 +210,7 @@ class Coordinator:
         Raises ValueError (missing required variables) before anything starts.
         """
         initial_variables(workflow, dict(variables or {}))  # fail fast, in the caller's thread
-        execution_id = execution_id or uuid.uuid4().hex
+        execution_id = execution_ids.given_or_new(execution_id)
         future: Future = Future()
         self.call_soon(lambda: self._start(workflow, variables, timeout=timeout, execution_id=execution_id,
                                            future=future))
@@ -243,7 +244,10 @@ class Coordinator:
                execution_id: str | None, future: Future | None = None,
                restored: dict[str, Any] | None = None) -> tuple[str, Future]:
         """Create and start an execution (reactor thread only)."""
-        execution_id = execution_id or uuid.uuid4().hex
+        try:
+            execution_id = execution_ids.given_or_new(execution_id)
+        except ValueError as exc:
+            raise ControlError("bad_request", str(exc)) from None
         if execution_id in self.executions:
             raise ControlError("bad_request", f"execution id {execution_id!r} is already in use")
         future = future or Future()

@@ -12,7 +12,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ import zmq
 
 from goflow.coordinator.coordinator import Coordinator
 from goflow.coordinator.local_workers import LocalWorkerPool
+from goflow.events import ids as execution_ids
 from goflow.language.model import Workflow
 from goflow.history.store import Store, combine_sinks
 
@@ -158,7 +158,7 @@ class EmbeddedRuntime:
         """Record the submission in the history (``source``: the YAML text) and start it;
         the one path ``goflow run`` and :func:`goflow.start` share. Returns the Future of
         the execution's summary."""
-        execution_id = execution_id or uuid.uuid4().hex
+        execution_id = execution_ids.given_or_new(execution_id)  # before anything is recorded
         if self.store is not None:
             self.store.record_submission(execution_id, workflow.name, source if source is not None else workflow,
                                          variables, secrets=workflow.secret_variables)

@@ -28,6 +28,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from goflow.events import ids as execution_ids
 from goflow.language.loader import check, parse
 
 log = logging.getLogger("goflow.coordinator.recovery")
@@ -56,6 +57,12 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
         return report
     lost = store.previous_failure
     for unfinished in store.unfinished_executions():
+        bad_id = execution_ids.problem(unfinished.id)
+        if bad_id is not None:
+            # Not even "failed" can be published under it: its topic would reach other executions.
+            report.failed[str(unfinished.id)] = bad_id
+            log.error("recovery skipped an execution recorded by an older version: %s", bad_id)
+            continue
         reason = None
         workflow = None
         if lost is not None:
