@@ -127,3 +127,11 @@ def write_then_sleep(marker_file: str, seconds: float):
     Path(marker_file).write_text(str(os.getpid()))
     time.sleep(seconds)
     return {"slept": seconds}
+
+
+def append_when(path: str, text: str, release: str):
+    """Wait (up to 60 s) until ``release`` exists, then append ``text`` to ``path``."""
+    deadline = time.time() + 60
+    while not Path(release).exists() and time.time() < deadline:
+        time.sleep(0.01)
+    return append(path, text)

@@ -501,7 +501,7 @@ edges:
 class EmbeddedWithSink:
     """What EmbeddedRuntime does, with ``sink=`` (EmbeddedRuntime does not take one yet)."""
 
-    def __init__(self, sink, workers: int = 2):
+    def __init__(self, sink, workers: int = 2, **coordinator_options):
         from goflow.coordinator.coordinator import Coordinator
         from goflow.coordinator.local_workers import LocalWorkerPool
 
@@ -511,7 +511,7 @@ class EmbeddedWithSink:
         self.coordinator = Coordinator(workers_endpoint=f"ipc://{self.dir}/workers",
                                        event_endpoints=[self.events_endpoint],
                                        control_endpoints=[self.control_endpoint],
-                                       context=zmq.Context.instance(), sink=sink)
+                                       context=zmq.Context.instance(), sink=sink, **coordinator_options)
         self.pool = LocalWorkerPool(self.coordinator.workers_endpoint, workers, python_paths=[str(TESTS_DIR)])
         self.coordinator.attach_local_pool(self.pool)
         self.workers = workers

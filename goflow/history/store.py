@@ -454,6 +454,11 @@ class Store:
                 conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = OFF")
             migrate(conn)
+            if not uri:   # prove the file is writable now (a read-only one may open quietly)
+                conn.execute("BEGIN IMMEDIATE")
+                conn.execute("UPDATE schema_version SET applied_at = applied_at "
+                             "WHERE version = (SELECT MAX(version) FROM schema_version)")
+                conn.execute("COMMIT")
         except Exception:
             conn.close()
             raise
