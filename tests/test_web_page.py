@@ -171,7 +171,7 @@ def test_live_run_with_loop_retry_and_failure_then_a_result(runtime, gateways, f
     for later in ("each", "square", "flaky", "second", "boom", "end"):
         _node(page, later, "pending")
     page.click('#node-list .row[data-node="first"]')
-    page.wait_for_function("document.getElementById('nd-logs').textContent.includes('waiting line 2')",
+    page.wait_for_function("() => document.getElementById('nd-logs').textContent.includes('waiting line 2')",
                            timeout=WAIT_MS)               # node.log lines in the node panel, live
     gate1.touch()
     _node(page, "first", "completed")
@@ -210,7 +210,7 @@ def test_live_run_with_loop_retry_and_failure_then_a_result(runtime, gateways, f
     # time travel: as of the first attempt of flaky, "attempts" was not set yet; as of its output, it was
     page.fill("#log-types", "node.started")
     page.fill("#log-nodes", "flaky")
-    page.wait_for_function("document.querySelectorAll('#log .row').length === 2", timeout=WAIT_MS)
+    page.wait_for_function("() => document.querySelectorAll('#log .row').length === 2", timeout=WAIT_MS)
     page.focus("#log")
     page.keyboard.press("Home")
     page.keyboard.press("Enter")
