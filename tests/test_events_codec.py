@@ -6,13 +6,12 @@ import msgpack
 import zmq
 
 from goflow.events import EVENT_TYPES, TERMINAL_TYPES, Event, EventFilter, EventPublisher
-from goflow.events.codec import (PAYLOAD_KEYS, decode_event, decode_payload, encode_event,
-                                 encode_variables, parse_topic, topic_for)
+from goflow.events.codec import PAYLOAD_KEYS, decode_event, decode_payload, encode_event, parse_topic, topic_for
 
 FULL = {
-    "v": 1, "type": "node.failed", "ts": 1700000000.25, "epoch": "ep1", "seq": 42, "eseq": 7,
+    "v": 2, "type": "node.failed", "ts": 1700000000.25, "epoch": "ep1", "seq": 42, "eseq": 7,
     "execution_id": "E1", "workflow": "wf", "node_id": "n1", "node_type": "python",
-    "status": "failed", "attempt": 3, "variables": {"a": [1, {"b": None}], "s": "x"},
+    "status": "failed", "attempt": 3, "vseq": 5,
     "error": {"type": "python", "message": "boom", "node_id": "n1"}, "meta": {"duration": 1.5},
 }
 
@@ -49,31 +48,28 @@ def test_publisher_payload_roundtrip_every_field():
             continue
         kw = {"worker_id": "w1"} if t.startswith("worker.") else {"node_id": "n1"}
         eid = None if t.startswith("worker.") else "E1"
-        pub.emit(t, eid, node_type="python", status="s", attempt=1, variables={"a": 1} if eid else None,
-                 variables_version=1, error={"type": "x", "message": "m", "node_id": "n1"},
+        pub.emit(t, eid, node_type="python", status="s", attempt=1, snapshot_change=t == "variable.changed",
+                 error={"type": "x", "message": "m", "node_id": "n1"},
                  meta={"k": [1, 2]}, **kw)
     ring = pub.replay_seq(1)
+    vseq = 0
     assert len(ring) == len(EVENT_TYPES) - 1
     for topic, payload in ring:
         ev = decode_event(topic, payload)
-        assert ev.epoch == "ep1" and ev.v == 1 and ev.type in EVENT_TYPES
+        assert ev.epoch == "ep1" and ev.v == 2 and ev.type in EVENT_TYPES
         assert ev.topic == topic_for(ev.type, ev.execution_id, ev.node_id, ev.meta.get("worker_id"))
         assert ev.error == {"type": "x", "message": "m", "node_id": "n1"}
         assert ev.meta["k"] == [1, 2] and ev.attempt == 1 and ev.status == "s"
         if ev.execution_id:
-            assert ev.variables == {"a": 1} and ev.workflow == "wf" and ev.eseq == ev.seq
+            assert ev.workflow == "wf" and ev.eseq == ev.seq
+            assert ev.vseq == (ev.eseq if ev.type == "variable.changed" else vseq)
+            if ev.type == "variable.changed":
+                vseq = ev.eseq
+            assert ev.variables is None, "a snapshot is rebuilt by a Monitor, not by decoding"
         else:
-            assert ev.variables == {} and ev.eseq is None
+            assert ev.variables == {} and ev.eseq is None and ev.vseq is None
     pub.close(0)
     ctx.term()
-
-
-def test_encode_variables_counts_and_marks():
-    body, n = encode_variables({"a": 1, "pw": "x", "big": b"\x00" * 100}, secrets=["pw"],
-                               max_value_bytes=50)
-    packer = msgpack.Packer()
-    d = msgpack.unpackb(packer.pack_map_header(n) + body, raw=False)
-    assert d == {"a": 1, "pw": "***", "big": {"$omitted": True, "type": "binary", "bytes": 102}}
 
 
 def test_decode_rejects_garbage():

@@ -14,7 +14,7 @@ import zmq
 
 from goflow.control.framing import ControlServer, publisher_handlers
 from goflow.events import EVENT_TYPES, TERMINAL_TYPES, EventFilter, EventPublisher
-from goflow.events.codec import PAYLOAD_KEYS
+from goflow.events.codec import PAYLOAD_KEYS, decode_payload
 
 
 def wait_for(cond, timeout=10.0, interval=0.005):
@@ -139,9 +139,9 @@ def test_raw_subscriber_decodes_every_documented_field(harness):
     harness.wait_subscriptions(1)
 
     def scenario(p):
-        p.open_execution("E1", "demo", secrets=["token"])
-        p.emit("execution.started", "E1", status="running", variables={"x": 1, "token": "t"},
-               variables_version=1, meta={"total_nodes": 3})
+        p.open_execution("E1", "demo")
+        p.emit("execution.started", "E1", status="running", meta={"total_nodes": 3})
+        p.emit("variable.changed", "E1", snapshot_change=True, meta={"name": "x", "value": 1})
         p.emit("node.failed", "E1", node_id="n1", node_type="python", status="failed", attempt=2,
                error={"type": "python", "message": "boom", "node_id": "n1"},
                meta={"duration": 0.5})
@@ -151,26 +151,27 @@ def test_raw_subscriber_decodes_every_documented_field(harness):
 
     epoch = harness.call(scenario)
     msgs = drain(sub)
-    assert [m[0] for m in msgs] == [b"execution.started/E1/", b"node.failed/E1/n1/",
+    assert [m[0] for m in msgs] == [b"execution.started/E1/", b"variable.changed/E1/", b"node.failed/E1/n1/",
                                      b"worker.joined/w-1/", b"heartbeat/"]
     payloads = [msgpack.unpackb(m[1], raw=False) for m in msgs]
     for d in payloads:
         assert set(d) == set(PAYLOAD_KEYS)
-        assert d["v"] == 1 and d["epoch"] == epoch and isinstance(d["ts"], float)
-    started, failed, joined, hb = payloads
+        assert d["v"] == 2 and d["epoch"] == epoch and isinstance(d["ts"], float)
+    started, changed, failed, joined, hb = payloads
     assert started["type"] == "execution.started" and started["seq"] == 1 and started["eseq"] == 1
     assert started["execution_id"] == "E1" and started["workflow"] == "demo"
     assert started["node_id"] is None and started["status"] == "running"
-    assert started["variables"] == {"x": 1, "token": "***"}
+    assert started["vseq"] == 0, "no variable changed yet"
+    assert changed["eseq"] == 2 and changed["vseq"] == 2 and changed["meta"] == {"name": "x", "value": 1}
     assert started["meta"] == {"total_nodes": 3} and started["error"] is None
-    assert failed["seq"] == 2 and failed["eseq"] == 2 and failed["node_id"] == "n1"
+    assert failed["seq"] == 3 and failed["eseq"] == 3 and failed["node_id"] == "n1"
     assert failed["node_type"] == "python" and failed["attempt"] == 2
     assert failed["error"] == {"type": "python", "message": "boom", "node_id": "n1"}
-    assert failed["variables"] == {"x": 1, "token": "***"}   # last snapshot carried along
-    assert joined["seq"] == 3 and joined["eseq"] is None and joined["execution_id"] is None
-    assert joined["meta"] == {"host": "h", "worker_id": "w-1"} and joined["variables"] == {}
-    assert hb["type"] == "heartbeat" and hb["seq"] == 3 and hb["eseq"] is None
-    assert hb["meta"]["executions"] == {"E1": 2}
+    assert failed["vseq"] == 2, "the version of the variables it saw"
+    assert joined["seq"] == 4 and joined["eseq"] is None and joined["execution_id"] is None
+    assert joined["meta"] == {"host": "h", "worker_id": "w-1"} and joined["vseq"] is None
+    assert hb["type"] == "heartbeat" and hb["seq"] == 4 and hb["eseq"] is None
+    assert hb["meta"]["executions"] == {"E1": 3}
     sub.close(0)
     ctx.term()
 
@@ -231,8 +232,7 @@ def test_stalled_subscriber_never_blocks_emit():
     def burst(p):
         p.open_execution("E", "wf")
         for i in range(100_000):
-            p.emit("node.completed", "E", node_id="n%d" % (i % 50), variables={"i": 1},
-                   variables_version=1)
+            p.emit("node.completed", "E", node_id="n%d" % (i % 50), meta={"i": 1})
         return p.stats()
 
     stats = h.call(burst, timeout=120)
@@ -277,39 +277,20 @@ def test_hundred_concurrent_subscribers_each_receive_everything(harness):
     ctx.term()
 
 
-def test_variables_bounding_and_secret_redaction():
+def test_replay_logs_are_bounded_by_bytes_too():
+    """Events carry values up to max_value_bytes each: a count alone would not bound memory."""
     ctx = zmq.Context()
-    pub = EventPublisher(ctx, ["inproc://bound"], max_value_bytes=64)
-    pub.open_execution("E", "wf", secrets={"api_key"})
-    variables = {"small": [1, 2, 3], "big": "x" * 1000, "bigmap": {str(i): i for i in range(100)},
-                 "api_key": "sk-123", "when": object(), "n": None}
-    part = pub.variables_part("E", variables, 1)
-    decoded = msgpack.unpackb(part[len(msgpack.packb("variables")):], raw=False)
-    assert decoded["small"] == [1, 2, 3]
-    assert decoded["big"] == {"$omitted": True, "type": "string", "bytes": 1003}
-    assert decoded["bigmap"]["$omitted"] is True and decoded["bigmap"]["type"] == "object"
-    assert decoded["api_key"] == "***"
-    assert isinstance(decoded["when"], str)      # unencodable values degrade to str
-    assert decoded["n"] is None
-    pub.close(0)
-    ctx.term()
-
-
-def test_variables_cache_reuses_encoding_per_version():
-    ctx = zmq.Context()
-    pub = EventPublisher(ctx, ["inproc://cache"])
+    pub = EventPublisher(ctx, ["inproc://bytes"], log_capacity=1_000_000, log_bytes=100_000)
     pub.open_execution("E", "wf")
-    live = {"a": 1}
-    first = pub.variables_part("E", live, 7)
-    assert pub.variables_part("E", live, 7) is first          # same version: same bytes object
-    pub.emit("node.completed", "E", node_id="n", variables=live, variables_version=7)
-    assert pub.variables_part("E", live, 7) is first
-    live["a"] = 2
-    second = pub.variables_part("E", live, 8)
-    assert second is not first and msgpack.unpackb(second[10:], raw=False) == {"a": 2}
-    assert pub.variables_part("E", live, None) is not pub.variables_part("E", live, None)
-    payload = pub.replay("E")[0]
-    assert first in payload                                      # spliced, not re-encoded
+    for i in range(1000):
+        pub.emit("node.completed", "E", node_id=f"n{i}", meta={"output": "x" * 1000})
+    stats = pub.stats()
+    assert 0 < stats["log_bytes"] <= 100_000 and 0 < stats["ring_bytes"] <= 100_000
+    assert 50 <= stats["log_events"] < 100
+    kept = pub.replay("E")
+    assert len(kept) == stats["log_events"] and pub.oldest_eseq("E") == 1001 - len(kept)
+    assert decode_payload(kept[-1])["eseq"] == 1000, "the newest event is always kept"
+    assert [t for t, _ in pub.replay_seq(1)][-1] == b"node.completed/E/n999/"
     pub.close(0)
     ctx.term()
 

@@ -125,8 +125,8 @@ def test_logs_plain_and_json(db, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == len(stored)
     assert lines[0].startswith("   +0.000s  execution.started")
-    assert "node.retrying" in lines[3] and "fetch" in lines[3] and "next attempt 2" in lines[3]
-    assert "attempt=2" in lines[4]
+    assert "node.retrying" in lines[4] and "fetch" in lines[4] and "next attempt 2" in lines[4]
+    assert "attempt=2" in lines[5]
     assert any("square[1]" in line for line in lines)
     assert "execution.completed" in lines[-1]
 

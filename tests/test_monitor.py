@@ -61,7 +61,7 @@ def emit_execution(p, eid, n, *, close=True, start=True):
         p.open_execution(eid, "wf")
         p.emit("execution.started", eid, status="running")
     for i in range(n):
-        p.emit("node.completed", eid, node_id=f"n{i % 37}", variables={"i": i}, variables_version=i)
+        p.emit("node.completed", eid, node_id=f"n{i % 37}", meta={"i": i})
     if close:
         p.emit("execution.completed", eid, status="completed")
         p.close_execution(eid)

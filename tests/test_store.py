@@ -38,17 +38,17 @@ class Publisher:
         self.context.term()
 
     def run(self, eid: str | None = None, *, workflow: str = "demo", outcome: str = "completed",
-            retry: bool = True, loop: int = 2, finish: bool = True, secret: str = "s3cret") -> str:
+            retry: bool = True, loop: int = 2, finish: bool = True) -> str:
         """Emit a plausible run: inputs, a retried python node, a loop body, a skip, the end."""
         eid = eid or uuid.uuid4().hex
         p = self.pub
-        p.open_execution(eid, workflow, secrets=["token"])
-        variables = {"x": 1, "token": secret}
-        version = 1
-        p.emit("execution.started", eid, status="running", variables=variables, variables_version=version,
+        p.open_execution(eid, workflow)
+        p.emit("execution.started", eid, status="running",
                meta={"inputs": {"x": 1, "token": "***"}, "total_nodes": 4})
-        p.emit("variable.changed", eid, variables=variables, variables_version=version,
+        p.emit("variable.changed", eid, snapshot_change=True,
                meta={"name": "x", "value": 1, "old": None, "scope": "execution"})
+        p.emit("variable.changed", eid, snapshot_change=True,
+               meta={"name": "token", "value": "***", "old": None, "scope": "execution"})
         p.emit("node.started", eid, node_id="fetch", node_type="python", status="running", attempt=1, meta={})
         if retry:
             p.emit("node.retrying", eid, node_id="fetch", node_type="python", status="retrying", attempt=1,
@@ -56,13 +56,11 @@ class Publisher:
                    meta={"next_attempt": 2, "delay_s": 0.01, "max_attempts": 3})
             p.emit("node.started", eid, node_id="fetch", node_type="python", status="running", attempt=2, meta={})
         now = time.time()
-        variables = {**variables, "data": [1, 2]}
-        version += 1
+        p.emit("variable.changed", eid, node_id="fetch", snapshot_change=True,
+               meta={"name": "data", "value": [1, 2], "old": None, "scope": "node"})
         p.emit("node.completed", eid, node_id="fetch", node_type="python", status="completed",
-               attempt=2 if retry else 1, variables=variables, variables_version=version,
+               attempt=2 if retry else 1,
                meta={"output": [1, 2], "duration_s": 0.02, "worker": "w-1", "started": now, "finished": now})
-        p.emit("variable.changed", eid, node_id="fetch", meta={"name": "data", "value": [1, 2], "old": None,
-                                                               "scope": "node"})
         p.emit("loop.started", eid, node_id="each", node_type="loop", meta={"count": loop, "max_parallel": 2})
         for index in range(loop):   # two iterations in flight at once
             p.emit("node.started", eid, node_id="square", node_type="python", status="running", attempt=1,
@@ -171,7 +169,8 @@ def test_a_run_becomes_rows(store, publisher):
     assert by[("end", 1, None)]["output"] == {"ok": True}           # an end node's return
     assert all(n["started_at"] and n["finished_at"] for n in run["nodes"])
     changes = [(c["name"], c["new"], c["scope"], c["node_id"]) for c in run["variable_changes"]]
-    assert changes == [("x", 1, "execution", None), ("data", [1, 2], "node", "fetch")]
+    assert changes == [("x", 1, "execution", None), ("token", "***", "execution", None),
+                       ("data", [1, 2], "node", "fetch")]
     assert "s3cret" not in repr(run)
 
 
@@ -438,14 +437,12 @@ def test_disk_full_is_reported_once_and_history_continues_in_memory(tiny_tmpfs, 
     try:
         first = p.run()
         assert s.flush(5) and s.healthy
-        big = "x" * 3500   # each payload carries the variables snapshot: ~40 KB per event
+        big = "x" * 3500   # ~40 KB per event
         with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
             eid = uuid.uuid4().hex
             p.pub.open_execution(eid, "big")
-            variables = {f"v{i}": big for i in range(12)}
             for n in range(40):
-                variables["n"] = n
-                p.pub.emit("progress.update", eid, variables=variables, variables_version=n, meta={"n": n})
+                p.pub.emit("progress.update", eid, meta={"n": n, **{f"v{i}": big for i in range(12)}})
             last = p.run()
             assert s.flush(10)
         assert not s.healthy

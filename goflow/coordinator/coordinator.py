@@ -129,7 +129,6 @@ class Coordinator:
         """Values in events larger than this (msgpack bytes) become ``$omitted`` markers."""
         options = {"sndhwm": sndhwm} if sndhwm is not None else {}
         self.publisher = EventPublisher(self.context, event_endpoints, epoch=self.epoch, sink=sink,
-                                        max_value_bytes=max_value_bytes,
                                         curve={"secret": curve["secret"], "domain": "events"} if curve else None,
                                         **options)
         self.control_socket = self.context.socket(zmq.ROUTER)
@@ -256,8 +255,7 @@ class Coordinator:
                               timeout=timeout, restored=restored)
         self.executions[execution_id] = execution
         self.futures[execution_id] = future
-        self.publisher.open_execution(execution_id, workflow.name, secrets=plan.secrets,
-                                      secret_values=execution.secret_values())
+        self.publisher.open_execution(execution_id, workflow.name)
         execution.start()
         return execution_id, future
 
@@ -327,15 +325,14 @@ class Coordinator:
         self.emit(execution, "progress.update", meta=execution.progress_meta())
 
     def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
-             error: dict | None = None, meta: dict | None = None) -> None:
+             error: dict | None = None, meta: dict | None = None, snapshot_change: bool = False) -> None:
         if run is not None:
             self.publisher.emit(type, execution.id, node_id=run.node.id, node_type=run.node.type,
-                                status=status, attempt=run.attempt, variables=execution.variables,
-                                variables_version=execution.version, error=error, meta=meta)
+                                status=status, attempt=run.attempt, snapshot_change=snapshot_change,
+                                error=error, meta=meta)
         else:
             self.publisher.emit(type, execution.id, status=status or execution.status,
-                                variables=execution.variables, variables_version=execution.version,
-                                error=error, meta=meta)
+                                snapshot_change=snapshot_change, error=error, meta=meta)
 
     def _progress_later(self, execution: Execution) -> None:
         if execution.id in self.progress_due:
@@ -706,7 +703,10 @@ class Coordinator:
         execution = self._in_memory(request)
         if execution is None:
             return from_history.variables_from_history(self.history, request.get("execution_id"))
-        return {"execution_id": execution.id, "variables": execution.redact(execution.variables)}
+        # vseq/eseq: the version of this snapshot, so a subscriber can apply the events after it
+        # (one reactor thread: no event is published between reading the three).
+        return {"execution_id": execution.id, "variables": execution.redact(execution.variables),
+                "vseq": self.publisher.vseq(execution.id), "eseq": self.publisher.last_eseq(execution.id)}
 
     def _op_execution(self, request: dict) -> dict:
         execution = self._in_memory(request)

@@ -409,7 +409,6 @@ class Execution:
         self.workflow = plan.workflow
         self.host = host
         self.variables: dict[str, Any] = {}
-        self.version = 0
         self._initial = variables
         self.timeout = timeout
         self.status = "pending"
@@ -528,14 +527,14 @@ class Execution:
     def write(self, target: dict, name: str, value: Any, *, node: NodeRun | None, scope: str) -> None:
         old = target.get(name)
         target[name] = value
-        if target is self.variables:
-            self.version += 1
-        self.variable_changed(name, value, scope=scope, node=node, old=old)
+        self.variable_changed(name, value, scope=scope, node=node, old=old, snapshot=target is self.variables)
 
     def variable_changed(self, name: str, value: Any, *, scope: str, node: NodeRun | None,
-                         old: Any = None, meta: dict | None = None) -> None:
+                         old: Any = None, meta: dict | None = None, snapshot: bool = False) -> None:
+        """Emit ``variable.changed``; ``snapshot``: it changed the execution's variables (the
+        snapshot subscribers rebuild), not a loop item or a branch's local scope."""
         secret = name in self.plan.secrets
-        self.emit("variable.changed", node, meta={
+        self.emit("variable.changed", node, snapshot_change=snapshot, meta={
             "name": name, "value": "***" if secret else self.bounded(value),
             "old": "***" if secret else self.bounded(old), "scope": scope,
             **(meta or (node.frame.context if node else {}))})

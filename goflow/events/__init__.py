@@ -3,7 +3,7 @@
 Subscribers use :class:`goflow.events.monitor.Monitor`; the wire format is in ``docs/events.md``.
 """
 
-from .codec import decode_event, decode_payload, encode_event, encode_variables, parse_topic, topic_for
+from .codec import decode_event, decode_payload, encode_event, parse_topic, topic_for
 from .filter import EventFilter
 from .publisher import DEFAULT_SNDHWM, EventPublisher
 from .types import (EVENT_TYPES, EXECUTION_SCOPED_TYPES, HEARTBEAT, TERMINAL_TYPES, WORKER_TYPES,
@@ -12,5 +12,5 @@ from .types import (EVENT_TYPES, EXECUTION_SCOPED_TYPES, HEARTBEAT, TERMINAL_TYP
 __all__ = [
     "DEFAULT_SNDHWM", "EVENT_TYPES", "EXECUTION_SCOPED_TYPES", "HEARTBEAT", "TERMINAL_TYPES",
     "WORKER_TYPES", "Event", "EventFilter", "EventPublisher", "decode_event", "decode_payload",
-    "encode_event", "encode_variables", "parse_topic", "topic_for",
+    "encode_event", "parse_topic", "topic_for",
 ]

@@ -2,7 +2,7 @@
 
 The publisher's hot path lives in :mod:`goflow.events.publisher`; this module holds the
 pieces it shares with subscribers and tests: topic construction, the msgpack fallback for
-values msgpack cannot encode, the bounded/redacted variables encoding, and decoding.
+values msgpack cannot encode, value bounding and secret masking, and decoding.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .types import HEARTBEAT, WIRE_VERSION, WORKER_TYPES, Event
 #: of the contract, but it is stable).
 PAYLOAD_KEYS: tuple[str, ...] = (
     "v", "type", "ts", "epoch", "seq", "eseq", "execution_id", "workflow", "node_id",
-    "node_type", "status", "attempt", "error", "meta", "variables",
+    "node_type", "status", "attempt", "vseq", "error", "meta",
 )
 
 SECRET_MASK = "***"
@@ -142,8 +142,8 @@ def redact_secret_text(value: Any, texts: tuple[str, ...], _depth: int = 0) -> A
 def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:
     """``value``, or the ``$omitted`` marker when its msgpack encoding exceeds ``max_bytes``.
 
-    Used for values inside ``meta`` (outputs, variable changes, loop items), which are
-    bounded like the variables snapshot. Small scalars are returned without encoding.
+    Used for every value an event carries in ``meta`` (outputs, variable changes, loop
+    items). Small scalars are returned without encoding.
     """
     if value is None or isinstance(value, (bool, int, float)):
         return value
@@ -160,50 +160,12 @@ def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:
     return value
 
 
-def encode_variables(variables: Mapping[str, Any], *, secrets: Iterable[str] = (),
-                     max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
-                     packer: msgpack.Packer | None = None,
-                     hidden_texts: tuple[str, ...] = ()) -> tuple[bytes, int]:
-    """Encode the bounded, redacted variables as concatenated msgpack key/value pairs.
-
-    Returns ``(body, count)``; the caller writes the map header (``pack_map_header(count)``)
-    in front. Secret names become ``"***"``; a value whose encoding exceeds
-    ``max_value_bytes`` becomes ``{"$omitted": True, "type": <json type>, "bytes": N}``;
-    occurrences of ``hidden_texts`` (secret values) inside other values become ``***``.
-    """
-    pk = packer or new_packer()
-    secret_set = secrets if isinstance(secrets, (set, frozenset)) else frozenset(secrets)
-    mask = pk.pack(SECRET_MASK)
-    parts: list[bytes] = []
-    n = 0
-    for name, value in variables.items():
-        key = name if isinstance(name, str) else str(name)
-        parts.append(pk.pack(key))
-        if key in secret_set:
-            parts.append(mask)
-        else:
-            if hidden_texts:
-                value = redact_secret_text(value, hidden_texts)
-            try:
-                encoded = pk.pack(value)
-            except Exception:  # e.g. a recursive structure or an int beyond 64 bits
-                encoded = pk.pack(msgpack_default(value))
-            if len(encoded) > max_value_bytes:
-                encoded = pk.pack({"$omitted": True, "type": json_type(value),
-                                   "bytes": len(encoded)})
-            parts.append(encoded)
-        n += 1
-    return b"".join(parts), n
-
-
 def encode_event(fields: Mapping[str, Any]) -> bytes:
     """Encode a full payload dict (slow path: tests, tools, other publishers)."""
     d = {k: fields.get(k) for k in PAYLOAD_KEYS}
     d["v"] = fields.get("v", WIRE_VERSION)
     if d["meta"] is None:
         d["meta"] = {}
-    if d["variables"] is None:
-        d["variables"] = {}
     for k, v in fields.items():
         if k not in d and k != "topic":
             d[k] = v

@@ -17,7 +17,8 @@ import zmq
 from goflow.control.framing import AsyncControlClient, ControlClient, ControlError
 from goflow.events.codec import decode_event, topic_for
 from goflow.events.filter import EventFilter
-from goflow.events.types import EXECUTION_SCOPED_TYPES, HEARTBEAT, Event
+from goflow.events.snapshots import ExecutionSnapshot
+from goflow.events.types import EXECUTION_SCOPED_TYPES, HEARTBEAT, TERMINAL_TYPES, Event
 
 Since = Literal["now", "start"] | int
 _FAR = 2 ** 62           # "after everything": used to ask for the latest eseq/seq only
@@ -47,6 +48,7 @@ class _Reliable:
         self.epoch: str | None = None
         self.expected: dict[str, int] = {}      # per-execution mode: next eseq
         self.next_seq: int | None = None         # all-executions mode: next seq
+        self.snapshots: dict[str, ExecutionSnapshot] = {}   # running executions' variables
 
     def prefixes(self) -> list[str]:
         if self.per_execution:   # the whole stream of each execution, plus heartbeats
@@ -142,8 +144,7 @@ class _Reliable:
                            from_eseq=exp, to_eseq=ev.eseq - 1)
             self.stats[counter] += 1
             exp = ev.eseq + 1
-            if self.filter.matches(ev):
-                deliver.append(ev)
+            yield from self._accept(ev, deliver)
         if exp <= end:
             self._loss(end - exp + 1, reason if self.can_repair else f"{reason} (no control "
                        f"endpoint to repair from)", execution_id=eid, from_eseq=exp, to_eseq=end)
@@ -169,8 +170,7 @@ class _Reliable:
                            else "not in replay ring", from_seq=exp, to_seq=ev.seq - 1)
             self.stats[counter] += 1
             exp = ev.seq + 1
-            if self.filter.matches(ev):
-                deliver.append(ev)
+            yield from self._accept(ev, deliver)
         if exp <= end:
             self._loss(end - exp + 1, reason if self.can_repair else f"{reason} (no control "
                        f"endpoint to repair from)", from_seq=exp, to_seq=end)
@@ -193,6 +193,12 @@ class _Reliable:
                         self.expected[eid] = int(reply.get("last_eseq") or 0) + 1
                     except ControlError:
                         self.expected[eid] = 1   # not started yet: its first event is eseq 1
+                        continue
+                    if self.expected[eid] > 1:   # running: start from its snapshot, then live
+                        snap = yield from self._snapshot_base(eid)
+                        if snap.known:
+                            self.snapshots[eid] = snap
+                            self.expected[eid] = snap.last_eseq + 1
                 else:
                     start = 1 if since == "start" else max(1, int(since))
                     out += yield from self._repair_execution(eid, start, None, "replay failed",
@@ -224,6 +230,7 @@ class _Reliable:
                 # A new coordinator numbers from 1 again: replay its stream from the start.
                 self.expected = {eid: 1 for eid in self.executions}
                 self.next_seq = 1
+                self.snapshots.clear()
             self.epoch = ev.epoch
         if ev.type == HEARTBEAT:
             self.stats["heartbeats"] += 1
@@ -272,9 +279,39 @@ class _Reliable:
                 self.stats["gaps"] += 1
                 out += yield from self._repair_global(exp, seq - 1, "gap")
             self.next_seq = seq + 1
-        if self.filter.matches(ev):
-            out.append(ev)
+        yield from self._accept(ev, out)
         return out
+
+    # -- variables snapshots --------------------------------------------------------------
+    def _accept(self, ev: Event, deliver: list[Event]) -> Generator[Request, dict, None]:
+        """Take one event in stream order: apply it to its execution's snapshot, give it its
+        snapshot view, and append it to ``deliver`` if the filter wants it."""
+        eid, eseq = ev.execution_id, ev.eseq
+        if eid is not None and eseq is not None:
+            snap = self.snapshots.get(eid)
+            if snap is None or eseq != snap.last_eseq + 1:
+                snap = self.snapshots[eid] = (ExecutionSnapshot({}, 0, 0) if eseq == 1
+                                              else (yield from self._snapshot_base(eid)))
+            snap.apply(eseq, ev.vseq, ev.type, ev.meta)
+            if ev.type in TERMINAL_TYPES:
+                del self.snapshots[eid]    # views already handed out keep what they need
+            if self.filter.matches(ev):
+                ev._snapshot = snap.view(ev.vseq)
+                deliver.append(ev)
+        elif self.filter.matches(ev):
+            deliver.append(ev)
+
+    def _snapshot_base(self, eid: str) -> Generator[Request, dict, ExecutionSnapshot]:
+        """A base for an execution joined mid-stream or after a loss: the ``variables`` op's
+        snapshot and version (unknown when the coordinator no longer holds the execution)."""
+        if self.can_repair:
+            try:
+                reply = yield ("variables", {"execution_id": eid})
+            except ControlError:
+                reply = None
+            if reply and isinstance(reply.get("vseq"), int) and isinstance(reply.get("variables"), dict):
+                return ExecutionSnapshot(reply["variables"], reply["vseq"], int(reply.get("eseq") or 0))
+        return ExecutionSnapshot(None, 0, 0)
 
 
 def _new_stats() -> dict[str, int]:

@@ -13,11 +13,11 @@ import logging
 import time
 import uuid
 from collections import Counter, OrderedDict, deque
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import zmq
 
-from .codec import DEFAULT_MAX_VALUE_BYTES, encode_variables, new_packer, secret_texts
+from .codec import new_packer
 from .types import HEARTBEAT, WIRE_VERSION
 
 log = logging.getLogger(__name__)
@@ -28,32 +28,30 @@ log = logging.getLogger(__name__)
 #: thousand nodes while keeping a stalled subscriber's cost bounded; anything beyond is a
 #: counted gap that reliable subscribers repair from the replay log.
 DEFAULT_SNDHWM = 10_000
+#: Default bounds of the replay logs: events, and bytes of payload (an event carries values
+#: up to ``max_value_bytes`` each, so a count alone does not bound memory).
+DEFAULT_LOG_CAPACITY = 100_000
+DEFAULT_LOG_BYTES = 64 * 1024 * 1024
 #: How long a finished execution stays in the heartbeat's ``meta.executions``.
 FINISHED_HEARTBEAT_SECONDS = 30.0
 
 MAX_SUBSCRIPTION_BYTES = 64 * 1024
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
-_FIXMAP15 = b"\x8f"   # msgpack fixmap header for the 15 payload keys
 _HEARTBEAT_TOPIC = b"heartbeat/"
 
 
 class _Execution:
-    __slots__ = ("execution_id", "workflow", "secrets", "hidden_texts", "eseq", "log", "first_eseq",
-                 "finished_at", "var_version", "var_part")
+    __slots__ = ("execution_id", "workflow", "eseq", "vseq", "log", "first_eseq", "finished_at")
 
-    def __init__(self, execution_id: str, workflow: str | None, secrets: frozenset[str],
-                 hidden_texts: tuple[str, ...] = ()):
+    def __init__(self, execution_id: str, workflow: str | None):
         self.execution_id = execution_id
         self.workflow = workflow
-        self.secrets = secrets
-        self.hidden_texts = hidden_texts
         self.eseq = 0
+        self.vseq = 0                # eseq of the latest change to the variables snapshot
         self.log: deque[bytes] = deque()
         self.first_eseq = 1          # eseq of log[0]; == eseq + 1 when the log is empty
         self.finished_at: float | None = None
-        self.var_version: Any = None
-        self.var_part: bytes | None = None
 
 
 class EventPublisher:
@@ -65,13 +63,13 @@ class EventPublisher:
     """
 
     def __init__(self, context: zmq.Context, endpoints: list[str], *, sndhwm: int = DEFAULT_SNDHWM,
-                 epoch: str | None = None, log_capacity: int = 100_000,
-                 max_value_bytes: int = DEFAULT_MAX_VALUE_BYTES,
+                 epoch: str | None = None, log_capacity: int = DEFAULT_LOG_CAPACITY,
+                 log_bytes: int = DEFAULT_LOG_BYTES,
                  sink: Callable[[str | None, bytes, bytes], None] | None = None,
                  curve: dict | None = None):
         self.epoch: str = epoch or uuid.uuid4().hex
         self.log_capacity = max(1, int(log_capacity))
-        self.max_value_bytes = int(max_value_bytes)
+        self.log_bytes = max(1, int(log_bytes))
         self.sink = sink
         sock = context.socket(zmq.XPUB)
         sock.setsockopt(zmq.LINGER, 0)
@@ -96,8 +94,6 @@ class EventPublisher:
         self._send = sock.send
         self._packer = new_packer()
         self._pack = self._packer.pack
-        self._var_key = self._pack("variables")
-        self._empty_var_part = self._var_key + self._packer.pack_map_header(0)
         self._seq = 0
         self._published = 0
         self._dropped = 0
@@ -106,7 +102,9 @@ class EventPublisher:
         self._execs: OrderedDict[str, _Execution] = OrderedDict()   # open order
         self._finished: OrderedDict[str, None] = OrderedDict()     # finish order
         self._log_total = 0
-        self._ring: deque[tuple[int, bytes, bytes]] = deque(maxlen=self.log_capacity)
+        self._log_size = 0           # payload bytes in the per-execution logs
+        self._ring: deque[tuple[int, bytes, bytes]] = deque()
+        self._ring_size = 0          # topic + payload bytes in the global ring
         self._prefixes: Counter[bytes] = Counter()
         self.subscription_count = 0
         self._bad_subscription_messages = 0
@@ -143,20 +141,13 @@ class EventPublisher:
         return {k.decode("utf-8", "replace"): v for k, v in self._prefixes.items()}
 
     # -- executions ----------------------------------------------------------------------
-    def open_execution(self, execution_id: str, workflow: str | None, *,
-                       secrets: Iterable[str] = (), secret_values: Iterable[Any] = ()) -> None:
-        """Start logging ``execution_id``. Variables named in ``secrets`` are published as
-        ``***``, and ``secret_values`` are masked wherever they appear inside other variables."""
-        hidden = secret_texts(secret_values)
+    def open_execution(self, execution_id: str, workflow: str | None) -> None:
+        """Start logging ``execution_id`` (again, when resumed: eseq and log are kept)."""
         ex = self._execs.get(execution_id)
         if ex is None:
-            self._execs[execution_id] = _Execution(execution_id, workflow, frozenset(secrets), hidden)
+            self._execs[execution_id] = _Execution(execution_id, workflow)
             return
-        # Re-opened (e.g. resumed): keep eseq and log, refresh metadata.
         ex.workflow = workflow
-        ex.secrets = frozenset(secrets)
-        ex.hidden_texts = hidden
-        ex.var_version = ex.var_part = None
         ex.finished_at = None
         self._finished.pop(execution_id, None)
 
@@ -165,43 +156,27 @@ class EventPublisher:
         if ex is None or ex.finished_at is not None:
             return
         ex.finished_at = time.monotonic()
-        ex.var_part = None            # the live dict is gone; keep only the log
-        ex.var_version = None
         self._finished[execution_id] = None
 
     def _auto_open(self, execution_id: str) -> _Execution:
         self.open_execution(execution_id, None)
         return self._execs[execution_id]
 
-    def variables_part(self, execution_id: str, variables: dict, version: Any) -> bytes:
-        """The encoded ``"variables": {...}`` key/value, cached per (execution, version).
-
-        With ``version`` None the snapshot is encoded every time (no cache).
-        """
-        ex = self._execs.get(execution_id) or self._auto_open(execution_id)
-        return self._variables_part(ex, variables, version)
-
-    def _variables_part(self, ex: _Execution, variables: dict, version: Any) -> bytes:
-        if version is not None and ex.var_part is not None and ex.var_version == version:
-            return ex.var_part
-        body, n = encode_variables(variables, secrets=ex.secrets, max_value_bytes=self.max_value_bytes,
-                                   packer=self._packer, hidden_texts=ex.hidden_texts)
-        part = self._var_key + self._packer.pack_map_header(n) + body
-        ex.var_part = part
-        ex.var_version = version
-        return part
+    def vseq(self, execution_id: str) -> int | None:
+        """The eseq of the execution's latest snapshot change (0: none yet); None if unknown."""
+        ex = self._execs.get(execution_id)
+        return None if ex is None else ex.vseq
 
     # -- emission ------------------------------------------------------------------------
     def emit(self, type: str, execution_id: str | None = None, *, node_id: str | None = None,
              node_type: str | None = None, status: str | None = None, attempt: int | None = None,
-             variables: dict | None = None, variables_version: Any = None,
-             error: dict | None = None, meta: dict | None = None,
+             snapshot_change: bool = False, error: dict | None = None, meta: dict | None = None,
              worker_id: str | None = None) -> int:
         """Sequence, encode, log and publish one event. Returns its ``seq``. Never blocks.
 
-        ``variables`` is the live dict and ``variables_version`` an int that changes on
-        every write; an unchanged version reuses the cached encoding. With ``variables``
-        None an execution event carries the execution's last snapshot (or ``{}``).
+        ``snapshot_change``: this (``variable.changed``) event changes the execution's
+        variables snapshot, so its ``vseq`` is its own ``eseq``; every other event of the
+        execution carries the ``vseq`` of the latest such change (docs/events.md §1).
         Worker events take their id from ``worker_id`` or ``meta["worker_id"]``.
         """
         self._seq = seq = self._seq + 1
@@ -210,20 +185,18 @@ class EventPublisher:
             if ex is None:
                 ex = self._auto_open(execution_id)
             ex.eseq = eseq = ex.eseq + 1
+            if snapshot_change:
+                ex.vseq = eseq
+            vseq = ex.vseq
             if node_id is None:
                 topic = f"{type}/{execution_id}/".encode()
             else:
                 topic = f"{type}/{execution_id}/{node_id}/".encode()
-            if variables is not None:
-                var_part = self._variables_part(ex, variables, variables_version)
-            else:
-                var_part = ex.var_part or self._empty_var_part
             workflow = ex.workflow
         else:
             ex = None
-            eseq = None
+            eseq = vseq = None
             workflow = None
-            var_part = self._empty_var_part
             if worker_id is None and meta:
                 worker_id = meta.get("worker_id")
             if worker_id is not None:
@@ -234,27 +207,31 @@ class EventPublisher:
                 topic = f"{type}/{worker_id}/".encode()
             else:
                 topic = f"{type}/".encode()
-        body = self._pack({
+        payload = self._pack({
             "v": WIRE_VERSION, "type": type, "ts": time.time(), "epoch": self.epoch,
             "seq": seq, "eseq": eseq, "execution_id": execution_id, "workflow": workflow,
             "node_id": node_id, "node_type": node_type, "status": status, "attempt": attempt,
-            "error": error, "meta": meta if meta is not None else {},
+            "vseq": vseq, "error": error, "meta": meta if meta is not None else {},
         })
-        # body is a fixmap of 14 entries (0x8e ...): bump the header to 15 and splice the
-        # pre-encoded variables entry onto the end.
-        payload = b"".join((_FIXMAP15, body[1:], var_part))
         try:
             self._send(topic, _SNDMORE_NOBLOCK)
             self._send(payload, _NOBLOCK)
             self._published += 1
         except zmq.Again:
             self._dropped += 1
+        size = len(payload)
         if ex is not None:
             ex.log.append(payload)
             self._log_total += 1
+            self._log_size += size
+            if self._log_total > self.log_capacity or self._log_size > self.log_bytes:
+                self._evict()
         self._ring.append((seq, topic, payload))
-        if self._log_total > self.log_capacity:
-            self._evict()
+        self._ring_size += size + len(topic)
+        ring = self._ring
+        while len(ring) > self.log_capacity or (self._ring_size > self.log_bytes and len(ring) > 1):
+            _, old_topic, old_payload = ring.popleft()
+            self._ring_size -= len(old_topic) + len(old_payload)
         if self.sink is not None:
             try:
                 self.sink(execution_id, topic, payload)
@@ -284,8 +261,7 @@ class EventPublisher:
             "v": WIRE_VERSION, "type": HEARTBEAT, "ts": time.time(), "epoch": self.epoch,
             "seq": self._seq, "eseq": None, "execution_id": None, "workflow": None,
             "node_id": None, "node_type": None, "status": None, "attempt": None,
-            "error": None, "meta": {"executions": executions, "oldest_seq": oldest_seq},
-            "variables": {},
+            "vseq": None, "error": None, "meta": {"executions": executions, "oldest_seq": oldest_seq},
         })
         self._heartbeats += 1
         try:
@@ -296,23 +272,27 @@ class EventPublisher:
 
     # -- bounded logs ----------------------------------------------------------------------
     def _evict(self) -> None:
-        """Drop one logged event: oldest finished execution first, then oldest running one."""
+        """Drop logged events until both bounds hold again: the oldest finished execution's
+        oldest events first, then the oldest running execution's (never the newest event)."""
+        while self._log_total > self.log_capacity or (self._log_size > self.log_bytes and self._log_total > 1):
+            ex = self._eviction_victim()
+            if ex is None:
+                return
+            self._log_size -= len(ex.log.popleft())
+            ex.first_eseq += 1
+            self._log_total -= 1
+
+    def _eviction_victim(self) -> _Execution | None:
         while self._finished:
             eid = next(iter(self._finished))
             ex = self._execs.get(eid)
-            if ex is None or not ex.log:
-                del self._finished[eid]
-                continue
-            ex.log.popleft()
-            ex.first_eseq += 1
-            self._log_total -= 1
-            return
+            if ex is not None and ex.log:
+                return ex
+            del self._finished[eid]
         for ex in self._execs.values():
             if ex.log:
-                ex.log.popleft()
-                ex.first_eseq += 1
-                self._log_total -= 1
-                return
+                return ex
+        return None
 
     # -- replay ----------------------------------------------------------------------------
     def has_execution(self, execution_id: str) -> bool:
@@ -380,6 +360,9 @@ class EventPublisher:
             "heartbeats": self._heartbeats,
             "log_events": self._log_total,
             "log_capacity": self.log_capacity,
+            "log_bytes": self._log_size,
+            "log_bytes_capacity": self.log_bytes,
+            "ring_bytes": self._ring_size,
             "log_executions": len(self._execs),
             "ring_events": len(self._ring),
             "oldest_seq": self.oldest_seq,

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 #: Every event type the coordinator may publish, in one place.
 EVENT_TYPES: tuple[str, ...] = (
@@ -49,7 +49,10 @@ NODE_ATTEMPT_END_TYPES: frozenset[str] = frozenset(
 TERMINAL_TYPES: frozenset[str] = frozenset(
     {"execution.completed", "execution.failed", "execution.cancelled"})
 
-WIRE_VERSION = 1
+WIRE_VERSION = 2
+"""2: events carry ``vseq`` (the variable state they saw) instead of the whole ``variables``
+snapshot; the snapshot is rebuilt by the subscriber from ``variable.changed`` events
+(``docs/events.md`` §1 "Variables"). 1: every event embedded the snapshot."""
 
 
 class Event(BaseModel):
@@ -72,14 +75,30 @@ class Event(BaseModel):
     node_type: str | None = None
     status: str | None = None
     attempt: int | None = None
-    variables: dict[str, Any] | None = None
+    vseq: int | None = None
     error: dict[str, Any] | None = None
     meta: dict[str, Any] = {}
     topic: str | None = None
+    _snapshot: Any = PrivateAttr(default=None)
+    """A :class:`~goflow.events.snapshots.SnapshotView`, set by the Monitor that delivered it."""
 
     @property
     def is_terminal(self) -> bool:
         return self.type in TERMINAL_TYPES
+
+    @property
+    def variables(self) -> dict[str, Any] | None:
+        """The execution's variables snapshot when this event was emitted (GoFlow's API).
+
+        Reconstructed on the client, on first access, by the reliable :class:`Monitor` that
+        delivered the event (``goflow.events.snapshots``); ``{}`` for events outside an
+        execution; None when unknown (decoded without a Monitor, raw delivery, or a base
+        the coordinator could no longer provide). A fresh dict per access.
+        """
+        if self.execution_id is None:
+            return {}
+        view = self._snapshot
+        return None if view is None else view.materialize()
 
     @classmethod
     def from_wire(cls, fields: dict[str, Any]) -> "Event":
@@ -99,7 +118,7 @@ class Event(BaseModel):
         object.__setattr__(event, "__dict__", fields)
         object.__setattr__(event, "__pydantic_fields_set__", fields_set)
         object.__setattr__(event, "__pydantic_extra__", extra or {})
-        object.__setattr__(event, "__pydantic_private__", None)
+        object.__setattr__(event, "__pydantic_private__", {"_snapshot": None})
         return event
 
     def to_wire_dict(self) -> dict[str, Any]:

@@ -406,6 +406,9 @@ class Store:
         self._target, self._uri = self.path, False
         self._writer: sqlite3.Connection | None = None
         self._known: set[str] = set()
+        self._snapshots: dict[str, dict[str, Any]] = {}
+        """Running executions' variables, rebuilt from ``variable.changed`` (writer thread only);
+        written as ``variables_out`` by the terminal event (events carry no snapshot)."""
         self._thread: threading.Thread | None = None
         self._marker: StateMarker | None = None
         if self.path == ":memory:":
@@ -516,6 +519,7 @@ class Store:
                 pass
         self._writer = None
         self._known.clear()
+        self._snapshots.clear()
         try:
             self._use_memory(reason=self.last_error)
         except Exception as exc2:  # pragma: no cover - sqlite without memory databases?
@@ -777,7 +781,7 @@ class Store:
             conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
                          "error = ?, variables_out = ? WHERE id = ?",
                          (status, ts, meta.get("duration_s"), _dumps(meta.get("result")), _dumps(ev.get("error")),
-                          _dumps(ev.get("variables")), eid))
+                          _dumps(self._snapshots.pop(eid, {})), eid))
         elif etype == "node.started" and node_id is not None:
             conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, "
                          "inputs, started_at, context) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
@@ -817,6 +821,8 @@ class Store:
                           _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None, ts, ts,
                           _context(meta)))
         elif etype == "variable.changed":
+            if ev.get("vseq") == ev.get("eseq"):   # it changed the execution's variables
+                self._snapshots.setdefault(eid, {})[str(meta.get("name"))] = meta.get("value")
             conn.execute("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, node_id, ts) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),

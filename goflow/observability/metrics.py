@@ -9,7 +9,7 @@ process-global one, so several coordinators or tests never collide). It is fed t
   queued events every ``interval`` seconds, and every scrape applies what is queued
   first, so a scrape always reflects every event observed before it. Applying decodes
   only the payload keys a metric needs (``msgpack.Unpacker.skip`` jumps over the
-  variables snapshot). Measured inline on the reactor it cost ~11 us per event, twice
+  rest, e.g. large ``meta`` values). Measured inline on the reactor it cost ~11 us per event, twice
   the publisher's own emit: hence the queue.
 - ``set_gauge_source(fn)``: ``fn() -> {name: number}`` read at scrape time, on the HTTP
   thread, for state that is not an event (workers connected, subscriptions, control
@@ -352,7 +352,7 @@ def coordinator_gauges(coordinator: Any, store: Any = None) -> Callable[[], dict
 
 
 def _decode(payload: bytes) -> dict[str, Any]:
-    """The payload keys metrics use, skipping everything else (the variables snapshot)."""
+    """The payload keys metrics use, skipping everything else (large ``meta`` values)."""
     unpacker = msgpack.Unpacker(raw=False)
     unpacker.feed(payload)
     size = unpacker.read_map_header()
