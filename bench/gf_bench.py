@@ -13,6 +13,8 @@ Every sub-command prints ONE JSON object on its last stdout line. Sub-commands:
   validate  goflow.language.loader.check(goflow.language.loader.parse(text)) for an N-node workflow
   mcp       mcp-server-time calls/s, pooled vs fresh session
   profile   cProfile of Coordinator._loop during one workload
+  inside    node.log on dispatch (nodes printing --lines lines vs none) and tracing on vs off
+            (a --n fan-out exporting to a local OTLP/HTTP sink), alternating, as ratios
 """
 
 from __future__ import annotations
@@ -289,6 +291,92 @@ def cmd_dispatch(a) -> dict:
                     wait_subscriptions_zero(rt)
     finally:
         rt.close()
+    return out
+
+
+# -- inside: node.log and tracing costs -------------------------------------------------------
+def _calls_yaml(n: int, call: str, args: str = "") -> str:
+    out = ['version: "1.0"', f"name: calls-{n}", "nodes:", "  - {id: start, type: start}",
+           "  - {id: end, type: end}"]
+    out += [f'  - {{id: n{i}, type: python, call: "{call}"{args}}}' for i in range(n)]
+    out.append("edges:")
+    for i in range(n):
+        out.append(f"  - {{from: start, to: n{i}}}")
+        out.append(f"  - {{from: n{i}, to: end}}")
+    return "\n".join(out) + "\n"
+
+
+class _OtlpSink:
+    """A local OTLP/HTTP endpoint that accepts and discards spans (counts requests)."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        sink = self
+        self.requests = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                sink.requests += 1
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def cmd_inside(a) -> dict:
+    out: dict = {"n": a.n, "log_nodes": a.log_nodes, "lines": a.lines, "reps": a.reps}
+    quiet = load_text(_calls_yaml(a.log_nodes, CALL), "quiet.yaml")
+    chatty = load_text(_calls_yaml(a.log_nodes, "noop_tasks:print_lines", f", args: [{a.lines}]"), "chatty.yaml")
+    fan = load_text(fanout_yaml(a.n), "fanout.yaml")
+    rt, _ = new_runtime()
+    try:
+        run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
+        sub = spawn_sub(DRAIN_SUB, rt.events_endpoint)
+        wait_subscriptions(rt, 1)
+        for rep in range(a.reps):
+            for name, wf in ((("quiet", quiet), ("chatty", chatty)) if rep % 2 == 0 else
+                             (("chatty", chatty), ("quiet", quiet))):
+                st0 = rt.coordinator.call(lambda: dict(rt.coordinator.node_output.stats))
+                r = run_once(rt, wf)
+                st1 = rt.coordinator.call(lambda: dict(rt.coordinator.node_output.stats))
+                r["nodes_per_s"] = a.log_nodes / r["wall_s"]
+                r["log_events"] = st1["log_batches"] - st0["log_batches"]
+                r["log_lines"] = st1["log_lines"] - st0["log_lines"]
+                out.setdefault(f"log_{name}", []).append(r)
+        for rep in range(a.reps):
+            r = run_once(rt, fan)
+            r["nodes_per_s"] = a.n / r["wall_s"]
+            out.setdefault("trace_off", []).append(r)
+        end_sub(sub)
+    finally:
+        rt.close()
+    otlp = _OtlpSink()
+    rt, _ = new_runtime(otlp_endpoint=otlp.url)
+    try:
+        run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
+        sub = spawn_sub(DRAIN_SUB, rt.events_endpoint)
+        wait_subscriptions(rt, 1)
+        for rep in range(a.reps):
+            r = run_once(rt, fan)
+            r["nodes_per_s"] = a.n / r["wall_s"]
+            out.setdefault("trace_on", []).append(r)
+        end_sub(sub)
+    finally:
+        rt.close()
+        out["otlp_requests"] = otlp.requests
+        otlp.close()
     return out
 
 
@@ -721,6 +809,8 @@ def main() -> None:
     ap.add_argument("--filter", action="store_true")
     ap.add_argument("--drain", action="store_true")
     ap.add_argument("--out", default="/dev/null")
+    ap.add_argument("--log-nodes", type=int, default=200)
+    ap.add_argument("--lines", type=int, default=1000)
     a = ap.parse_args()
     if a.cmd == "_pub":
         return cmd_pub(a)

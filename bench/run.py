@@ -2,7 +2,7 @@
 
   .venv/bin/python bench/run.py [--quick] [--only NAME ...] [--reps N] [--skip-peers]
 
-Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, profile.
+Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, profile.
 goflow parts run in subprocesses of THIS interpreter (the project venv); the peers (dask,
 ray, ProcessPoolExecutor, multiprocessing) run in subprocesses of bench/.venv's python, which
 this script creates and fills on first use (a failed install skips that peer, with a message).
@@ -30,7 +30,7 @@ PEER_PY = os.path.join(PEER_VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
 GF = os.path.join(BENCH, "gf_bench.py")
 PEERS_SCRIPT = os.path.join(BENCH, "peer_bench.py")
-SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "profile"]
+SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "profile"]
 # Versions measured in /work/shared/reference/measured-limits.md; pinned so runs compare.
 PEER_PACKAGES = {"dask": ["dask[distributed]==2026.8.0"], "ray": ["ray==2.60.0"]}
 
@@ -255,6 +255,26 @@ def sec_mcp(cfg, peers) -> dict:
     return {"raw": res, "summary": {k: spread(v) for k, v in res.items()}}
 
 
+def sec_inside(cfg, peers) -> dict:
+    """node.log on dispatch (nodes printing 1,000 lines vs none) and tracing on vs off."""
+    log("inside")
+    res = gf("inside", "--n", str(cfg["inside_n"]), "--log-nodes", str(cfg["inside_log_nodes"]), "--lines", "1000",
+             "--reps", str(cfg["inside_reps"]), timeout=600) or {}
+    out = {"raw": res, "summary": {}}
+    if res:
+        s = out["summary"]
+        for key in ("log_quiet", "log_chatty", "trace_off", "trace_on"):
+            s[key] = spread([r["nodes_per_s"] for r in res.get(key) or []])
+        quiet, chatty = s["log_quiet"]["median"], s["log_chatty"]["median"]
+        off, on = s["trace_off"]["median"], s["trace_on"]["median"]
+        s["log_slowdown"] = quiet / chatty if quiet and chatty else None
+        s["trace_slowdown"] = off / on if off and on else None
+        s["log_events_per_chatty_run"] = med([r["log_events"] for r in res.get("log_chatty") or []])
+        s["log_lines_per_chatty_run"] = med([r["log_lines"] for r in res.get("log_chatty") or []])
+        s["log_nodes"], s["lines"], s["n"] = res.get("log_nodes"), res.get("lines"), res.get("n")
+    return out
+
+
 def sec_profile(cfg, peers) -> dict:
     out = {}
     stamp = cfg["stamp"]
@@ -414,6 +434,18 @@ def table(results) -> str:
         L.append("|---|---|---|")
         L.append(f"| {sp(s.get('pooled_calls_per_s'))} | {sp(s.get('fresh_calls_per_s'))} | "
                  f"{sp(s.get('pooled_first_call_s'))} |")
+    ins = results.get("inside")
+    if ins and ins.get("summary"):
+        s = ins["summary"]
+        L.append("")
+        L.append(f"## Inside a running node (2 workers, 1 draining subscriber; nodes/s, median (min-max, reps))")
+        L.append(f"| workload | off | on | slowdown (off/on) |")
+        L.append("|---|---|---|---|")
+        L.append(f"| node.log: {s['log_nodes']:,} nodes, none vs each printing {s['lines']:,} lines "
+                 f"({fmt(s['log_lines_per_chatty_run'])} lines in {fmt(s['log_events_per_chatty_run'])} node.log events) | "
+                 f"{sp(s['log_quiet'])} | {sp(s['log_chatty'])} | {fmt(s['log_slowdown'])}x |")
+        L.append(f"| tracing: {s['n']:,}-node fan-out, off vs OTLP/HTTP to a local sink | {sp(s['trace_off'])} | "
+                 f"{sp(s['trace_on'])} | {fmt(s['trace_slowdown'])}x |")
     gl = results.get("goals")
     if gl:
         L.append("")
@@ -445,7 +477,8 @@ def main() -> None:
            "deliv_n": 30_000 if q else 60_000, "deliv_reps": 1 if q else 3,
            "lat_n": 2_000 if q else 10_000, "lat_reps": 1 if q else 3,
            "scale_n": 20_000 if q else 100_000, "validate_n": 10_000, "validate_reps": 1 if q else 3,
-           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 5, "mcp_reps": 1 if q else 2}
+           "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 5, "mcp_reps": 1 if q else 2,
+           "inside_n": 2_000 if q else 5_000, "inside_log_nodes": 50 if q else 200, "inside_reps": 2 if q else 4}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]

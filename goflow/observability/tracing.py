@@ -1,10 +1,12 @@
 """OpenTelemetry traces built from the event stream (off by default; docs/observability.md).
 
 :class:`EventTracer` is an event sink (like the history store): the reactor only appends
-``(topic, payload)`` of the few event types it needs to a deque; a thread of its own decodes
-them and drives the OpenTelemetry SDK, whose batch processor exports over OTLP/HTTP. So
-tracing costs the reactor one prefix test and one append per event, and nothing at all
-when it is off (no sink, no import of the SDK).
+the payloads of the few event types it needs to a deque; a thread of its own forwards them
+to the **tracer process** (this module's :func:`main`), where :class:`SpanBuilder` drives
+the OpenTelemetry SDK, whose batch processor exports over OTLP/HTTP. So tracing costs the
+coordinator's process one prefix test and one append per event plus a batched pipe write,
+the SDK's work runs on another CPU, and nothing at all happens when tracing is off (no
+sink, no process, no import of the SDK).
 
 The trace of an execution:
 
@@ -45,6 +47,8 @@ _TRACED = (b"execution.", b"node.started/", b"node.completed/", b"node.failed/",
            b"node.cancelled/")
 _ENDS_ATTEMPT = ("node.completed", "node.failed", "node.retrying", "node.cancelled")
 _CONTEXT_KEYS = ("loop", "index", "parallel", "branch")
+MAX_QUEUED = 1_000_000
+"""Events waiting for the tracer process at most (beyond: counted, not queued)."""
 
 
 # -- ids (shared by the coordinator and the tracer; no SDK needed) ------------------------------
@@ -132,7 +136,89 @@ class _Trace:
 
 
 class EventTracer:
-    """An event sink that turns executions into OpenTelemetry traces exported over OTLP/HTTP."""
+    """The event sink (coordinator process): forwards the traced events to the tracer process.
+
+    The reactor's cost is one prefix test and one deque append per event; a forwarding
+    thread writes them in batches (length-prefixed frames) to the stdin of a child process
+    (``python -m goflow.observability.tracing URL``) that builds the spans with the
+    OpenTelemetry SDK and exports them. So the SDK's per-span work (about 0.1 ms) never
+    competes with the reactor for this process's GIL. At most :data:`MAX_QUEUED` events wait
+    (more are counted in ``stats["dropped"]``, never blocking the reactor).
+    """
+
+    def __init__(self, endpoint: str):
+        import importlib.util
+        import subprocess
+        import sys
+
+        for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ModuleNotFoundError:
+                found = False
+            if not found:
+                raise ImportError(f"no module {module}")
+        self.endpoint = endpoint
+        self._queue: deque[bytes] = deque()
+        self._wake = threading.Event()
+        self._closing = False
+        self.stats = {"forwarded": 0, "dropped": 0}
+        self._process = subprocess.Popen([sys.executable, "-m", "goflow.observability.tracing", endpoint],
+                                         stdin=subprocess.PIPE, start_new_session=False)
+        self._thread = threading.Thread(target=self._forward, name="goflow-tracing", daemon=True)
+        self._thread.start()
+
+    # -- the sink (reactor thread): O(1), never blocks -------------------------------------------
+    def sink(self, execution_id: str | None, topic: bytes, payload: bytes) -> None:
+        if execution_id is not None and topic.startswith(_TRACED):
+            if len(self._queue) >= MAX_QUEUED:
+                self.stats["dropped"] += 1
+                return
+            self._queue.append(payload)
+            self._wake.set()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Forward what is queued, let the tracer process end its spans and flush its exporter."""
+        self._closing = True
+        self._wake.set()
+        self._thread.join(timeout=timeout)
+        try:
+            self._process.wait(timeout)
+        except Exception:  # a stuck exporter must not hang the caller's shutdown
+            log.warning("the tracer process did not finish its export in %.0fs; stopping it", timeout)
+            self._process.kill()
+            self._process.wait(5)
+
+    def _forward(self) -> None:
+        pipe = self._process.stdin
+        assert pipe is not None
+        try:
+            while True:
+                self._wake.wait(0.5)
+                self._wake.clear()
+                while self._queue:
+                    frames = []
+                    while self._queue and len(frames) < 1000:
+                        payload = self._queue.popleft()
+                        frames.append(len(payload).to_bytes(4, "big"))
+                        frames.append(payload)
+                    pipe.write(b"".join(frames))
+                    self.stats["forwarded"] += len(frames) // 2
+                pipe.flush()
+                if self._closing and not self._queue:
+                    return
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            log.error("the tracer process went away (%s): tracing stops", exc)
+            self._queue.clear()
+        finally:
+            try:
+                pipe.close()
+            except OSError:
+                pass
+
+
+class SpanBuilder:
+    """Turns events into spans with the OpenTelemetry SDK (in the tracer process)."""
 
     def __init__(self, endpoint: str, *, service_name: str = "goflow", export_timeout: float = 10.0):
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -140,53 +226,32 @@ class EventTracer:
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-        self.endpoint = endpoint
         self._ids = _PresetIds()
         self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
                                         id_generator=self._ids)
-        self._provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint,
-                                                                              timeout=export_timeout)))
+        # A queue large enough that a burst of nodes is exported, not dropped, by the SDK.
+        self._provider.add_span_processor(BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=endpoint, timeout=export_timeout), max_queue_size=1 << 20,
+            max_export_batch_size=2048, schedule_delay_millis=500))
         self._tracer = self._provider.get_tracer("goflow")
-        self._queue: deque[tuple[bytes, bytes]] = deque()
-        self._wake = threading.Event()
-        self._closing = False
         self._traces: dict[str, _Trace] = {}
         self.stats = {"spans": 0, "bad_events": 0}
-        self._thread = threading.Thread(target=self._run, name="goflow-tracing", daemon=True)
-        self._thread.start()
 
-    # -- the sink (reactor thread): O(1), never blocks -------------------------------------------
-    def sink(self, execution_id: str | None, topic: bytes, payload: bytes) -> None:
-        if execution_id is not None and topic.startswith(_TRACED):
-            self._queue.append((topic, payload))
-            self._wake.set()
+    def feed(self, payload: bytes) -> None:
+        try:
+            self._on_event(msgpack.unpackb(payload, raw=False, strict_map_key=False))
+        except Exception:  # a bad event must not stop tracing
+            self.stats["bad_events"] += 1
+            log.exception("tracing could not use an event")
 
     def close(self) -> None:
-        """Process what is queued, end open spans, flush the exporter."""
-        self._closing = True
-        self._wake.set()
-        self._thread.join(timeout=30)
+        """End what is still open (the stream ended mid-run) and flush the exporter."""
         for trace in self._traces.values():
             for span in trace.attempts.values():
                 span.end()
             trace.root.end()
         self._traces.clear()
         self._provider.shutdown()
-
-    # -- the thread ------------------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            self._wake.wait(0.5)
-            self._wake.clear()
-            while self._queue:
-                topic, payload = self._queue.popleft()
-                try:
-                    self._on_event(msgpack.unpackb(payload, raw=False, strict_map_key=False))
-                except Exception:  # a bad event must not stop tracing
-                    self.stats["bad_events"] += 1
-                    log.exception("tracing could not use an event on %r", topic)
-            if self._closing and not self._queue:
-                return
 
     def _start(self, name: str, trace_number: int, span_number: int, parent: Any, start_s: float,
                attributes: dict) -> Any:
@@ -295,3 +360,33 @@ def tracer_for(endpoint: str | None) -> EventTracer | None:
 
         raise GoflowError(f"tracing to {url} needs the OpenTelemetry SDK and its OTLP exporter ({exc}): "
                           f"pip install 'goflow[otel]'") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The tracer process: length-prefixed event payloads on stdin until EOF, spans to ``URL``."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's; we end at EOF
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m goflow.observability.tracing OTLP_TRACES_URL  (events on stdin)", file=sys.stderr)
+        return 2
+    builder = SpanBuilder(args[0])
+    stream = sys.stdin.buffer
+    try:
+        while True:
+            header = stream.read(4)
+            if len(header) < 4:
+                break
+            payload = stream.read(int.from_bytes(header, "big"))
+            builder.feed(payload)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        builder.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -61,7 +61,7 @@ class _TaskOutput:
 
     def __init__(self, task_id: Any, capture_logging: bool):
         self.task_id = task_id
-        self.lines: list[list] = []
+        self.lines: list[dict] = []
         self.dropped = 0
         self.bytes = 0
         self.tokens = float(BURST_LINES)
@@ -72,9 +72,10 @@ class _TaskOutput:
 
     def admit(self, size: int) -> bool:
         """Whether one more line of ``size`` characters fits the bounds (counts it if not)."""
-        now = time.monotonic()
-        self.tokens = min(float(BURST_LINES), self.tokens + (now - self.refilled) * RATE_LINES_PER_S)
-        self.refilled = now
+        if self.tokens < 1.0:  # refill only when the bucket runs dry (cheap while it is not)
+            now = time.monotonic()
+            self.tokens = min(float(BURST_LINES), self.tokens + (now - self.refilled) * RATE_LINES_PER_S)
+            self.refilled = now
         if self.tokens < 1.0 or self.bytes + size > MAX_BYTES:
             self.dropped += 1
             return False
@@ -101,6 +102,7 @@ class _StreamProxy(io.TextIOBase):
     def __init__(self, capture: "Capture", stream: str, original: Any):
         self._capture = capture
         self._stream = stream
+        self._level = "error" if stream == "stderr" else "info"
         self._original = original
         self._partial = ""
 
@@ -110,22 +112,23 @@ class _StreamProxy(io.TextIOBase):
     def write(self, text: str) -> int:
         if self._capture.current is None:
             return self._original.write(text)
-        if "\n" not in text:
+        if text == "\n":  # print() writes its text and its end separately
+            line, self._partial = self._partial, ""
+            self._capture.emit(self._stream, self._level, line)
+        elif "\n" not in text:
             self._partial += text
             if len(self._partial) > MAX_LINE_CHARS:
                 self.flush()
-            return len(text)
-        *complete, rest = (self._partial + text).split("\n")
-        self._partial = rest
-        level = "error" if self._stream == "stderr" else "info"
-        for line in complete:
-            self._capture.emit(self._stream, level, line)
+        else:
+            *complete, self._partial = (self._partial + text).split("\n")
+            for line in complete:
+                self._capture.emit(self._stream, self._level, line)
         return len(text)
 
     def flush(self) -> None:
         if self._partial:
             line, self._partial = self._partial, ""
-            self._capture.emit(self._stream, "error" if self._stream == "stderr" else "info", line)
+            self._capture.emit(self._stream, self._level, line)
         if self._capture.current is None:
             self._original.flush()
 
@@ -222,17 +225,18 @@ class Capture:
         current = self.current
         if current is None:
             return
-        if len(text) > MAX_LINE_CHARS:
-            text = f"{text[:MAX_LINE_CHARS]}… [{len(text) - MAX_LINE_CHARS} characters cut]"
-        line = [ts or time.time(), stream, level, text]
+        size = len(text)
+        if size > MAX_LINE_CHARS:
+            text = f"{text[:MAX_LINE_CHARS]}… [{size - MAX_LINE_CHARS} characters cut]"
+        line = {"ts": ts or time.time(), "stream": stream, "level": level, "text": text}
         if logger:
-            line.append(logger)
+            line["logger"] = logger
         with self._lock:
-            if self.current is not current or not current.admit(len(text)):
+            if self.current is not current or not current.admit(size):
                 return
-            current.lines.append(line)
-            full = len(current.lines) >= MAX_BATCH_LINES
-        if full:
+            lines = current.lines
+            lines.append(line)
+        if len(lines) >= MAX_BATCH_LINES:
             self._wake.set()
 
     def progress(self, done: float, total: float | None = None, message: str | None = None) -> None:
