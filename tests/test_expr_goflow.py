@@ -211,3 +211,39 @@ def test_pattern_re2_rejects_fails_at_parse_time():
     with pytest.raises(ExpressionError, match="RE2") as ei:
         parse_condition("s matches 'a(?=b)'")
     assert ei.value.position == 2
+
+
+# expr-lang's static type check, precedence and syntax --------------------------------------
+
+@pytest.mark.parametrize("expression", ["n > 3 ? 1 : s - 1", "false && n", "true || s", "!n", "-s",
+                                        "true ? 1 : n ** 'a'"])
+def test_type_errors_are_found_before_evaluation(expression):
+    # expr-lang type-checks the whole expression against the variables first, so a branch
+    # that would never run is still an error.
+    with pytest.raises(ExpressionError, match="invalid operation"):
+        run(expression)
+
+
+@pytest.mark.parametrize("expression, expected", [
+    ("1 < 2 < 3", True), ("3 > 2 > 2", False), ("1 < 2 >= 3", False),   # chained comparisons
+    ("1 + 2 ?? 3", 3), ("(nothing ?? 1) + 1", 2), ("nothing ?? 1", 1),    # ?? binds tightest
+    ("let y = n * 2; y + 1", 11), ("let a = 1; let b = 2; a + b", 3),
+    ("type(round(2))", "float"), ("type(floor(2.5))", "float"), ("type(2 ** 2)", "float"),
+    ("type(abs(-2))", "int"), ("type(10 / 5)", "float"), ("max([])", None),
+])
+def test_expr_lang_syntax_and_result_types(expression, expected):
+    assert run(expression, {**VARS, "nothing": None}) == expected
+
+
+def test_coalesce_cannot_be_the_left_operand_of_another_operator():
+    with pytest.raises(ExpressionError, match="cannot be mixed"):
+        parse_condition("nothing ?? 2 + 3")
+
+
+def test_int_of_a_bool_is_an_error():
+    with pytest.raises(ExpressionError, match="cannot convert bool to int"):
+        run("int(true)")
+
+
+def test_let_names_are_not_variables():
+    assert parse_condition("let y = n; y + 1").names == {"n"}

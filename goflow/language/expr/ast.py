@@ -8,6 +8,7 @@ it has none), used to refuse ``==`` between different known types; ``variables``
 
 from __future__ import annotations
 
+from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -17,7 +18,7 @@ from goflow.language.expr import semantics as sem
 from goflow.language.expr.semantics import Ctx
 
 __all__ = ["Node", "Literal", "Name", "Ref", "Pointer", "Access", "ListLit", "MapLit",
-           "Unary", "Ternary", "Power", "Chain", "Call", "Function", "walk"]
+           "Unary", "Ternary", "Power", "Chain", "Call", "Let", "Function", "walk"]
 
 
 class Node:
@@ -140,6 +141,28 @@ class Access(Node):
         return value
 
 
+class Let(Node):
+    """``let name = value; body``: ``name`` is bound while ``body`` is evaluated."""
+    __slots__ = ("name", "value", "body")
+
+    def __init__(self, name: str, value: Node, body: Node, pos: int):
+        self.name, self.value, self.body, self.pos = name, value, body, pos
+
+    def children(self):
+        return (self.value, self.body)
+
+    def ev(self, ctx):
+        outer = ctx.variables
+        ctx.variables = ChainMap({self.name: self.value.ev(ctx)}, outer)
+        try:
+            return self.body.ev(ctx)
+        finally:
+            ctx.variables = outer
+
+    def kind(self, variables):
+        return self.body.kind(None)
+
+
 class ListLit(Node):
     __slots__ = ("items",)
 
@@ -189,6 +212,15 @@ class Unary(Node):
             raise ctx.err(f"unary '{self.op}' needs a number, got {sem.type_name(v)}", self.pos)
         return -v if self.op == "-" else v
 
+    def check(self, ctx: Ctx | None, variables: Mapping[str, Any] | None,
+              source: str | None = None) -> None:
+        kind = self.operand.kind(variables)
+        if kind is not None and kind != ("bool" if self.op == "!" else "number"):
+            msg = (f"invalid operation: '{self.op}' needs a "
+                   f"{'boolean' if self.op == '!' else 'number'}, got {kind}")
+            raise ctx.err(msg, self.pos) if ctx is not None else ExpressionError(
+                msg, source=source, position=self.pos)
+
     def kind(self, variables):
         return "bool" if self.op == "!" else self.operand.kind(variables)
 
@@ -223,27 +255,54 @@ class Power(Node):
     def ev(self, ctx):
         return sem.power(ctx, self.base.ev(ctx), self.exp.ev(ctx), self.pos)
 
+    def check(self, ctx: Ctx | None, variables: Mapping[str, Any] | None,
+              source: str | None = None) -> str | None:
+        return sem.check_operands(ctx, "**", self.base.kind(variables), self.exp.kind(variables),
+                                  self.pos, source)
+
     def kind(self, variables):
         return "number"
 
 
-_BOOL_OPS = {"==", "!=", "<", "<=", ">", ">=", "in", "not in", "contains", "matches",
-             "startsWith", "endsWith", "&&", "||"}
+_ORDERING = frozenset({"<", "<=", ">", ">="})
+_COMPARISON_PREC = 4
 
 
 class Chain(Node):
-    """A left-associative run of same-precedence binary operators, evaluated iteratively."""
-    __slots__ = ("prec", "first", "rest")
+    """A left-associative run of same-precedence binary operators, evaluated iteratively.
+
+    ``paren``: written in parentheses (expr-lang refuses ``??`` mixed with other operators
+    unless one side is parenthesized).
+    """
+    __slots__ = ("prec", "first", "rest", "paren")
 
     def __init__(self, prec, first, rest, pos):
         self.prec, self.first, self.rest, self.pos = prec, first, rest, pos
+        self.paren = False
 
     def children(self):
         return (self.first, *(n for _, n, _ in self.rest))
 
+    def check(self, ctx: Ctx | None, variables: Mapping[str, Any] | None,
+              source: str | None = None) -> str | None:
+        """The static type check of every operator in the chain; the result's static type."""
+        kind = prev = self.first.kind(variables)
+        prev_op = None
+        for op, node, pos in self.rest:
+            right = node.kind(variables)
+            if op == "??":
+                kind = None
+            elif op in _ORDERING and prev_op in _ORDERING:
+                kind = sem.check_operands(ctx, op, prev, right, pos, source)  # chained
+            else:
+                kind = sem.check_operands(ctx, op, kind, right, pos, source)
+            prev, prev_op = right, op
+        return kind
+
     def ev(self, ctx):
         acc = self.first.ev(ctx)
-        acc_node: Node | None = self.first
+        if self.prec == _COMPARISON_PREC:
+            return self._comparisons(ctx, acc)
         for op, node, pos in self.rest:
             if op == "&&":
                 if not sem.truthy_required(ctx, acc, "&&", pos):
@@ -259,24 +318,27 @@ class Chain(Node):
                 if acc is None:
                     acc = node.ev(ctx)
             else:
-                if op in ("==", "!=") and acc_node is not None:
-                    sem.check_comparable(ctx, op, acc_node.kind(ctx.variables),
-                                         node.kind(ctx.variables), pos)
                 acc = sem.binary(ctx, op, acc, node.ev(ctx), pos)
-            acc_node = None  # a comparison's left side after the first is a bool
+        return acc
+
+    def _comparisons(self, ctx: Ctx, acc: Any) -> Any:
+        """``a < b <= c`` is ``a < b && b <= c`` (expr-lang chains ordering comparisons)."""
+        prev, prev_op, chained = acc, None, True
+        for op, node, pos in self.rest:
+            right = node.ev(ctx)
+            if op in _ORDERING and prev_op in _ORDERING:
+                chained = chained and sem.binary(ctx, op, prev, right, pos)
+                acc = chained
+            else:
+                acc = chained = sem.binary(ctx, op, acc, right, pos)
+            prev, prev_op = right, op
         return acc
 
     def kind(self, variables):
-        op = self.rest[-1][0]
-        if op in _BOOL_OPS:
-            return "bool"
-        if op == "??":
-            return None
-        kinds = {self.first.kind(variables), *(n.kind(variables) for _, n, _ in self.rest)}
-        if op == "+":
-            return kinds.pop() if len(kinds) == 1 and kinds <= {"number", "string", "list"} \
-                else None
-        return "number"
+        try:
+            return self.check(None, variables)
+        except ExpressionError:
+            return None  # reported when the chain itself is evaluated
 
 
 @dataclass(frozen=True)

@@ -202,26 +202,23 @@ def _len(x):
 
 
 def _round(x, digits=0):
-    """Half away from zero, like Go's math.Round (and expr-lang's round)."""
+    """Half away from zero, like Go's math.Round (and expr-lang's round); a float."""
     _num(x)
     if isinstance(digits, bool) or not isinstance(digits, int) or not 0 <= digits <= 20:
         raise ExpressionError("precision must be an integer between 0 and 20")
-    if isinstance(x, int):
-        return x
+    x = float(x)
     if math.isnan(x) or math.isinf(x):
         return x
     if digits == 0:
-        t = math.trunc(x)
+        t = float(math.trunc(x))
         if abs(x - t) >= 0.5:
             t += 1 if x > 0 else -1
-        return int(t)
+        return t
     return float(Decimal(repr(x)).quantize(Decimal(1).scaleb(-digits), rounding=ROUND_HALF_UP))
 
 
 def _to_int(x):
-    if isinstance(x, bool):
-        return int(x)
-    if isinstance(x, int):
+    if isinstance(x, int) and not isinstance(x, bool):
         return x
     if isinstance(x, float):
         if math.isnan(x) or math.isinf(x):
@@ -256,9 +253,9 @@ def _minmax(fn):
     def impl(*args):
         items = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
         if not items:
-            raise ExpressionError("needs at least one value")
-        if not (all(is_num(v) for v in items) or all(isinstance(v, str) for v in items)):
-            raise ExpressionError("needs numbers or strings")
+            return None
+        if not all(is_num(v) for v in items):
+            raise ExpressionError("needs numbers")
         return fn(items)
     return impl
 
@@ -493,7 +490,7 @@ _SPECS: dict[str, tuple] = {
     "findIndex": _lazy(_closure("findIndex", _finder(False, True)), 2, 2, "number"),
     "findLast": _lazy(_closure("findLast", _finder(True, False)), 2, 2),
     "findLastIndex": _lazy(_closure("findLastIndex", _finder(True, True)), 2, 2, "number"),
-    "sum": _lazy(_closure("sum", _c_sum), 1, 2, "number"),
+    "sum": _lazy(_closure("sum", _c_sum), 1, 2),
     "groupBy": _lazy(_closure("groupBy", _c_group_by), 2, 2, "map"),
     "sortBy": _lazy(_closure("sortBy", _c_sort_by), 2, 3, "list"),
     "reduce": _lazy(_closure("reduce", _c_reduce), 2, 3),
@@ -501,13 +498,13 @@ _SPECS: dict[str, tuple] = {
     "len": (1, 1, _len, False, "number", None),
     "length": (1, 1, _len, False, "number", None),
     "abs": (1, 1, lambda x: abs(_num(x)), False, "number", None),
-    "ceil": (1, 1, lambda x: math.ceil(_num(x)), False, "number", None),
-    "floor": (1, 1, lambda x: math.floor(_num(x)), False, "number", None),
+    "ceil": (1, 1, lambda x: float(math.ceil(_num(x))), False, "number", None),
+    "floor": (1, 1, lambda x: float(math.floor(_num(x))), False, "number", None),
     "round": (1, 2, _round, False, "number", None),
     "int": (1, 1, _to_int, False, "number", None),
     "float": (1, 1, _to_float, False, "number", None),
-    "max": (1, None, _minmax(max), False, None, None),
-    "min": (1, None, _minmax(min), False, None, None),
+    "max": (1, None, _minmax(max), False, "number", None),
+    "min": (1, None, _minmax(min), False, "number", None),
     "mean": (1, 1, lambda xs: statistics.fmean(_numbers(xs)), False, "number", None),
     "median": (1, 1, lambda xs: statistics.median(_numbers(xs)), False, "number", None),
     "bitand": (2, 2, _bit(lambda a, b: a & b), False, "number", None),

@@ -18,20 +18,35 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError
-from goflow.language.expr.ast import Literal, Node, walk
+from goflow.language.expr.ast import Chain, Literal, Node, Power, Unary, walk
 from goflow.language.expr.parser import parse_expression, root_names
 from goflow.language.expr.paths import type_name
 from goflow.language.expr.semantics import Ctx
 
-__all__ = ["Condition", "parse_condition", "evaluate_node"]
+__all__ = ["Condition", "parse_condition", "evaluate_node", "operator_chains"]
 
 
-def evaluate_node(node: Node, variables: Mapping[str, Any], source: str) -> Any:
-    """Evaluate a parsed AST over ``variables`` (internal; templates use it too)."""
+def operator_chains(node: Node) -> tuple[Node, ...]:
+    """The operators of an AST (chains, ``**``, unary), for :func:`evaluate_node`'s static
+    type check."""
+    return tuple(n for n in walk(node) if isinstance(n, (Chain, Power, Unary)))
+
+
+def evaluate_node(node: Node, variables: Mapping[str, Any], source: str,
+                  chains: tuple[Node, ...] | None = None) -> Any:
+    """Evaluate a parsed AST over ``variables`` (internal; templates use it too).
+
+    First every operator is type-checked against the variables' types, as expr-lang
+    compiles an expression against its environment before running it: a type error in a
+    branch that would not be evaluated is still an error.
+    """
     if not isinstance(variables, Mapping):
         raise ExpressionError(f"variables must be a mapping, got {type_name(variables)}")
+    ctx = Ctx(variables, source)
+    for chain in operator_chains(node) if chains is None else chains:
+        chain.check(ctx, variables)
     try:
-        return node.ev(Ctx(variables, source))
+        return node.ev(ctx)
     except RecursionError:  # pragma: no cover - depth is bounded by the parser
         raise ExpressionError("expression nested too deeply", source=source) from None
 
@@ -46,6 +61,7 @@ class Condition:
     source: str
     names: frozenset[str]
     _ast: Node = field(repr=False)
+    _chains: tuple[Node, ...] = field(repr=False, default=())
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """Evaluate and return the value (any type).
@@ -53,7 +69,7 @@ class Condition:
         Raises UndefinedVariableError for a missing root variable, ExpressionError for
         type errors and exceeded limits.
         """
-        return evaluate_node(self._ast, variables, self.source)
+        return evaluate_node(self._ast, variables, self.source, self._chains)
 
     def evaluate_bool(self, variables: Mapping[str, Any]) -> bool:
         """Evaluate and require a boolean result."""
@@ -79,4 +95,4 @@ def parse_condition(text: str) -> Condition:
 @lru_cache(maxsize=1024)
 def _parse_condition_cached(text: str) -> Condition:
     ast = parse_expression(text)
-    return Condition(text, root_names(ast), ast)
+    return Condition(text, root_names(ast), ast, operator_chains(ast))

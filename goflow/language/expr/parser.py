@@ -3,15 +3,15 @@
 
 Grammar (lowest precedence first)::
 
-    expr     := pipe ( '?' expr ':' expr )?
-    pipe     := coalesce ( '|' name '(' args ')' )*         (x | f(a) is f(x, a))
-    coalesce := or ( '??' or )*
+    expr     := 'let' name '=' expr ';' expr | pipe ( '?' expr ':' expr )?
+    pipe     := or ( '|' name '(' args ')' )*               (x | f(a) is f(x, a))
     or       := and ( ('||' | 'or') and )*
     and      := cmp ( ('&&' | 'and') cmp )*
     cmp      := add ( ('==' | '!=' | '<' | '<=' | '>' | '>=' | 'in' | 'not in'
                        | 'contains' | 'matches' | 'startsWith' | 'endsWith') add )*
     add      := mul ( ('+' | '-') mul )*
-    mul      := unary ( ('*' | '/' | '%') unary )*
+    mul      := coalesce ( ('*' | '/' | '%') coalesce )*
+    coalesce := unary ( '??' unary )*
     unary    := ('!' | 'not' | '-' | '+') unary | power
     power    := postfix ( ('**' | '^') unary )?          (right associative)
     postfix  := primary ( '.' name | '?.' name | '[' expr ']' | '[' expr? ':' expr? ']' )*
@@ -20,6 +20,8 @@ Grammar (lowest precedence first)::
               | '(' expr ')' | '[' items ']' | '{' key ':' expr, ... '}'
 
 A closure builtin's predicate argument may be wrapped in braces (``map(xs, {# * 2})``).
+Ordering comparisons chain (``1 < x <= 10`` is ``1 < x && x <= 10``); a ``??`` expression
+cannot be the left operand of another operator unless parenthesized (expr-lang's rules).
 Checks made here, before any evaluation: unknown functions and argument counts, ``==``
 between two literals of different types, and ``matches`` with a literal pattern that
 RE2 rejects.  Limits: source length (10 000 characters) and nesting depth (64).
@@ -30,12 +32,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from goflow.errors import ExpressionError
-from goflow.language.expr.ast import (Access, Call, Chain, Function, ListLit, Literal, MapLit,
-                                      Name, Node, Pointer, Power, Ref, Ternary, Unary, walk)
+from goflow.language.expr.ast import (Access, Call, Chain, Function, Let, ListLit, Literal,
+                                      MapLit, Name, Node, Pointer, Power, Ref, Ternary, Unary,
+                                      walk)
 from goflow.language.expr.builtins import EXPRESSION_FUNCTIONS
 from goflow.language.expr.lexer import Token, tokenize
 from goflow.language.expr.paths import type_name
-from goflow.language.expr.semantics import check_comparable, compile_regex, is_num
+from goflow.language.expr.semantics import compile_regex, is_num
 from goflow.language.expr.text import to_text
 
 __all__ = ["parse_expression", "root_names", "KEYWORDS", "MAX_SOURCE_LENGTH", "MAX_DEPTH"]
@@ -44,17 +47,17 @@ MAX_SOURCE_LENGTH = 10_000
 MAX_DEPTH = 64
 
 KEYWORDS = frozenset({"true", "false", "nil", "null", "and", "or", "not", "in", "contains",
-                      "matches", "startsWith", "endsWith"})
+                      "matches", "startsWith", "endsWith", "let"})
 
 # Binary precedence (higher binds tighter).
 _PREC = {
-    "??": 1,
     "||": 2, "or": 2,
     "&&": 3, "and": 3,
     "==": 4, "!=": 4, "<": 4, "<=": 4, ">": 4, ">=": 4, "in": 4, "not in": 4,
     "contains": 4, "matches": 4, "startsWith": 4, "endsWith": 4,
     "+": 5, "-": 5,
     "*": 6, "/": 6, "%": 6,
+    "??": 7,                     # binds tightest, as in expr-lang: 1 + x ?? 2 is 1 + (x ?? 2)
 }
 _CANON = {"or": "||", "and": "&&"}
 
@@ -129,6 +132,10 @@ class _Parser:
     def expr(self) -> Node:
         start = self.peek()
         self.enter(start)
+        if start.kind == "ident" and start.value == "let":
+            node = self.let()
+            self.depth -= 1
+            return node
         node = self.binary(1)
         while self.is_op("|"):
             self.next()
@@ -145,6 +152,16 @@ class _Parser:
             node = Ternary(node, a, b, self.p(q))
         self.depth -= 1
         return node
+
+    def let(self) -> Node:
+        start = self.next()
+        name = self.next()
+        if name.kind != "ident" or name.value in KEYWORDS:
+            raise self.err(f"expected a name after 'let' but found {self.describe(name)}", name)
+        self.expect("=")
+        value = self.expr()
+        self.expect(";")
+        return Let(name.value, value, self.expr(), self.p(start))
 
     def binop(self) -> tuple[str, int] | None:
         t = self.peek()
@@ -172,16 +189,18 @@ class _Parser:
             rhs = self.binary(prec + 1)
             op = _CANON.get(op, op)
             self.check(op, lhs, rhs, tok)
-            if isinstance(lhs, Chain) and lhs.prec == prec:
+            if isinstance(lhs, Chain) and lhs.prec == prec and not lhs.paren:
                 lhs.rest.append((op, rhs, self.p(tok)))
             else:
                 lhs = Chain(prec, lhs, [(op, rhs, self.p(tok))], lhs.pos)
+            lhs.check(None, None, self.source)  # literal type mismatches fail here
 
     def check(self, op: str, lhs: Node, rhs: Node, tok: Token) -> None:
-        """What can be refused before evaluation: literal type mismatches, bad patterns."""
-        if op in ("==", "!=") and not isinstance(lhs, Chain):
-            check_comparable(None, op, lhs.kind(None), rhs.kind(None), self.p(tok),
-                             source=self.source)
+        """What can be refused before evaluation: ``??`` mixed with other operators, bad
+        patterns (literal type mismatches are checked by the chain)."""
+        if op != "??" and isinstance(lhs, Chain) and not lhs.paren and lhs.rest[0][0] == "??":
+            raise self.err(f"operator '{op}' and '??' cannot be mixed; wrap one of them in "
+                           "parentheses", tok)
         if op == "matches" and isinstance(rhs, Literal) and isinstance(rhs.value, str):
             try:
                 compile_regex(rhs.value)
@@ -272,6 +291,8 @@ class _Parser:
             if t.value == "(":
                 node = self.expr()
                 self.expect(")")
+                if isinstance(node, Chain):
+                    node.paren = True
                 return node
             if t.value == ".":  # '.field' is '#.field' inside a closure
                 return Access(Pointer("#", self.p(t)), [self.member_step(t)], self.p(t))
@@ -354,11 +375,15 @@ def parse_expression(text: str, functions: Mapping[str, Function] = EXPRESSION_F
 
 
 def root_names(node: Node) -> frozenset[str]:
-    """The variables an AST reads: bare names and the roots of ``${...}`` references."""
+    """The variables an AST reads: bare names and the roots of ``${...}`` references
+    (names bound by ``let`` are not variables)."""
     acc: set[str] = set()
+    bound: set[str] = set()
     for n in walk(node):
         if isinstance(n, Name):
             acc.add(n.name)
         elif isinstance(n, Ref):
             acc.add(n.segments[0])
-    return frozenset(acc)
+        elif isinstance(n, Let):
+            bound.add(n.name)
+    return frozenset(acc - bound)

@@ -3,12 +3,13 @@
 One place for every operator rule (the AST in :mod:`~goflow.language.expr.ast` only
 dispatches here):
 
+* **Static types**: literals, variables, and results of operators and typed builtins have
+  a *known* type; a value read out of a map or list has none.  As expr-lang's type checker
+  does before evaluating anything, an operator between known types it cannot take is an
+  error even where it would not be evaluated: ``"5" == 5``, ``count == "5"``,
+  ``true == 1``, ``n && true``, ``s - 1``.  ``user.age == "5"`` is simply ``false``.
 * **Equality** ``==`` / ``!=``: ints and floats compare numerically; ``true`` never equals
-  ``1``.  Comparing two values whose types are *known* (literals, variables, results of
-  operators and typed builtins) and differ -- ``"5" == 5``, ``count == "5"``,
-  ``true == 1`` -- is an error, as expr-lang's type checker makes it; a value read out of a
-  map or list has no static type, so ``user.age == "5"`` is simply ``false``.  ``nil``
-  compares with anything.
+  ``1``; ``nil`` compares with anything.
 * **Ordering** ``< <= > >=``: two numbers or two strings; anything else is an error.
 * **Member access and indexing**: a missing map key gives ``nil``; an index out of range,
   a non-integer list index, a non-string map key, indexing a string (slice it instead)
@@ -21,7 +22,8 @@ dispatches here):
 * ``a in b``: element of a list, key of a map, (goflow's extension) substring of a
   string; ``contains`` is the reverse.  ``matches`` is an RE2 search (Go's regular
   expression syntax, linear time), so no pattern can backtrack catastrophically.
-* Limits: exponent (<= 1000), integer size (<= 4096 bits), strings (<= 1 000 000
+* ``**`` gives a float, as do ``/``, ``round``, ``ceil`` and ``floor``.
+* Limits: integer size (<= 4096 bits), strings (<= 1 000 000
   characters), lists (<= 100 000 items), regex pattern (<= 1000) and input (<= 100 000).
 """
 
@@ -38,10 +40,9 @@ from goflow.language.expr.paths import type_name
 from goflow.language.expr.text import to_text
 
 __all__ = ["Ctx", "is_num", "truthy_required", "member", "slice_value", "equal",
-           "check_comparable", "kind_of", "binary", "power", "contains", "compile_regex",
+           "check_operands", "kind_of", "binary", "power", "contains", "compile_regex",
            "cap", "MAX_STRING", "MAX_LIST"]
 
-MAX_EXPONENT = 1000
 MAX_INT_BITS = 4096
 MAX_STRING = 1_000_000
 MAX_LIST = 100_000
@@ -95,7 +96,7 @@ def member(ctx: Ctx, obj: Any, key: Any, pos: int) -> Any:
     if obj is None:
         raise ctx.err(f"cannot fetch {to_text(key)!r} from nil (use '?.' for an optional "
                       "value)", pos)
-    if isinstance(obj, str):
+    if isinstance(obj, str) and isinstance(key, int) and not isinstance(key, bool):
         raise ctx.err("cannot index a string (slice it instead: s[0:1])", pos)
     raise ctx.err(f"cannot fetch {to_text(key)!r} from a {type_name(obj)} value", pos)
 
@@ -130,19 +131,53 @@ def kind_of(value: Any) -> str | None:
     return None
 
 
-_KIND_NAMES = {"number": "number", "string": "string", "bool": "bool", "map": "map",
-               "list": "list"}
+_COMPARISONS = {"<", "<=", ">", ">="}
+_NUMERIC = {"-", "*", "/", "%", "**"}  # '**' is checked by the Power node
+_TEXT = {"startsWith", "endsWith", "matches"}
+_BOOLEAN_RESULT = {"==", "!=", "&&", "||", "in", "not in", "contains"} | _COMPARISONS | _TEXT
 
 
-def check_comparable(ctx: Ctx | None, op: str, ka: str | None, kb: str | None, pos: int,
-                     source: str | None = None) -> None:
-    """Refuse ``==``/``!=`` between two different known types (expr-lang's type check)."""
-    if ka is None or kb is None or ka == kb:
-        return
-    msg = (f"invalid operation: '{op}' (mismatched types {_KIND_NAMES[ka]} and "
-           f"{_KIND_NAMES[kb]}); convert one side with string(), int() or float()")
-    raise (ctx.err(msg, pos) if ctx is not None
-           else ExpressionError(msg, source=source, position=pos))
+def _operands_fit(op: str, ka: str | None, kb: str | None) -> bool:
+    known = {k for k in (ka, kb) if k is not None}
+    if op in ("==", "!="):
+        return len(known) < 2 or ka == kb
+    if op in ("&&", "||"):
+        return known <= {"bool"}
+    if op in _NUMERIC:
+        return known <= {"number"}
+    if op in _COMPARISONS:
+        return known <= {"number"} or known <= {"string"}
+    if op == "+":  # lists too: goflow's extension
+        return known <= {"number"} or known <= {"string"} or known <= {"list"}
+    if op in _TEXT:
+        return known <= {"string"}
+    if op in ("in", "not in"):  # a substring test on strings: goflow's extension
+        return kb is None or kb in ("list", "map", "string")
+    if op == "contains":  # membership in lists and maps: goflow's extension
+        return ka != "string" or kb in (None, "string")
+    return True
+
+
+def check_operands(ctx: Ctx | None, op: str, ka: str | None, kb: str | None, pos: int,
+                   source: str | None = None) -> str | None:
+    """Refuse an operator between known types it cannot take, as expr-lang's type checker
+    does before evaluating anything (so a branch that is never evaluated is checked too).
+
+    Returns the static type of the result (``None`` when unknown).
+    """
+    if not _operands_fit(op, ka, kb):
+        msg = (f"invalid operation: '{op}' (mismatched types {ka or 'any'} and {kb or 'any'})"
+               + ("; convert one side with string(), int() or float()" if op in ("==", "!=")
+                  else ""))
+        raise (ctx.err(msg, pos) if ctx is not None
+               else ExpressionError(msg, source=source, position=pos))
+    if op in _BOOLEAN_RESULT:
+        return "bool"
+    if op in _NUMERIC or (op == "+" and "number" in (ka, kb)):
+        return "number"
+    if op == "+":
+        return ka or kb
+    return None
 
 
 def equal(a: Any, b: Any, depth: int = 0) -> bool:
@@ -169,15 +204,10 @@ def check_int(ctx: Ctx, v: Any, pos: int) -> Any:
     return v
 
 
-def power(ctx: Ctx, a: Any, b: Any, pos: int) -> Any:
+def power(ctx: Ctx, a: Any, b: Any, pos: int) -> float:
+    """``a ** b`` (and ``a ^ b``): a float, as in expr-lang."""
     if not (is_num(a) and is_num(b)):
         raise ctx.err(f"operator '**' needs numbers, got {type_name(a)} and {type_name(b)}", pos)
-    if abs(b) > MAX_EXPONENT:
-        raise ctx.err(f"exponent too large ({to_text(b)}; limit {MAX_EXPONENT})", pos)
-    if isinstance(a, int) and isinstance(b, int) and b >= 0:
-        if a not in (0, 1, -1) and (abs(a).bit_length() - 1) * b > MAX_INT_BITS:
-            raise ctx.err(f"integer result too large (more than {MAX_INT_BITS} bits)", pos)
-        return check_int(ctx, a ** b, pos)
     try:
         r = float(a) ** float(b)
     except ZeroDivisionError:

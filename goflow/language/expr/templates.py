@@ -42,7 +42,7 @@ from typing import Any
 from goflow.errors import ExpressionError, UndefinedVariableError
 from goflow.language.expr.ast import Function, Node, Ref
 from goflow.language.expr.builtins import EXPRESSION_FUNCTIONS
-from goflow.language.expr.conditions import evaluate_node
+from goflow.language.expr.conditions import evaluate_node, operator_chains
 from goflow.language.expr.parser import KEYWORDS, parse_expression, root_names
 from goflow.language.expr.semantics import is_num
 from goflow.language.expr.paths import parse_path, type_name
@@ -259,14 +259,14 @@ class Template:
     """A compiled template.  ``names``: root variable names read by its placeholders."""
     source: str
     names: frozenset[str]
-    _parts: tuple = field(repr=False)
+    _parts: tuple = field(repr=False)   # literal text, or (node, its operator chains)
 
     def render(self, variables: Mapping[str, Any]) -> str:
         out: list[str] = []
         total = 0
         for part in self._parts:
-            s = part if isinstance(part, str) else to_text(evaluate_node(part, variables,
-                                                                         self.source))
+            s = part if isinstance(part, str) else to_text(evaluate_node(part[0], variables,
+                                                                         self.source, part[1]))
             total += len(s)
             if total > 1_000_000:
                 raise ExpressionError("template result too long (limit 1 000 000 characters)",
@@ -312,7 +312,7 @@ def _compile_cached(text: str) -> Template:
             node = parse_expression(p.content, TEMPLATE_FUNCTIONS, base=p.inner, source=text,
                                     kind="template function")
         names |= root_names(node)
-        parts.append(node)
+        parts.append((node, operator_chains(node)))
     return Template(text, frozenset(names), tuple(parts))
 
 
