@@ -819,12 +819,13 @@ class Coordinator:
         poller = zmq.Poller()
         poller.register(self.worker_socket, zmq.POLLIN)
         poller.register(self.control_socket, zmq.POLLIN)
-        poller.register(self.publisher.socket, zmq.POLLIN)
+        events_socket = self.publisher.socket
+        poller.register(events_socket, zmq.POLLIN)
         poller.register(self._wake_read, zmq.POLLIN)
         self.call_later(self.heartbeat_interval, self._heartbeat)
         self.call_later(0.1, self._check_liveness)
         handlers = {self.worker_socket: self._on_worker_socket, self.control_socket: self.control.on_readable,
-                    self.publisher.socket: self.publisher.on_readable, self._wake_read: self._run_calls}
+                    events_socket: self.publisher.on_readable, self._wake_read: self._run_calls}
         try:
             while self._running:
                 if self.timers:
@@ -836,6 +837,12 @@ class Coordinator:
                         handlers[sock]()
                     except Exception:
                         log.exception("reactor handler failed")
+                if self.publisher.socket is not events_socket:  # reset by a subscription flood
+                    poller.unregister(events_socket)
+                    del handlers[events_socket]
+                    events_socket = self.publisher.socket
+                    poller.register(events_socket, zmq.POLLIN)
+                    handlers[events_socket] = self.publisher.on_readable
                 try:
                     self._run_timers()
                     if self._pump_wanted:

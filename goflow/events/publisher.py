@@ -35,7 +35,22 @@ DEFAULT_LOG_BYTES = 64 * 1024 * 1024
 #: How long a finished execution stays in the heartbeat's ``meta.executions``.
 FINISHED_HEARTBEAT_SECONDS = 30.0
 
-MAX_SUBSCRIPTION_BYTES = 64 * 1024
+#: Subscription limits. A subscription is a topic prefix; libzmq keeps every subscription of
+#: every connection in a trie (measured: ~450 bytes per distinct prefix byte), freed only when
+#: the connection goes; 2,000 SUBSCRIBE frames of 60 KB once took a daemon to 4.9 GB.
+#: One prefix: at most MAX_PREFIX_BYTES (real topics are far shorter); a bigger frame makes
+#: libzmq drop the connection that sent it. In total, over all connections: at most
+#: MAX_SUBSCRIPTIONS prefixes and MAX_SUBSCRIBED_BYTES bytes of them (~60 MB of trie at
+#: worst, for prefixes that share nothing). SUBSCRIPTION_RCVHWM bounds how far libzmq reads
+#: a connection's subscriptions ahead of this count. XPUB tells no connection apart, so a
+#: subscription beyond the total is refused by resetting the socket: every connection is
+#: dropped (libzmq frees their subscriptions), subscribers reconnect and resubscribe by
+#: themselves and repair the gap from the replay log like any other gap. Refusals and
+#: resets are counted (stats, metrics).
+MAX_PREFIX_BYTES = 512
+MAX_SUBSCRIPTIONS = 4096
+MAX_SUBSCRIBED_BYTES = 128 * 1024
+SUBSCRIPTION_RCVHWM = 64
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
@@ -71,27 +86,14 @@ class EventPublisher:
         self.log_capacity = max(1, int(log_capacity))
         self.log_bytes = max(1, int(log_bytes))
         self.sink = sink
-        sock = context.socket(zmq.XPUB)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.SNDHWM, int(sndhwm))
-        # VERBOSER = every subscribe AND unsubscribe is passed up, so counts stay exact.
-        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
-        # Subscribers only send (un)subscribe messages: anything bigger is garbage, dropped by libzmq.
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_SUBSCRIPTION_BYTES)
-        if curve:
-            if curve.get("domain"):
-                sock.zap_domain = curve["domain"].encode()
-            sock.curve_server = True
-            sock.curve_secretkey = curve["secret"]
-        try:
-            for ep in endpoints:
-                sock.bind(ep)
-        except Exception:
-            sock.close(0)
-            raise
-        self.socket: zmq.Socket = sock
+        self._context = context
+        self._sndhwm = int(sndhwm)
+        self._curve = curve
         self.endpoints = list(endpoints)
-        self._send = sock.send
+        self._bound: list[str] = []
+        """Where the socket is bound (port 0 resolved), for a reset to bind the same again."""
+        self.socket: zmq.Socket = self._open(self.endpoints)
+        self._send = self.socket.send
         self._packer = new_packer()
         self._pack = self._packer.pack
         self._seq = 0
@@ -107,12 +109,45 @@ class EventPublisher:
         self._ring_size = 0          # topic + payload bytes in the global ring
         self._prefixes: Counter[bytes] = Counter()
         self.subscription_count = 0
+        self._subscribed_bytes = 0
         self._bad_subscription_messages = 0
+        self._refused_subscriptions = 0
+        self._subscription_resets = 0
         self._closed = False
 
     # -- subscriptions -------------------------------------------------------------------
+    def _open(self, endpoints: list[str]) -> zmq.Socket:
+        sock = self._context.socket(zmq.XPUB)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, self._sndhwm)
+        # VERBOSER = every subscribe AND unsubscribe is passed up, so counts stay exact.
+        sock.setsockopt(zmq.XPUB_VERBOSER, 1)
+        # Subscribers only send (un)subscribe messages: a bigger frame is garbage, and libzmq
+        # drops the connection that sent it.
+        sock.setsockopt(zmq.MAXMSGSIZE, 1 + MAX_PREFIX_BYTES)
+        sock.setsockopt(zmq.RCVHWM, SUBSCRIPTION_RCVHWM)
+        curve = self._curve
+        if curve:
+            if curve.get("domain"):
+                sock.zap_domain = curve["domain"].encode()
+            sock.curve_server = True
+            sock.curve_secretkey = curve["secret"]
+        bound = []
+        try:
+            for ep in endpoints:
+                sock.bind(ep)
+                bound.append(sock.getsockopt_string(zmq.LAST_ENDPOINT))
+        except Exception:
+            sock.close(0)
+            raise
+        self._bound = bound
+        return sock
+
     def on_readable(self) -> None:
-        """Drain subscribe/unsubscribe messages from the XPUB socket (never blocks)."""
+        """Drain subscribe/unsubscribe messages from the XPUB socket (never blocks).
+
+        May replace :attr:`socket` (see MAX_SUBSCRIPTIONS): a poller must re-register it.
+        """
         recv = self.socket.recv
         while True:
             try:
@@ -124,16 +159,44 @@ class EventPublisher:
                 continue
             prefix = msg[1:]
             if msg[0] == 1:
+                if self.subscription_count >= MAX_SUBSCRIPTIONS or \
+                        self._subscribed_bytes + len(prefix) > MAX_SUBSCRIBED_BYTES:
+                    self._refused_subscriptions += 1
+                    self._reset()
+                    return
                 self._prefixes[prefix] += 1
                 self.subscription_count += 1
+                self._subscribed_bytes += len(prefix)
             elif msg[0] == 0:
                 if self._prefixes.get(prefix, 0) > 0:
                     self._prefixes[prefix] -= 1
                     if not self._prefixes[prefix]:
                         del self._prefixes[prefix]
                     self.subscription_count -= 1
+                    self._subscribed_bytes -= len(prefix)
             else:
                 self._bad_subscription_messages += 1
+
+    def _reset(self) -> None:
+        """Drop every subscriber connection (freeing libzmq's subscriptions) and bind anew."""
+        self._subscription_resets += 1
+        log.warning("event subscriptions over the limit (%d prefixes, %d bytes; limits %d, %d): dropping every "
+                    "subscriber connection (they reconnect and repair the gap)", self.subscription_count,
+                    self._subscribed_bytes, MAX_SUBSCRIPTIONS, MAX_SUBSCRIBED_BYTES)
+        self.socket.close(0)
+        self._prefixes.clear()
+        self.subscription_count = 0
+        self._subscribed_bytes = 0
+        deadline = time.monotonic() + 5.0
+        while True:  # the closed socket releases its TCP port asynchronously
+            try:
+                self.socket = self._open(self._bound)
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+        self._send = self.socket.send
 
     @property
     def subscriptions(self) -> dict[str, int]:
@@ -368,6 +431,9 @@ class EventPublisher:
             "oldest_seq": self.oldest_seq,
             "sink_errors": self._sink_errors,
             "bad_subscription_messages": self._bad_subscription_messages,
+            "subscribed_bytes": self._subscribed_bytes,
+            "refused_subscriptions": self._refused_subscriptions,
+            "subscription_resets": self._subscription_resets,
         }
 
     def close(self, linger_ms: int = 1000) -> None:

@@ -55,6 +55,16 @@ SOURCE_METRICS: dict[str, tuple[str, str, str]] = {
     "events_published": ("goflow_events_published", "counter", "Events sent on the XPUB socket"),
     "events_dropped": ("goflow_events_dropped", "counter", "Events the XPUB socket dropped"),
     "queued_tasks": ("goflow_tasks_queued", "gauge", "Tasks waiting for a worker"),
+    "subscribed_bytes": ("goflow_event_subscribed_bytes", "gauge",
+                         "Bytes of active subscription prefixes (bounded: see goflow.events.publisher)"),
+    "refused_subscriptions": ("goflow_event_subscriptions_refused", "counter",
+                              "Subscriptions refused because the subscription limits were reached"),
+    "subscription_resets": ("goflow_event_subscription_resets", "counter",
+                            "Times every subscriber connection was dropped to enforce the subscription limits"),
+    "bad_worker_frames": ("goflow_bad_frames_workers", "counter", "Malformed frames dropped on the workers socket"),
+    "bad_control_frames": ("goflow_bad_frames_control", "counter", "Malformed frames on the control socket"),
+    "bad_subscription_messages": ("goflow_bad_frames_events", "counter",
+                                  "Malformed (un)subscribe messages on the events socket"),
     "store_queue_depth": ("goflow_store_queue_depth", "gauge", "Events waiting to be written to the history"),
     "store_write_lag_seconds": ("goflow_store_write_lag_seconds", "gauge",
                                 "Age of the oldest event not yet written to the history"),
@@ -342,6 +352,12 @@ def coordinator_gauges(coordinator: Any, store: Any = None) -> Callable[[], dict
             values["events_dropped"] = publisher._dropped
             values["control_requests"] = coordinator.control.stats.get("requests", 0)
             values["queued_tasks"] = len(coordinator.queue)
+            values["subscribed_bytes"] = publisher._subscribed_bytes
+            values["refused_subscriptions"] = publisher._refused_subscriptions
+            values["subscription_resets"] = publisher._subscription_resets
+            values["bad_subscription_messages"] = publisher._bad_subscription_messages
+            values["bad_worker_frames"] = coordinator.stats["bad_worker_frames"]
+            values["bad_control_frames"] = coordinator.control.stats.get("bad_frames", 0)
         except Exception:   # a half-stopped coordinator
             pass
         if store is not None:
