@@ -109,24 +109,24 @@ def test_file_is_wal_and_versioned(store, tmp_path):
     store.flush()
     conn = sqlite3.connect(tmp_path / "history.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert schema_version(conn) == SCHEMA_VERSION == 1
+    assert schema_version(conn) == SCHEMA_VERSION == 2
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"executions", "node_executions", "variable_changes", "events", "schema_version"} <= tables
+    assert {"executions", "node_executions", "variable_changes", "events", "event_chunks", "schema_version"} <= tables
     conn.close()
 
 
 def test_migrations_apply_missing_steps_in_order(tmp_path):
     conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    assert migrate(conn) == 1
-    assert migrate(conn) == 1                       # idempotent
-    steps = [(1, "SELECT 1;"), (2, "ALTER TABLE executions ADD COLUMN labels TEXT;"),
-             (3, "CREATE INDEX executions_labels ON executions(labels);")]
-    assert migrate(conn, steps) == 3
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3]
+    assert migrate(conn) == 2
+    assert migrate(conn) == 2                       # idempotent
+    steps = [(1, "SELECT 1;"), (2, "SELECT 2;"), (3, "ALTER TABLE executions ADD COLUMN labels TEXT;"),
+             (4, "CREATE INDEX executions_labels ON executions(labels);")]
+    assert migrate(conn, steps) == 4
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
     assert "labels" in [r[1] for r in conn.execute("PRAGMA table_info(executions)")]
     with pytest.raises(sqlite3.Error):   # a failing step leaves the previous version
-        migrate(conn, steps + [(4, "ALTER TABLE nope ADD COLUMN x;")])
-    assert schema_version(conn) == 3
+        migrate(conn, steps + [(5, "ALTER TABLE nope ADD COLUMN x;")])
+    assert schema_version(conn) == 4
 
 
 def test_default_db_path(monkeypatch, tmp_path):
@@ -189,6 +189,38 @@ def test_events_are_stored_byte_for_byte_in_order(store, publisher):
     assert len(store.events(eid, nodes=["square"])) == 4
     assert len(store.events(eid, types=["node.completed"], nodes=["square"])) == 2
     assert store.events(other) == publisher.pub.replay(other)
+
+
+def test_a_v1_file_is_migrated_and_its_events_still_read(tmp_path):
+    from goflow.history.store import MIGRATIONS
+
+    path = tmp_path / "old.db"
+    publisher = Publisher(lambda *event: None)
+    try:
+        eid = publisher.run()
+        published = publisher.pub.replay_seq(1)
+    finally:
+        publisher.close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, MIGRATIONS[:1])                  # a file from before event chunks
+    conn.execute("INSERT INTO executions (id, workflow, status) VALUES (?, 'demo', 'running')", (eid,))
+    for topic, payload in published[:3]:
+        event = msgpack.unpackb(payload)
+        conn.execute("INSERT INTO events (execution_id, epoch, eseq, seq, type, node_id, ts, topic, payload) "
+                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (eid, event["epoch"], event["eseq"], event["seq"],
+                                                           event["type"], event.get("node_id"), event["ts"],
+                                                           topic.decode(), payload))
+    conn.close()
+    s = Store(path)
+    try:
+        for topic, payload in published:          # the first three again, then the rest
+            s.sink(eid, topic, payload)
+        assert s.flush(5)
+        assert s.events(eid) == [payload for _, payload in published]
+        assert s.events(eid, from_eseq=3) == [payload for _, payload in published[2:]]
+        assert s.last_event(eid)["eseq"] == len(published)
+    finally:
+        s.close()
 
 
 def test_duplicate_events_are_ignored(store, publisher):
@@ -437,7 +469,7 @@ def test_disk_full_is_reported_once_and_history_continues_in_memory(tiny_tmpfs, 
     try:
         first = p.run()
         assert s.flush(5) and s.healthy
-        big = "x" * 3500   # ~40 KB per event
+        big = os.urandom(1750).hex()   # incompressible (event chunks are compressed): ~40 KB per event
         with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
             eid = uuid.uuid4().hex
             p.pub.open_execution(eid, "big")

@@ -39,6 +39,7 @@ import os
 import sqlite3
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,8 @@ _BARRIER = 2
 STATE_SIZE = 512
 """Bytes of the ``<db>.state`` marker; always rewritten whole, in place."""
 _memory_ids = itertools.count(1)
+CHUNK_COMPRESSION = 1
+"""zlib level for event chunks: level 1 is within 6% of level 6's size here, 3x faster."""
 
 
 class HistoryError(Exception):
@@ -171,6 +174,21 @@ CREATE TABLE events (
     payload      BLOB NOT NULL,         -- exactly as published
     UNIQUE (execution_id, epoch, eseq)
 );
+"""),
+    (2, """
+-- Events are stored in chunks: all of one execution's events of one write batch, compressed
+-- together (similar msgpack payloads compress about 12x). Rows of the v1 ``events`` table
+-- (files written before) are still read, before the chunks.
+CREATE TABLE event_chunks (
+    id           INTEGER PRIMARY KEY,   -- arrival order
+    execution_id TEXT NOT NULL,
+    epoch        TEXT,
+    first_eseq   INTEGER,
+    last_eseq    INTEGER,
+    events       INTEGER NOT NULL,
+    data         BLOB NOT NULL          -- zlib(msgpack([[topic, payload, eseq, type, node_id], ...]))
+);
+CREATE INDEX event_chunks_execution ON event_chunks(execution_id, epoch, last_eseq);
 """),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -292,10 +310,13 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
+_ENCODE = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":")).encode
+
+
 def _dumps(value: Any) -> str | None:
     if value is None:
         return None
-    return json.dumps(value, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+    return _ENCODE(value)
 
 
 def _loads(text: str | None) -> Any:
@@ -409,6 +430,8 @@ class Store:
         self._snapshots: dict[str, dict[str, Any]] = {}
         """Running executions' variables, rebuilt from ``variable.changed`` (writer thread only);
         written as ``variables_out`` by the terminal event (events carry no snapshot)."""
+        self._last_eseq: dict[tuple[str, str | None], int] = {}
+        """(execution, epoch) -> the highest eseq stored (writer thread only; committed state)."""
         self._thread: threading.Thread | None = None
         self._marker: StateMarker | None = None
         if self.path == ":memory:":
@@ -520,6 +543,7 @@ class Store:
         self._writer = None
         self._known.clear()
         self._snapshots.clear()
+        self._last_eseq.clear()
         try:
             self._use_memory(reason=self.last_error)
         except Exception as exc2:  # pragma: no cover - sqlite without memory databases?
@@ -700,9 +724,10 @@ class Store:
 
     def _apply(self, conn: sqlite3.Connection, batch: list) -> None:
         unpack = msgpack.unpackb
+        stored: dict[tuple[str, str | None], int] = {}
         conn.execute("BEGIN")
         try:
-            self._apply_batch(conn, batch, unpack)
+            self._apply_batch(conn, batch, unpack, stored)
         except BaseException:
             try:
                 conn.execute("ROLLBACK")
@@ -710,9 +735,30 @@ class Store:
                 pass
             raise
         conn.execute("COMMIT")
+        last = self._last_eseq
+        if len(last) > 100_000:   # bounded; a forgotten key is looked up again
+            last.clear()
+        last.update(stored)
 
-    def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable) -> None:
+    def _stored_eseq(self, conn: sqlite3.Connection, key: tuple[str, str | None],
+                     pending: dict[tuple[str, str | None], int]) -> int:
+        """The highest eseq of ``key`` (execution, epoch) already stored or in this batch."""
+        value = pending.get(key)
+        if value is None:
+            value = self._last_eseq.get(key)
+        if value is None:
+            row = conn.execute("SELECT MAX(last_eseq) FROM event_chunks WHERE execution_id = ? AND epoch IS ?",
+                               key).fetchone()
+            legacy = conn.execute("SELECT MAX(eseq) FROM events WHERE execution_id = ? AND epoch IS ?",
+                                  key).fetchone()
+            value = max(row[0] or 0, legacy[0] or 0)
+            pending[key] = value
+        return value
+
+    def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable,
+                     stored: dict[tuple[str, str | None], int]) -> None:
         touched: dict[str, list] = {}   # execution id -> [epoch, last eseq, events, workflow]: one UPDATE each
+        chunks: dict[tuple[str, str | None], list] = {}   # (execution, epoch) -> its events, in order
         for item in batch:
             if item[0] == _SUBMISSION:
                 _, eid, name, text, variables_in, ts, _mono = item
@@ -736,21 +782,31 @@ class Store:
             except Exception:
                 self.stats["bad_events"] += 1
                 continue
+            epoch, eseq = ev.get("epoch"), ev.get("eseq")
+            key = (eid, epoch)
+            if isinstance(eseq, int):
+                if eseq <= self._stored_eseq(conn, key, stored):
+                    continue       # a duplicate (same execution, epoch, eseq): already applied
+                stored[key] = eseq
             topic_text = topic.decode("utf-8", "replace") if isinstance(topic, (bytes, bytearray)) else str(topic)
-            cur = conn.execute(
-                "INSERT OR IGNORE INTO events (execution_id, epoch, eseq, seq, type, node_id, ts, topic, payload) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (eid, ev.get("epoch"), ev.get("eseq"), ev.get("seq"), etype, ev.get("node_id"), ev.get("ts"),
-                 topic_text, bytes(payload)))
-            if cur.rowcount == 0:
-                continue           # a duplicate (same execution, epoch, eseq): already applied
+            chunk = chunks.get(key)
+            if chunk is None:
+                chunks[key] = chunk = []
+            chunk.append((topic_text, bytes(payload), eseq, etype, ev.get("node_id")))
             self.stats["events_written"] += 1
             self._apply_event(conn, eid, etype, ev)
             counters = touched.get(eid)
             if counters is None:
-                touched[eid] = [ev.get("epoch"), ev.get("eseq"), 1, ev.get("workflow")]
+                touched[eid] = [epoch, eseq, 1, ev.get("workflow")]
             else:
-                counters[0], counters[1], counters[2] = ev.get("epoch"), ev.get("eseq"), counters[2] + 1
+                counters[0], counters[1], counters[2] = epoch, eseq, counters[2] + 1
+        if chunks:
+            conn.executemany(
+                "INSERT INTO event_chunks (execution_id, epoch, first_eseq, last_eseq, events, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                [(eid, epoch, events[0][2], events[-1][2], len(events),
+                  zlib.compress(msgpack.packb(events, use_bin_type=True), CHUNK_COMPRESSION))
+                 for (eid, epoch), events in chunks.items()])
         if touched:
             conn.executemany("UPDATE executions SET epoch = ?, last_eseq = ?, events = events + ?, "
                              "workflow = COALESCE(workflow, ?) WHERE id = ?",
@@ -830,9 +886,11 @@ class Store:
 
     def _bound_memory(self, conn: sqlite3.Connection) -> None:
         """In-memory mode: keep the last ``memory_events`` events and ``MEMORY_EXECUTIONS`` runs."""
-        row = conn.execute("SELECT MAX(id) FROM events").fetchone()
-        if row[0] is not None and row[0] > self.memory_events:
-            conn.execute("DELETE FROM events WHERE id <= ?", (row[0] - self.memory_events,))
+        row = conn.execute("SELECT id FROM (SELECT id, SUM(events) OVER (ORDER BY id DESC) AS newer "
+                           "FROM event_chunks) WHERE newer > ? ORDER BY id DESC LIMIT 1",
+                           (self.memory_events,)).fetchone()
+        if row is not None:
+            conn.execute("DELETE FROM event_chunks WHERE id <= ?", (row[0],))
         count = conn.execute("SELECT COUNT(*) FROM executions").fetchone()[0]
         if count > MEMORY_EXECUTIONS:
             victims = [r[0] for r in conn.execute(
@@ -1007,31 +1065,50 @@ class Store:
         """Stored payloads (bytes, exactly as published) in order; ``(topic, payload)`` with ``with_topic``.
 
         ``from_eseq`` counts in the execution's latest epoch; events of earlier epochs (before
-        a coordinator restart) are included only when ``from_eseq <= 1``.
+        a coordinator restart) are included only when ``from_eseq <= 1``. Cost: the chunks
+        that hold the selected events are decompressed (O(events read)).
         """
-        where, params = ["execution_id = ?"], [execution_id]
+        epoch = None
         if from_eseq > 1:
             row = self._query("SELECT epoch FROM executions WHERE id = ?", (execution_id,))
-            where.append("eseq >= ? AND epoch IS ?")
-            params += [int(from_eseq), row[0][0] if row else None]
-        types = list(types or ())
-        if types:
-            where.append(f"type IN ({','.join('?' * len(types))})")
-            params += types
-        nodes = list(nodes or ())
-        if nodes:
-            where.append(f"node_id IN ({','.join('?' * len(nodes))})")
-            params += nodes
-        rows = self._query(f"SELECT topic, payload FROM events WHERE {' AND '.join(where)} ORDER BY id", params)
-        if with_topic:
-            return [(r[0], bytes(r[1])) for r in rows]
-        return [bytes(r[1]) for r in rows]
+            epoch = row[0][0] if row else None
+        wanted_types = frozenset(types or ())
+        wanted_nodes = frozenset(nodes or ())
+        out: list[Any] = []
+
+        def keep(topic: str, payload: bytes, eseq: Any, etype: str, node_id: Any) -> None:
+            if from_eseq > 1 and not (isinstance(eseq, int) and eseq >= from_eseq):
+                return
+            if (wanted_types and etype not in wanted_types) or (wanted_nodes and node_id not in wanted_nodes):
+                return
+            out.append((topic, bytes(payload)) if with_topic else bytes(payload))
+
+        where, params = "execution_id = ?", [execution_id]
+        if from_eseq > 1:
+            where += " AND epoch IS ?"
+            params.append(epoch)
+        for r in self._query(f"SELECT topic, payload, eseq, type, node_id FROM events WHERE {where} "
+                             f"ORDER BY id", params):   # files written before schema v2
+            keep(r[0], r[1], r[2], r[3], r[4])
+        if from_eseq > 1:
+            where += " AND last_eseq >= ?"
+            params.append(int(from_eseq))
+        for r in self._query(f"SELECT data FROM event_chunks WHERE {where} ORDER BY id", params):
+            for item in msgpack.unpackb(zlib.decompress(r[0]), raw=False):
+                keep(*item)
+        return out
 
     def execution_status(self, execution_id: str) -> str | None:
         rows = self._query("SELECT status FROM executions WHERE id = ?", (execution_id,))
         return rows[0][0] if rows else None
 
     def last_event(self, execution_id: str) -> dict[str, Any] | None:
+        """``{epoch, eseq, type}`` of the execution's latest stored event, or None."""
+        rows = self._query("SELECT epoch, data FROM event_chunks WHERE execution_id = ? ORDER BY id DESC LIMIT 1",
+                           (execution_id,))
+        if rows:
+            _topic, _payload, eseq, etype, _node = msgpack.unpackb(zlib.decompress(rows[0][1]), raw=False)[-1]
+            return {"epoch": rows[0][0], "eseq": eseq, "type": etype}
         rows = self._query("SELECT epoch, eseq, type FROM events WHERE execution_id = ? ORDER BY id DESC LIMIT 1",
                            (execution_id,))
         return dict(rows[0]) if rows else None
@@ -1079,7 +1156,8 @@ class Store:
         if not ids:
             return
         marks = ",".join("?" * len(ids))
-        for table, column in (("events", "execution_id"), ("node_executions", "execution_id"),
+        for table, column in (("events", "execution_id"), ("event_chunks", "execution_id"),
+                              ("node_executions", "execution_id"),
                               ("variable_changes", "execution_id"), ("executions", "id")):
             conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
 
