@@ -49,6 +49,10 @@ RECONNECT = "reconnect"
 a worker that was welcomed before must drop what it holds and register again."""
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""MAXMSGSIZE of the workers socket on both ends: a larger frame would drop the connection."""
+MAX_RESULT_BYTES = MAX_MESSAGE_BYTES - 64 * 1024
+"""The largest encoded result a worker sends (room left for a batch's envelope); a larger one
+fails its node with a ``result_too_large`` error instead."""
 
 
 class ProtocolError(ValueError):

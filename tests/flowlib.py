@@ -135,3 +135,8 @@ def append_when(path: str, text: str, release: str):
     while not Path(release).exists() and time.time() < deadline:
         time.sleep(0.01)
     return append(path, text)
+
+
+def big_text(size: int) -> str:
+    """A string of ``size`` bytes (for the result size limit)."""
+    return "x" * size

@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import time
+from concurrent.futures import Future
 from typing import Any, Callable
 
 import msgpack
@@ -68,12 +69,17 @@ class ControlServer:
     """Serve control requests on a bound ROUTER socket. Never raises from ``on_readable``.
 
     ``handlers[op](request) -> dict`` result; raise :class:`ControlError` to reply with
-    that error type, anything else becomes an ``internal`` error.
+    that error type, anything else becomes an ``internal`` error. A handler may instead
+    return a Future of that dict (slow work off the socket's thread, e.g. loading a big
+    submission); the reply is sent when it resolves.
     """
 
-    def __init__(self, socket: zmq.Socket, handlers: dict[str, Callable[[dict], dict]], *,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
+    def __init__(self, socket: zmq.Socket, handlers: dict[str, Callable[[dict], Any]], *,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+                 call_soon: Callable[[Callable[[], None]], None] | None = None):
         self.socket = socket
+        self.call_soon = call_soon
+        """Runs a callable on this socket's thread; needed by handlers that return a Future."""
         self.handlers = dict(handlers)
         self.max_message_bytes = int(max_message_bytes)
         self.stats = {"requests": 0, "replies": 0, "bad_frames": 0, "errors": 0,
@@ -146,8 +152,14 @@ class ControlServer:
             self._reply(envelope, _error(req_id, "unknown_op", f"unknown op {op!r}; known: "
                                          f"{', '.join(sorted(self.handlers))}"))
             return
+        self._answer(envelope, req_id, op, lambda: handler(request))
+
+    def _answer(self, envelope: list[bytes], req_id: Any, op: str, compute: Callable[[], Any]) -> None:
+        """Reply with ``compute()``'s result or error. A handler that returns a
+        :class:`~concurrent.futures.Future` (work done off this thread) is answered once it
+        resolves, back on this socket's thread through ``call_soon``."""
         try:
-            result = handler(request)
+            result = compute()
         except ControlError as exc:
             reply = _error(req_id, exc.type, exc.message)
             if exc.details:
@@ -158,6 +170,12 @@ class ControlServer:
             self.stats["handler_errors"] += 1
             log.exception("control op %r failed", op)
             self._reply(envelope, _error(req_id, "internal", f"{type(exc).__name__}: {exc}"))
+            return
+        if isinstance(result, Future):
+            if self.call_soon is None:
+                raise RuntimeError(f"op {op!r} answered later, but the server has no call_soon")
+            result.add_done_callback(lambda done: self.call_soon(  # type: ignore[misc]
+                lambda: self._answer(envelope, req_id, op, done.result)))
             return
         reply = {"id": req_id, "ok": True}
         if result:

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
 import msgpack
@@ -29,7 +29,7 @@ from goflow.coordinator import from_history
 from goflow.coordinator.execution import Execution, Task
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.node_output import NodeOutput
-from goflow.coordinator.plan import compile_plan, initial_variables
+from goflow.coordinator.plan import Plan, compile_plan, initial_variables
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
 from goflow.events import ids as execution_ids
 from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
@@ -74,6 +74,29 @@ class Timer:
     def __lt__(self, other: "Timer") -> bool:
         return self.due < other.due
 
+
+
+def _load_submission(text: str, name: str, variables: dict[str, Any]) -> Plan:
+    """Parse, validate and compile a submitted workflow (any thread); ControlError if refused."""
+    from goflow.language.loader import check, parse
+
+    loaded = check(parse(text, name))
+    if loaded.errors:
+        raise ControlError("invalid_workflow", f"{len(loaded.errors)} problem(s) in {name}",
+                           details={"problems": [p.to_dict() for p in loaded.problems]})
+    try:
+        initial_variables(loaded.workflow, variables)
+    except ValueError as exc:
+        raise ControlError("bad_request", str(exc)) from None
+    return compile_plan(loaded.workflow)
+
+
+def _settle(future: Future, function: Callable[[Plan], None], plan: Plan) -> None:
+    """Run ``function(plan)``; an exception it raises becomes ``future``'s."""
+    try:
+        function(plan)
+    except BaseException as exc:
+        future.set_exception(exc)
 
 class Coordinator:
     """Schedules executions onto workers and publishes every event.
@@ -144,7 +167,7 @@ class Coordinator:
             "executions": self._op_executions, "cancel": self._op_cancel, "workers": self._op_workers,
             "submit": self._op_submit, "status": self._op_status, "list": self._op_executions,
             "graph": self._op_graph,
-        })
+        }, call_soon=self.call_soon)
 
         self.workers = WorkerTable()
         self.lost_names: deque[str] = deque(maxlen=1000)
@@ -169,6 +192,7 @@ class Coordinator:
         self._running = False
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
+        self._loading: ThreadPoolExecutor | None = None
 
     # -- threading -------------------------------------------------------------------------
     def start(self) -> None:
@@ -209,10 +233,11 @@ class Coordinator:
         Raises ValueError (missing required variables) before anything starts.
         """
         initial_variables(workflow, dict(variables or {}))  # fail fast, in the caller's thread
+        plan = compile_plan(workflow)  # in the caller's thread too, not on the reactor
         execution_id = execution_ids.given_or_new(execution_id)
         future: Future = Future()
         self.call_soon(lambda: self._start(workflow, variables, timeout=timeout, execution_id=execution_id,
-                                           future=future))
+                                           future=future, plan=plan))
         return execution_id, future
 
     def resume(self, execution_id: str, workflow: Workflow, variables: dict[str, Any],
@@ -241,8 +266,8 @@ class Coordinator:
 
     def _start(self, workflow: Workflow, variables: dict[str, Any] | None, *, timeout: float | None,
                execution_id: str | None, future: Future | None = None,
-               restored: dict[str, Any] | None = None) -> tuple[str, Future]:
-        """Create and start an execution (reactor thread only)."""
+               restored: dict[str, Any] | None = None, plan: Plan | None = None) -> tuple[str, Future]:
+        """Create and start an execution (reactor thread only; ``plan``: compiled already, off it)."""
         try:
             execution_id = execution_ids.given_or_new(execution_id)
         except ValueError as exc:
@@ -250,7 +275,7 @@ class Coordinator:
         if execution_id in self.executions:
             raise ControlError("bad_request", f"execution id {execution_id!r} is already in use")
         future = future or Future()
-        plan = compile_plan(workflow)
+        plan = plan or compile_plan(workflow)
         execution = Execution(execution_id, plan, initial_variables(workflow, dict(variables or {})), self,
                               timeout=timeout, restored=restored)
         self.executions[execution_id] = execution
@@ -300,6 +325,8 @@ class Coordinator:
         self.call_soon(self._shutdown)
         self._stopped.wait(timeout)
         self._thread.join(timeout)
+        if self._loading is not None:
+            self._loading.shutdown(wait=False, cancel_futures=True)
         if self.local_pool is not None:
             self.local_pool.stop()
         self.publisher.close(linger_ms=1000)
@@ -735,14 +762,15 @@ class Coordinator:
             execution.cancel(str(request.get("reason") or "cancelled by request"))
         return {"execution_id": execution.id, "status": execution.status}
 
-    def _op_submit(self, request: dict) -> dict:
+    def _op_submit(self, request: dict) -> Future:
         """``submit {workflow: YAML text, name?: file name, variables?: {...}, timeout?: s}``.
 
         Validated before acceptance: an invalid workflow is refused with every problem in
         ``error.details.problems``; a missing required variable with ``bad_request``.
+        Parsing, validation and compiling run on the loader thread, never on the reactor,
+        so a big submission does not stall heartbeats or other executions; the reply is
+        sent once the execution has started (or was refused).
         """
-        from goflow.language.loader import check, parse
-
         if not self.accepting:
             raise ControlError("unavailable", "the coordinator is shutting down and accepts no new executions")
         text, name = request.get("workflow"), request.get("name") or "<submitted>"
@@ -752,17 +780,36 @@ class Coordinator:
         timeout = request.get("timeout")
         if not isinstance(variables, dict) or (timeout is not None and not isinstance(timeout, (int, float))):
             raise ControlError("bad_request", "'variables' must be a map and 'timeout' a number of seconds")
-        loaded = check(parse(text, str(name)))
-        if loaded.errors:
-            raise ControlError("invalid_workflow", f"{len(loaded.errors)} problem(s) in {name}",
-                               details={"problems": [p.to_dict() for p in loaded.problems]})
-        try:
-            initial_variables(loaded.workflow, variables)
-        except ValueError as exc:
-            raise ControlError("bad_request", str(exc)) from None
-        execution_id, _ = self._start(loaded.workflow, variables, timeout=timeout,
-                                      execution_id=request.get("execution_id") or None)
-        return {"execution_id": execution_id, "workflow": loaded.workflow.name}
+        reply: Future = Future()
+
+        def start(plan: Plan) -> None:  # back on the reactor
+            if not self.accepting:
+                raise ControlError("unavailable", "the coordinator is shutting down and accepts no new executions")
+            execution_id, _ = self._start(plan.workflow, variables, timeout=timeout, plan=plan,
+                                          execution_id=request.get("execution_id") or None)
+            reply.set_result({"execution_id": execution_id, "workflow": plan.workflow.name})
+
+        def load() -> None:  # on the loader thread
+            try:
+                plan = _load_submission(text, str(name), variables)
+            except BaseException as exc:  # handed to the reply
+                self._on_reactor(lambda error=exc: reply.set_exception(error))
+                return
+            self._on_reactor(lambda: _settle(reply, start, plan))
+
+        self._loader().submit(load)
+        return reply
+
+    def _loader(self) -> ThreadPoolExecutor:
+        """The thread that loads submissions (created on first use)."""
+        if self._loading is None:
+            self._loading = ThreadPoolExecutor(max_workers=1, thread_name_prefix="goflow-load")
+        return self._loading
+
+    def _on_reactor(self, callback: Callable[[], None]) -> None:
+        """:meth:`call_soon`, unless the reactor has stopped (then ``callback`` is dropped)."""
+        if self._running:
+            self.call_soon(callback)
 
     def _op_status(self, request: dict) -> dict:
         execution = self._in_memory(request)

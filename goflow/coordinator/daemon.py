@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import Future
 from typing import Any
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
@@ -400,16 +401,23 @@ def _wrap_submit(coordinator: Any, store: Any) -> None:
     if handler is None:
         return
 
-    def submit(request: dict) -> dict:  # runs on the reactor thread
-        reply = handler(request)
-        execution_id = reply.get("execution_id")
-        try:
-            execution = coordinator.executions.get(execution_id)
-            secrets = execution.plan.secrets if execution is not None else ()
-            store.record_submission(execution_id, reply.get("workflow"), request.get("workflow"),
-                                    request.get("variables") or {}, secrets=secrets)
-        except Exception:
-            log.exception("recording the submission failed")
+    def submit(request: dict) -> Future:
+        reply = handler(request)  # resolves on the reactor thread once the execution started
+
+        def record(done: Future) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return
+            accepted = done.result()
+            execution_id = accepted.get("execution_id")
+            try:
+                execution = coordinator.executions.get(execution_id)
+                secrets = execution.plan.secrets if execution is not None else ()
+                store.record_submission(execution_id, accepted.get("workflow"), request.get("workflow"),
+                                        request.get("variables") or {}, secrets=secrets)
+            except Exception:
+                log.exception("recording the submission failed")
+
+        reply.add_done_callback(record)  # before the control server's: recorded, then answered
         return reply
 
     coordinator.control.register("submit", submit)

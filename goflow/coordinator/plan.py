@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from goflow.language.expr import Condition, parse_condition
+from goflow.language.loader import gc_paused
 from goflow.language.model import LoopNode, NodeBase, ParallelNode, Workflow
 from goflow.language.validation import containers
 
@@ -58,6 +59,11 @@ class Plan:
 
 def compile_plan(workflow: Workflow) -> Plan:
     """Compile a workflow that passed validation."""
+    with gc_paused():
+        return _compile(workflow)
+
+
+def _compile(workflow: Workflow) -> Plan:
     nodes = {node.id: node for node in workflow.nodes}
     inside = containers(workflow.nodes)
     main_nodes = [node.id for node in workflow.nodes if node.id not in inside]

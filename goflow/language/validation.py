@@ -12,6 +12,7 @@ variables (names, duplicates, default vs type).
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
 from typing import Any, Iterable
 
@@ -214,16 +215,19 @@ class _Validator:
                                    member)
                     owner.setdefault(member, node.id)
 
-    def _graph(self) -> dict[str, list[str]]:
+    @functools.cached_property
+    def graph(self) -> dict[str, list[str]]:
+        """Successors of each node: edge targets, then the members a container runs."""
         graph: dict[str, list[str]] = defaultdict(list)
         for edge in self.workflow.edges:
             graph[edge.source].append(edge.target)
         for node in self.workflow.nodes:
-            graph[node.id].extend(members(node))
+            if isinstance(node, (LoopNode, ParallelNode)):
+                graph[node.id].extend(members(node))
         return graph
 
     def check_cycles(self) -> None:
-        graph = self._graph()
+        graph = self.graph
         # Tarjan's strongly connected components: each cycle is reported once.
         index: dict[str, int] = {}
         low: dict[str, int] = {}
@@ -282,7 +286,7 @@ class _Validator:
         starts = [n.id for n in self.workflow.nodes if n.type == "start"]
         if len(starts) != 1:
             return
-        graph = self._graph()
+        graph = self.graph
         seen = {starts[0]}
         frontier = [starts[0]]
         while frontier:
@@ -341,8 +345,9 @@ class _Validator:
                 global_names.add(node.output_variable)
         owner = containers(self.workflow.nodes)
 
-        def scope_of(node_id: str) -> set[str]:
-            names = set(global_names)
+        def loop_names(node_id: str) -> set[str]:
+            """The item names of the loops around ``node_id`` (a few; never the global names)."""
+            names: set[str] = set()
             current, hops = owner.get(node_id), 0
             while current is not None and hops < 1000:
                 container = self.nodes.get(current)
@@ -352,14 +357,15 @@ class _Validator:
             return names
 
         for node in self.workflow.nodes:
-            scope = scope_of(node.id)
+            local = loop_names(node.id)
             for field, names, error in self._node_references(node):
                 if error is not None:
                     self.error(self.node_path(node.id, field), f"node '{node.id}': invalid {field}: {error}", node.id)
                     continue
-                for name in sorted(names - scope):
+                for name in sorted(name for name in names if name not in global_names and name not in local):
                     self.error(self.node_path(node.id, field), f"node '{node.id}': {field} refers to undefined "
-                                                               f"variable '{name}'{_hint(name, scope)}", node.id)
+                                                               f"variable '{name}'{_hint(name, global_names | local)}",
+                               node.id)
 
     def _node_references(self, node: NodeBase):
         """Yield ``(field, referenced root names, parse error or None)`` for each expression."""

@@ -9,33 +9,60 @@ from __future__ import annotations
 
 import datetime as _dt
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
 
+from goflow.language.limits import MAX_ALIAS_VALUES, MAX_DEPTH
+
 Path = tuple[str | int, ...]
 
 
-@dataclass
 class SourceMap:
-    """Positions of the values (and of the keys) found in one YAML document."""
+    """Positions of the values (and of the keys) found in one YAML document.
 
-    values: dict[Path, tuple[int, int]] = field(default_factory=dict)
-    keys: dict[Path, tuple[int, int]] = field(default_factory=dict)
-    duplicate_keys: list[tuple[Path, tuple[int, int]]] = field(default_factory=list)
+    Computed on first use, by parsing the text again with positions: a valid file (the
+    common case) never pays for a position per value, and an invalid one pays once.
+    """
+
+    def __init__(self, text: str = "", *, has_duplicates: bool = False):
+        self._text = text
+        self._has_duplicates = has_duplicates
+        self._tables: tuple[dict, dict, list] | None = None
+
+    def _positions(self) -> tuple[dict, dict, list]:
+        if self._tables is None:
+            values: dict[Path, tuple[int, int]] = {}
+            keys: dict[Path, tuple[int, int]] = {}
+            duplicates: list[tuple[Path, tuple[int, int]]] = []
+            if self._text:
+                loader = _Loader(self._text)
+                try:
+                    node = loader.get_single_node()
+                    if node is not None:
+                        _build_positioned(loader, node, (), values, keys, duplicates)
+                finally:
+                    loader.dispose()
+            self._tables = values, keys, duplicates
+        return self._tables
+
+    @property
+    def duplicate_keys(self) -> list[tuple[Path, tuple[int, int]]]:
+        """``(path, position)`` of every key that repeats one earlier in the same mapping."""
+        return self._positions()[2] if self._has_duplicates else []
 
     def locate(self, path: Path, *, key: bool = False) -> tuple[int, int]:
         """The position of ``path`` (its key when ``key``), else of its nearest ancestor."""
-        table = self.keys if key else self.values
+        values, keys, _ = self._positions()
+        table = keys if key else values
         probe = tuple(path)
         while probe:
             if probe in table:
                 return table[probe]
-            if probe in self.values:
-                return self.values[probe]
+            if probe in values:
+                return values[probe]
             probe = probe[:-1]
-        return self.values.get((), (1, 1))
+        return values.get((), (1, 1))
 
 
 class YamlSyntaxError(Exception):
@@ -48,6 +75,10 @@ class YamlSyntaxError(Exception):
         self.column = column
 
 
+class YamlLimitError(YamlSyntaxError):
+    """The text is YAML but exceeds a limit for workflows (see :mod:`goflow.language.limits`)."""
+
+
 _BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml when available: ~10x faster
 
 
@@ -56,7 +87,24 @@ class _Loader(_BaseLoader):  # type: ignore[misc, valid-type]
 
     YAML 1.1 also reads ``on``, ``off``, ``yes`` and ``no`` as booleans, which would turn
     GoFlow's ``retry: {on: [...]}`` key into ``True``.
+
+    Tag resolution is memoised per document: a workflow repeats the same plain scalars
+    (``type: python``, ``to: end``) thousands of times, and resolving one runs regular
+    expressions. Path resolvers are not used, so the result depends on the text alone.
     """
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._tags: dict[tuple[str, tuple[bool, bool]], str] = {}
+
+    def resolve(self, kind: type, value: Any, implicit: Any) -> str:
+        if kind is not yaml.ScalarNode:
+            return super().resolve(kind, value, implicit)
+        key = (value, implicit)
+        tag = self._tags.get(key)
+        if tag is None:
+            tag = self._tags[key] = super().resolve(kind, value, implicit)
+        return tag
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -81,40 +129,120 @@ def _scalar(value: Any) -> Any:
     return value
 
 
-def _build(loader: _Loader, node: yaml.Node, path: Path, source: SourceMap) -> Any:
-    source.values[path] = _position(node.start_mark)
+def _key(loader: _Loader, key_node: yaml.Node) -> Any:
+    key = key_node.value if key_node.tag == _STR_TAG else _scalar(loader.construct_object(key_node, deep=True))
+    return str(key) if isinstance(key, (list, dict)) else key
+
+
+def _build_positioned(loader: _Loader, node: yaml.Node, path: Path, values: dict, keys: dict,
+                      duplicates: list) -> None:
+    """Record the position of every value and key under ``node`` (limits were checked by the fast pass)."""
+    values[path] = _position(node.start_mark)
     if isinstance(node, yaml.MappingNode):
         loader.flatten_mapping(node)
+        seen = set()
+        for key_node, value_node in node.value:
+            key = _key(loader, key_node)
+            child = path + (key,)
+            if key in seen:
+                duplicates.append((child, _position(key_node.start_mark)))
+            seen.add(key)
+            keys[child] = _position(key_node.start_mark)
+            _build_positioned(loader, value_node, child, values, keys, duplicates)
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            _build_positioned(loader, item, path + (index,), values, keys, duplicates)
+
+
+class _Builder:
+    """Plain data from a composed node tree, without positions (the fast pass)."""
+
+    def __init__(self, loader: _Loader, *, merges: bool):
+        self.loader = loader
+        self.merges = merges
+        self.has_duplicates = False
+
+    def build(self, node: yaml.Node, depth: int) -> Any:
+        kind = node.__class__
+        if kind is yaml.ScalarNode:
+            if node.tag == _STR_TAG:  # most scalars: no constructor round trip needed
+                return node.value
+            return _scalar(self.loader.construct_object(node, deep=True))
+        if depth >= MAX_DEPTH:
+            raise _too_deep(node)
+        if kind is yaml.SequenceNode:
+            return [self.build(item, depth + 1) for item in node.value]
+        if self.merges:
+            self.loader.flatten_mapping(node)
         result: dict[Any, Any] = {}
         for key_node, value_node in node.value:
-            key = key_node.value if key_node.tag == _STR_TAG else _scalar(loader.construct_object(key_node, deep=True))
-            if isinstance(key, (list, dict)):
-                key = str(key)
-            child = path + (key,)
+            key = key_node.value if key_node.tag == _STR_TAG else _key(self.loader, key_node)
             if key in result:
-                source.duplicate_keys.append((child, _position(key_node.start_mark)))
-            source.keys[child] = _position(key_node.start_mark)
-            result[key] = _build(loader, value_node, child, source)
+                self.has_duplicates = True
+            result[key] = self.build(value_node, depth + 1)
         return result
+
+
+def _too_deep(node: yaml.Node) -> "YamlLimitError":
+    line, column = _position(node.start_mark)
+    return YamlLimitError(f"the YAML nests deeper than {MAX_DEPTH} levels (the limit for a workflow)",
+                          line, column)
+
+
+def _check_expansion(root: yaml.Node) -> None:
+    """Refuse a document whose aliases add more than MAX_ALIAS_VALUES values.
+
+    The composed tree shares an anchored node among its aliases, so each distinct node is
+    sized once and an alias costs a lookup: a "billion laughs" file is refused after a few
+    dozen steps, before anything is expanded.
+    """
+    sizes: dict[int, int] = {}
+    """id(node) -> values under it, aliases expanded (for nodes whose subtree is done)."""
+    started: set[int] = set()
+    added = 0
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative depth-first walk in document order
+        node, finished = stack.pop()
+        if finished:
+            sizes[id(node)] = 1 + sum(sizes.get(id(child), 1) for child in _children(node))
+            continue
+        if id(node) in started:  # met again: an alias
+            added += sizes.get(id(node), 1)  # (a recursive alias, inside its own anchor, counts 1)
+            if added > MAX_ALIAS_VALUES:
+                line, column = _position(node.start_mark)
+                raise YamlLimitError(f"YAML aliases expand to more than {MAX_ALIAS_VALUES:,} values, the limit "
+                                     f"for a workflow (a 'billion laughs' document?)", line, column)
+            continue
+        started.add(id(node))
+        stack.append((node, True))
+        stack.extend((child, False) for child in reversed(_children(node)))
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
     if isinstance(node, yaml.SequenceNode):
-        return [_build(loader, item, path + (i,), source) for i, item in enumerate(node.value)]
-    if node.tag == _STR_TAG:  # most scalars: no constructor round trip needed
-        return node.value
-    return _scalar(loader.construct_object(node, deep=True))
+        return list(node.value)
+    return []
 
 
 def load_yaml(text: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document. Returns ``(data, source_map)``; ``data`` is None when empty.
 
-    Raises :class:`YamlSyntaxError` with the position of the first syntax error.
+    Raises :class:`YamlSyntaxError` with the position of the first syntax error, and its
+    subclass :class:`YamlLimitError` when the document exceeds a limit (nesting depth,
+    alias expansion).
     """
     loader = _Loader(text)
-    source = SourceMap()
     try:
         node = loader.get_single_node()
         if node is None:
-            return None, source
-        return _build(loader, node, (), source), source
+            return None, SourceMap(text)
+        if "*" in text:  # only an alias ("*name") can make the tree share nodes
+            _check_expansion(node)
+        builder = _Builder(loader, merges="<<" in text)
+        data = builder.build(node, 0)
+        return data, SourceMap(text, has_duplicates=builder.has_duplicates)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = _position(mark) if mark else (1, 1)

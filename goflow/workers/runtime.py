@@ -154,17 +154,29 @@ class Worker:
         return result
 
     def _pack(self, result: dict) -> bytes:
+        """``result`` encoded; a result that cannot be encoded, or that the coordinator's
+        socket would refuse (over ``protocol.MAX_RESULT_BYTES``), becomes its node's error."""
         try:
-            return self.packer.pack(result)
+            frame = self.packer.pack(result)
         except (TypeError, ValueError, OverflowError) as exc:
             self.packer.reset()
             value_type = type(result.get("value")).__name__
-            result.pop("value", None)
-            result.pop("meta", None)
-            result.update(ok=False, error={"type": "serialization",
-                                           "message": f"the result ({value_type}) cannot be sent: {exc}; return "
-                                                      f"JSON-like data (dict, list, str, int, float, bool, None)"})
-            return self.packer.pack(result)
+            return self._pack_error(result, "serialization",
+                                    f"the result ({value_type}) cannot be sent: {exc}; return "
+                                    f"JSON-like data (dict, list, str, int, float, bool, None)")
+        if len(frame) > protocol.MAX_RESULT_BYTES:
+            return self._pack_error(result, "result_too_large",
+                                    f"the result is {len(frame):,} bytes encoded, over the {protocol.MAX_RESULT_BYTES:,}"
+                                    f"-byte limit for one result (the workers socket's MAXMSGSIZE, "
+                                    f"{protocol.MAX_MESSAGE_BYTES:,} bytes, less room for the envelope); write "
+                                    f"big data to a file or store and return a reference to it")
+        return frame
+
+    def _pack_error(self, result: dict, error_type: str, message: str) -> bytes:
+        result.pop("value", None)
+        result.pop("meta", None)
+        result.update(ok=False, error={"type": error_type, "message": message})
+        return self.packer.pack(result)
 
     def run(self) -> int:
         """Serve until told to shut down, or drained. Returns the process exit code."""
@@ -192,6 +204,7 @@ class Worker:
                             continue
                     self._receive(sock)
                     unsent: list[bytes] = []
+                    unsent_bytes = 0
                     batch_started = 0.0
                     while self.queue and not self.stopping.is_set():
                         task = self.queue.popleft()
@@ -203,9 +216,15 @@ class Worker:
                             self.current = None
                             self.lane.running(None)
                         self.cancelled.discard(task.get("id"))
+                        frame = self._pack(result)
+                        if unsent and unsent_bytes + len(frame) > protocol.MAX_RESULT_BYTES:
+                            self._send_results(sock, unsent)  # a batch stays under the message limit too
+                            unsent = []
                         if not unsent:
                             batch_started = time.monotonic()
-                        unsent.append(self._pack(result))
+                            unsent_bytes = 0
+                        unsent.append(frame)
+                        unsent_bytes += len(frame)
                         self._receive(sock)
                         # Results of a quick run of tasks travel together; a result never waits
                         # longer than RESULT_BATCH_S, nor behind a task that is not in hand yet.

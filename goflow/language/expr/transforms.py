@@ -42,6 +42,7 @@ import re
 from collections import ChainMap
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError
@@ -344,16 +345,23 @@ _JQ_RE = re.compile(r"^\s*jq\s*\((.*)\)\s*$", re.DOTALL)
 def compile_transform(expression: str | None = None, template: str | None = None) -> Transform:
     """Compile a transform from exactly one of ``expression`` / ``template``.
 
-    Raises ExpressionError on bad syntax (with a position where known).
+    Raises ExpressionError on bad syntax (with a position where known). Compiled transforms
+    are immutable and cached by source text (bounded), so a workflow with many identical
+    transforms compiles each distinct one once (a jq program costs milliseconds).
     """
     if (expression is None) == (template is None):
         raise ExpressionError("a transform needs exactly one of 'expression' or 'template'")
     if template is not None:
         if not isinstance(template, str):
             raise ExpressionError(f"a template must be text, got {type_name(template)}")
-        return _compile_template(template)
+        return _compile_template(template)  # compile_template caches the parsed template
     if not isinstance(expression, str):
         raise ExpressionError(f"an expression must be text, got {type_name(expression)}")
+    return _compile_expression_text(expression)
+
+
+@lru_cache(maxsize=1024)
+def _compile_expression_text(expression: str) -> Transform:
     text = expression.strip()
     if not text:
         raise ExpressionError("empty transform expression", source=expression, position=0)
