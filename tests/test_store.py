@@ -469,12 +469,13 @@ def test_disk_full_is_reported_once_and_history_continues_in_memory(tiny_tmpfs, 
     try:
         first = p.run()
         assert s.flush(5) and s.healthy
-        big = os.urandom(1750).hex()   # incompressible (event chunks are compressed): ~40 KB per event
         with caplog.at_level(logging.ERROR, logger="goflow.history.store"):
             eid = uuid.uuid4().hex
             p.pub.open_execution(eid, "big")
             for n in range(40):
-                p.pub.emit("progress.update", eid, meta={"n": n, **{f"v{i}": big for i in range(12)}})
+                # ~40 KB per event, incompressible (event chunks are compressed)
+                values = {f"v{i}": os.urandom(1750).hex() for i in range(12)}
+                p.pub.emit("progress.update", eid, meta={"n": n, **values})
             last = p.run()
             assert s.flush(10)
         assert not s.healthy
