@@ -2,7 +2,8 @@
 
   .venv/bin/python bench/run.py [--quick] [--only NAME ...] [--reps N] [--skip-peers]
 
-Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, profile.
+Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, e2e, profile.
+e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same run.
 goflow parts run in subprocesses of THIS interpreter (the project venv); the peers (dask,
 ray, ProcessPoolExecutor, multiprocessing) run in subprocesses of bench/.venv's python, which
 this script creates and fills on first use (a failed install skips that peer, with a message).
@@ -30,7 +31,8 @@ PEER_PY = os.path.join(PEER_VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
 GF = os.path.join(BENCH, "gf_bench.py")
 PEERS_SCRIPT = os.path.join(BENCH, "peer_bench.py")
-SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "profile"]
+SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "e2e", "profile"]
+E2E = os.path.join(BENCH, "e2e_bench.py")
 # Versions measured in /work/shared/reference/measured-limits.md; pinned so runs compare.
 PEER_PACKAGES = {"dask": ["dask[distributed]==2026.8.0"], "ray": ["ray==2.60.0"]}
 
@@ -275,6 +277,29 @@ def sec_inside(cfg, peers) -> dict:
     return out
 
 
+def sec_e2e(cfg, peers) -> dict:
+    """`goflow run` whole (history on, outputs) vs ProcessPoolExecutor/mp.Pool doing the same calls."""
+    runs = []
+    for shape, n in cfg["e2e_runs"]:
+        log(f"e2e {shape} n={n}: goflow run")
+        g = run_json([sys.executable, E2E, "--shape", shape, "--n", str(n)], timeout=1800)
+        log(f"e2e {shape} n={n}: pools")
+        p = run_json([sys.executable, E2E, "--pools", "--shape", shape, "--n", str(n)], timeout=900)
+        row = {"shape": shape, "n": n, "goflow": g, "pools": p}
+        if g and p and g["wall_s"]:
+            row["ratio_ppe"] = p["ppe_s"] / g["wall_s"]      # goflow speed as a fraction of the pool's
+            row["ratio_mp"] = p["mp_s"] / g["wall_s"]
+            row["us_per_node"] = 1e6 * g["wall_s"] / n
+        runs.append(row)
+    linearity = {}
+    for shape in {r["shape"] for r in runs}:
+        rows = sorted((r for r in runs if r["shape"] == shape and r.get("us_per_node")), key=lambda r: r["n"])
+        if len(rows) >= 2:
+            linearity[shape] = {"small_n": rows[0]["n"], "large_n": rows[-1]["n"],
+                                "per_node_ratio": rows[-1]["us_per_node"] / rows[0]["us_per_node"]}
+    return {"runs": runs, "linearity": linearity}
+
+
 def sec_profile(cfg, peers) -> dict:
     out = {}
     stamp = cfg["stamp"]
@@ -331,6 +356,22 @@ def goals(results) -> list[dict]:
                          "met": r["status"] == "completed" and (r.get("failed") or 0) == 0})
             add(f"{kind} coordinator peak RSS growth per finished node", r["peak_growth_per_node_B"], 1024.0, None,
                 higher=False, unit="B")
+    for p in ("mp",):
+        ratio = ((results.get("dispatch") or {}).get("ratios_goflow_over_peer") or {}).get(p) or {}
+        if ratio.get("fanout") is not None:
+            add(f"engine-only fan-out / {p}", ratio["fanout"], 1.0, None, unit="x")
+    e2e = results.get("e2e") or {}
+    for r in e2e.get("runs") or ():
+        g = r.get("goflow") or {}
+        if r["shape"] == "fanout" and r["n"] == 20_000:
+            add("e2e 20k fan-out (outputs, history) / ProcessPoolExecutor", r.get("ratio_ppe"), 0.5, None, unit="x")
+        if r["shape"] == "fanout" and r["n"] == 100_000:
+            add("e2e 100k fan-out wall", g.get("wall_s"), 30.0, None, higher=False, unit="s")
+            add("e2e 100k fan-out peak RSS (goflow run + workers)", g.get("peak_rss_mib"), 600.0, None,
+                higher=False, unit="MiB")
+    for shape, lin in sorted((e2e.get("linearity") or {}).items()):
+        add(f"e2e {shape}: per-node cost {lin['large_n']:,} / {lin['small_n']:,}", lin["per_node_ratio"], 1.3, None,
+            higher=False, unit="x")
     return rows
 
 
@@ -425,6 +466,24 @@ def table(results) -> str:
             v = sc["validate_summary"]
             L.append(f"\nvalidate (parse+check) of a {sc['validate']['n']:,}-node workflow: {sp(v['total_s'])} s "
                      f"(parse alone {sp(v['parse_s'])} s)")
+    e2e = results.get("e2e")
+    if e2e and e2e.get("runs"):
+        L.append("")
+        L.append("## End to end: `goflow run FILE --workers 2 --json` (history on, every node writes an output) "
+                 "vs pools making the same calls")
+        L.append("| shape | N | status | wall s | nodes/s | us/node | peak RSS MiB (goflow run, + workers) | "
+                 "history MB | PPE s | mp.Pool s | goflow / PPE | goflow / mp |")
+        L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in e2e["runs"]:
+            g, p = r.get("goflow") or {}, r.get("pools") or {}
+            L.append(f"| {r['shape']} | {r['n']:,} | {g.get('status', 'FAILED')} | {fmt(g.get('wall_s'))} | "
+                     f"{fmt(g.get('nodes_per_s'))} | {fmt(r.get('us_per_node'))} | "
+                     f"{fmt(g.get('peak_rss_cli_mib'))}, {fmt(g.get('peak_rss_mib'))} | "
+                     f"{fmt((g.get('history_bytes') or 0) / 1e6)} | {fmt(p.get('ppe_s'))} | {fmt(p.get('mp_s'))} | "
+                     f"{fmt(r.get('ratio_ppe'))}x | {fmt(r.get('ratio_mp'))}x |")
+        for shape, lin in sorted((e2e.get("linearity") or {}).items()):
+            L.append(f"\n{shape}: per-node cost at {lin['large_n']:,} = {lin['per_node_ratio']:.2f}x that at "
+                     f"{lin['small_n']:,}")
     m = results.get("mcp")
     if m and m.get("summary"):
         s = m["summary"]
@@ -478,7 +537,9 @@ def main() -> None:
            "lat_n": 2_000 if q else 10_000, "lat_reps": 1 if q else 3,
            "scale_n": 20_000 if q else 100_000, "validate_n": 10_000, "validate_reps": 1 if q else 3,
            "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 5, "mcp_reps": 1 if q else 2,
-           "inside_n": 2_000 if q else 5_000, "inside_log_nodes": 50 if q else 200, "inside_reps": 2 if q else 4}
+           "inside_n": 2_000 if q else 5_000, "inside_log_nodes": 50 if q else 200, "inside_reps": 2 if q else 4,
+           "e2e_runs": [("fanout", 2_000), ("fanout", 10_000)] if q else
+           [(shape, n) for shape in ("fanout", "chain", "loop") for n in (10_000, 100_000)] + [("fanout", 20_000)]}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]

@@ -121,7 +121,7 @@ class Scope:
         return Scope(ChainMap(*maps), local if isolated else self.target)
 
 
-@dataclass
+@dataclass(slots=True)
 class NodeRun:
     frame: "Frame"
     node: NodeBase

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import zmq
 
-from .codec import new_packer
+from .codec import decode_payload, new_packer, topic_for
 from .types import HEARTBEAT, WIRE_VERSION
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,13 @@ SUBSCRIPTION_RCVHWM = 64
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
+
+
+def _topic_of(payload: bytes) -> bytes:
+    """The topic an event was published under, from its payload (see ``emit``)."""
+    d = decode_payload(payload)
+    worker_id = (d.get("meta") or {}).get("worker_id") if d.get("execution_id") is None else None
+    return topic_for(d["type"], d.get("execution_id"), d.get("node_id"), worker_id).encode()
 
 
 class _Execution:
@@ -105,8 +112,12 @@ class EventPublisher:
         self._finished: OrderedDict[str, None] = OrderedDict()     # finish order
         self._log_total = 0
         self._log_size = 0           # payload bytes in the per-execution logs
-        self._ring: deque[tuple[int, bytes, bytes]] = deque()
-        self._ring_size = 0          # topic + payload bytes in the global ring
+        # The global ring holds payloads only (the same objects as the per-execution logs):
+        # its seqs are contiguous, so ring[i] has seq _ring_first + i, and a topic is rebuilt
+        # from its payload on replay (rare) rather than kept for every event (~150 B each).
+        self._ring: deque[bytes] = deque()
+        self._ring_first = 1
+        self._ring_size = 0          # payload bytes in the global ring
         self._prefixes: Counter[bytes] = Counter()
         self.subscription_count = 0
         self._subscribed_bytes = 0
@@ -289,12 +300,12 @@ class EventPublisher:
             self._log_size += size
             if self._log_total > self.log_capacity or self._log_size > self.log_bytes:
                 self._evict()
-        self._ring.append((seq, topic, payload))
-        self._ring_size += size + len(topic)
         ring = self._ring
+        ring.append(payload)
+        self._ring_size += size
         while len(ring) > self.log_capacity or (self._ring_size > self.log_bytes and len(ring) > 1):
-            _, old_topic, old_payload = ring.popleft()
-            self._ring_size -= len(old_topic) + len(old_payload)
+            self._ring_size -= len(ring.popleft())
+            self._ring_first += 1
         if self.sink is not None:
             try:
                 self.sink(execution_id, topic, payload)
@@ -319,7 +330,7 @@ class EventPublisher:
         for eid in stale:   # finished, out of the heartbeat window and fully evicted
             del self._execs[eid]
             self._finished.pop(eid, None)
-        oldest_seq = self._ring[0][0] if self._ring else self._seq + 1
+        oldest_seq = self.oldest_seq
         payload = self._pack({
             "v": WIRE_VERSION, "type": HEARTBEAT, "ts": time.time(), "epoch": self.epoch,
             "seq": self._seq, "eseq": None, "execution_id": None, "workflow": None,
@@ -399,18 +410,18 @@ class EventPublisher:
 
     @property
     def oldest_seq(self) -> int:
-        return self._ring[0][0] if self._ring else self._seq + 1
+        return self._ring_first if self._ring else self._seq + 1
 
     def replay_seq(self, from_seq: int, limit: int | None = None) -> list[tuple[bytes, bytes]]:
         """``(topic, payload)`` for every event with ``seq >= from_seq`` in the global ring."""
         if not self._ring:
             return []
-        first = self._ring[0][0]
+        first = self._ring_first
         start = max(int(from_seq), first) - first
         if start >= len(self._ring):
             return []
         stop = None if limit is None else start + max(0, int(limit))
-        return [(t, p) for _, t, p in itertools.islice(self._ring, start, stop)]
+        return [(_topic_of(p), p) for p in itertools.islice(self._ring, start, stop)]
 
     # -- bookkeeping -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
