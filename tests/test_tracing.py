@@ -162,3 +162,38 @@ def test_endpoint_from_flag_and_environment(monkeypatch):
     assert endpoint_from(None) == "http://env:4318/v1/traces"
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://full/traces")
     assert endpoint_from(None) == "http://full/traces"
+
+
+def test_the_daemon_exports_a_trace_per_execution(tmp_path):
+    from tests.test_daemon import Daemon, cli
+
+    receiver = _Receiver()
+    daemon = Daemon(tmp_path, "--local-workers", "1", "--otlp-endpoint", receiver.url).start()
+    try:
+        flow = tmp_path / "small.yaml"
+        flow.write_text(textwrap.dedent("""
+            name: small
+            nodes:
+              - {id: start, type: start}
+              - {id: add, type: python, call: "flowlib:add", args: [1, 2]}
+              - {id: end, type: end}
+            edges:
+              - {from: start, to: add}
+              - {from: add, to: end}
+        """).lstrip())
+        ids = []
+        for _ in range(2):
+            done = cli("submit", str(flow), "--coordinator", daemon.control, "--wait", "--json")
+            assert done.returncode == 0, done.stdout + done.stderr
+            ids.append(json.loads(done.stdout)["execution_id"])
+        assert daemon.stop() == 0  # a clean stop flushes the exporter
+    finally:
+        if daemon.alive():
+            daemon.stop()
+        receiver.close()
+    traces = {}
+    for span in receiver.spans:
+        traces.setdefault(span.trace_id, []).append(span.name)
+    assert set(traces) == {trace_id(i).to_bytes(16, "big") for i in ids}
+    for names in traces.values():
+        assert sorted(names) == ["execution small", "node add", "node end", "node start"]
