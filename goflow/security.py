@@ -15,6 +15,7 @@ and peer address, never with secret material.
 from __future__ import annotations
 
 import inspect
+import ipaddress
 import logging
 import os
 import threading
@@ -37,6 +38,29 @@ REFUSAL_LOG_INTERVAL = 60.0
 
 class KeyFileError(ValueError):
     """A key file is missing, unreadable or not in the expected format."""
+
+
+# -- the bind policy (every listener: ZeroMQ sockets, the dashboard, metrics) ------------------
+class ExposureError(ValueError):
+    """A listener would be reachable beyond this machine without authentication."""
+
+
+def is_loopback_host(host: str | None) -> bool:
+    """Whether a bind host stays on this machine (None: ipc:// or inproc://)."""
+    if host is None or host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "lo"  # an interface name: only the loopback interface counts
+
+
+def check_exposure(listener: str, host: str | None, *, protected: bool, remedy: str) -> None:
+    """The one bind policy: loopback is open; any other address needs ``protected`` (CURVE
+    for ZeroMQ sockets, a token for HTTP, an explicit ``--insecure``), else ExposureError
+    naming the listener and ``remedy``."""
+    if not protected and not is_loopback_host(host):
+        raise ExposureError(f"refusing to bind {listener} without authentication: {remedy}")
 
 
 def generate_keypair(directory: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -158,7 +182,7 @@ class _Zap(ThreadAuthenticator):
         if key in self.owner.allowed or key in self.owner.by_role.get(domain, ()):
             self.owner.stats["admitted"] += 1
             return True, b"OK"
-        self.owner._refused(key, self._address)
+        self.owner._refused(key, self._address, domain)
         return False, b"Unknown key"
 
 
@@ -201,7 +225,7 @@ class Authenticator:
         self.by_role: dict[str, frozenset[bytes]] = {}
         self.names: dict[bytes, str] = {}
         self.stats = {"admitted": 0, "refused": 0, "reloads": 0}
-        self._last_logged: dict[bytes, float] = {}
+        self._last_logged: dict[tuple[bytes, str], float] = {}
         self._lock = threading.Lock()
         self._zap: _Zap | None = None
         self.reload()
@@ -245,16 +269,28 @@ class Authenticator:
                                    "removed": sorted(k.decode() for k in removed)}})
         return len(self.allowed)
 
-    def _refused(self, key: bytes, address: str) -> None:
+    def refusal_reason(self, key: bytes, domain: str) -> str:
+        """Why ``key`` (z85) is not admitted on ``domain``'s socket, naming the directories."""
+        role = ROLES.get(domain)
+        wanted = f"{self.directory / role}/ or {self.directory}/" if role else f"{self.directory}/"
+        holders = [f"{self.directory / ROLES[other]}/" for other, keys in sorted(self.by_role.items())
+                   if key in keys and other != domain]
+        if holders:
+            return (f"it is in {', '.join(holders)}, which does not admit it on the {domain} socket; "
+                    f"to admit it there, put it in {wanted}")
+        return f"not in {wanted}"
+
+    def _refused(self, key: bytes, address: str, domain: str = "") -> None:
         self.stats["refused"] += 1
         now = time.monotonic()
-        if now - self._last_logged.get(key, -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
+        if now - self._last_logged.get((key, domain), -REFUSAL_LOG_INTERVAL) < REFUSAL_LOG_INTERVAL:
             return
         if len(self._last_logged) > 10_000:
             self._last_logged.clear()
-        self._last_logged[key] = now
-        log.warning("refused CURVE client key %s from %s (not in %s)", key.decode(), address or "?",
-                    self.directory, extra={"fields": {"client_key": key.decode(), "address": address}})
+        self._last_logged[(key, domain)] = now
+        log.warning("refused CURVE client key %s from %s on the %s socket (%s)", key.decode(), address or "?",
+                    domain or "?", self.refusal_reason(key, domain),
+                    extra={"fields": {"client_key": key.decode(), "address": address, "socket": domain}})
 
     def __enter__(self) -> "Authenticator":
         return self.start()

@@ -317,6 +317,28 @@ def test_non_loopback_bind_needs_curve_or_insecure(tmp_path):
         d.stop(signal.SIGKILL)
 
 
+def test_metrics_endpoint_is_under_the_same_bind_policy(tmp_path):
+    """--metrics beyond loopback is refused like any other listener (it has no authentication)."""
+    ports = free_ports(4)
+    refused = subprocess.run([PYTHON, "-m", "goflow.coordinator.daemon", "--workers-endpoint", f"tcp://127.0.0.1:{ports[0]}",
+                              "--control-endpoint", f"tcp://127.0.0.1:{ports[1]}",
+                              "--events-endpoint", f"tcp://127.0.0.1:{ports[2]}", "--metrics", f"0.0.0.0:{ports[3]}"],
+                             capture_output=True, text=True, timeout=30, env=child_env())
+    assert refused.returncode == 2, refused.stderr
+    assert f"refusing to bind the metrics endpoint 0.0.0.0:{ports[3]} without authentication" in refused.stderr
+    from goflow.observability.metrics import Metrics
+    from goflow.security import ExposureError
+
+    metrics = Metrics()
+    try:
+        with pytest.raises(ExposureError, match="metrics endpoint"):
+            metrics.serve(f"0.0.0.0:{ports[3]}")
+        server = metrics.serve("127.0.0.1:0")
+        server.stop()
+    finally:
+        metrics.close()
+
+
 def test_busy_cpu_work_does_not_get_the_worker_declared_dead(daemon, workers, tmp_path):
     d = daemon("--liveness", "2")
     workers(d.workers, "--concurrency", "1")

@@ -120,7 +120,12 @@ def test_curve_coordinator_admits_only_authorized_keys(daemon, workers, keys, tm
     workers(worker_ep, "--concurrency", "1", "--name", "plain")
     workers(worker_ep, "--concurrency", "1", "--name", "trusted", *_client_keys(keys, "worker"))
     joined = wait_for_workers(local, 1, curve=good)
-    time.sleep(1.5)
+    stranger_key = security.load_secret(keys["stranger"])[0].decode()
+    deadline = time.monotonic() + 30
+    while f"refused CURVE client key {stranger_key} from 127.0.0.1 on the workers socket" not in d.log() \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)  # the intruder tried and was refused (a wait on that event, not a fixed sleep)
+    assert f"refused CURVE client key {stranger_key} from 127.0.0.1 on the workers socket" in d.log(), d.log()
     with ControlClient(local, curve=good) as client:
         names = [w["worker_id"] for w in client.request("workers")["workers"]]
     assert names == ["trusted-1"], names
@@ -215,7 +220,19 @@ def test_role_directories_confine_keys_to_one_socket(daemon, workers, keys, tmp_
     workers(d.workers, "--concurrency", "1", "--name", "role-runner", *_client_keys(keys, "runner"))
     workers(d.workers, "--concurrency", "1", "--name", "role-watcher", *_client_keys(keys, "watcher"))
     wait_for_workers(d.control, 1, curve=submitter)
-    time.sleep(1.5)
+    # The watcher's worker is refused on the workers socket, and the log names where its key is.
+    watcher_key = security.load_public(keydir / "watcher.key").decode()
+
+    def refusals() -> list[str]:
+        return [line for line in d.log().splitlines()
+                if f"refused CURVE client key {watcher_key}" in line and "on the workers socket" in line]
+
+    deadline = time.monotonic() + 30
+    while not refusals() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert refusals(), d.log()
+    assert (f"it is in {keys['authorized'] / 'subscribers'}/, which does not admit it on the workers socket; "
+            f"to admit it there, put it in {keys['authorized'] / 'workers'}/ or {keys['authorized']}/") in refusals()[0]
     with ControlClient(d.control, curve=submitter) as client:
         names = [w["worker_id"] for w in client.request("workers")["workers"]]
     assert names == ["role-runner-1"], names

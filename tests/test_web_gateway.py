@@ -172,7 +172,7 @@ def test_history_serves_executions_the_coordinator_no_longer_holds(tmp_path, gat
 
 def test_token_is_required_off_loopback_and_checked_on_every_request(runtime, gateways, free_ports):
     (port,) = free_ports(1)
-    with pytest.raises(AddressError, match="without a token"):
+    with pytest.raises(AddressError, match="without authentication: give --http-token"):
         GatewayProcess(f"0.0.0.0:{port}", runtime.events_tcp, runtime.control_tcp)
     refused = subprocess.run([sys.executable, "-m", "goflow", "dashboard", runtime.events_tcp, "--http",
                               f"0.0.0.0:{port}"], capture_output=True, text=True, timeout=60)

@@ -14,7 +14,6 @@ authorized-keys directory.
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import logging
 import os
@@ -24,6 +23,8 @@ import threading
 import time
 from concurrent.futures import Future
 from typing import Any
+
+from goflow.security import ExposureError, check_exposure, is_loopback_host
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
@@ -91,15 +92,7 @@ def endpoint_host(endpoint: str) -> str | None:
 
 
 def is_loopback(endpoint: str) -> bool:
-    host = endpoint_host(endpoint)
-    if host is None:
-        return True  # ipc:// and inproc:// never leave the machine
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "lo"  # an interface name: only the loopback interface counts
+    return is_loopback_host(endpoint_host(endpoint))
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -174,9 +167,19 @@ def check_args(args: argparse.Namespace) -> list[str]:
         errors.append("--curve-secret-key and --authorized-keys go together")
     elif args.authorized_keys and not os.path.isdir(args.authorized_keys):
         errors.append(f"--authorized-keys {args.authorized_keys}: not a directory")
-    if exposed and not args.curve_secret_key and not args.insecure:
-        errors.append(f"refusing to bind {', '.join(exposed)} without authentication: give --curve-secret-key "
-                      f"and --authorized-keys, or --insecure to accept the risk")
+    for endpoint in exposed:
+        try:
+            check_exposure(endpoint, endpoint_host(endpoint), protected=bool(args.curve_secret_key) or args.insecure,
+                           remedy="give --curve-secret-key and --authorized-keys, or --insecure to accept the risk")
+        except ExposureError as exc:
+            errors.append(str(exc))
+    if args.metrics:
+        from goflow.observability.metrics import check_metrics_exposure
+
+        try:
+            check_metrics_exposure(args.metrics, insecure=args.insecure)
+        except ValueError as exc:
+            errors.append(str(exc))
     if args.local_workers < 0:
         errors.append("--local-workers must be >= 0")
     if args.grace < 0 or args.liveness <= 0 or args.heartbeat_interval <= 0:
@@ -186,11 +189,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
         errors.append("--keep-days needs --db (it prunes the history store)")
     args.http_token_value = None
     if args.http:
-        from goflow.web.server import AddressError, check_exposure, parse_address, read_token
+        from goflow.web.server import AddressError, parse_address, read_token
+        from goflow.web.server import check_exposure as check_http_exposure
 
         try:
             args.http_token_value = read_token(args.http_token, args.http_token_file)
-            check_exposure(parse_address(args.http)[0], args.http_token_value)
+            check_http_exposure(parse_address(args.http)[0], args.http_token_value)
         except AddressError as exc:
             errors.append(str(exc))
     return errors
@@ -268,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tracer = tracer_for(args.otlp_endpoint)
         if metrics is not None:
-            metrics_server = metrics.serve(args.metrics)
+            metrics_server = metrics.serve(args.metrics, insecure=args.insecure)
         coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
                                   control_endpoints=args.control_endpoint, context=context, curve=curve,
                                   worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,

@@ -297,9 +297,12 @@ class Metrics:
         """The exposition text (what ``/metrics`` serves)."""
         return generate_latest(self.registry)
 
-    def serve(self, address: str = DEFAULT_ADDRESS) -> "MetricsServer":
-        """Serve ``/metrics`` on ``host:port`` (port 0 = any free port) in a daemon thread."""
-        host, port = parse_address(address)
+    def serve(self, address: str = DEFAULT_ADDRESS, *, insecure: bool = False) -> "MetricsServer":
+        """Serve ``/metrics`` on ``host:port`` (port 0 = any free port) in a daemon thread.
+
+        Under the bind policy of every listener: beyond loopback only with ``insecure``.
+        """
+        host, port = check_metrics_exposure(address, insecure=insecure)
         server, thread = start_http_server(port, addr=host, registry=self.registry)
         return MetricsServer(server, thread)
 
@@ -333,6 +336,18 @@ def parse_address(address: str) -> tuple[str, int]:
         raise ValueError(f"metrics address {address!r} must look like HOST:PORT, e.g. {DEFAULT_ADDRESS}")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
+
+
+def check_metrics_exposure(address: str, *, insecure: bool = False) -> tuple[str, int]:
+    """``(host, port)`` of ``address`` if the bind policy allows it (the metrics endpoint has no
+    authentication, so beyond loopback it needs ``insecure``); else ExposureError."""
+    from goflow.security import check_exposure
+
+    host, port = parse_address(address)
+    check_exposure(f"the metrics endpoint {address}", host, protected=insecure,
+                   remedy="serve metrics on loopback (scrape through a proxy or an SSH tunnel), or give --insecure "
+                          "to accept the risk")
+    return host, port
 
 
 def coordinator_gauges(coordinator: Any, store: Any = None) -> Callable[[], dict[str, Any]]:

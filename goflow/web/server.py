@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ipaddress
 import logging
 import os
 import subprocess
@@ -18,6 +17,9 @@ import sys
 import threading
 from pathlib import Path
 from typing import Any
+
+from goflow.security import ExposureError, is_loopback_host
+from goflow.security import check_exposure as security_check_exposure
 
 log = logging.getLogger("goflow.web")
 
@@ -40,15 +42,6 @@ def parse_address(text: str) -> tuple[str, int]:
     return host.strip("[]"), value
 
 
-def is_loopback_host(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def read_token(token: str | None, token_file: str | None) -> str | None:
     """The token from ``--http-token``, ``--http-token-file`` or ``$GOFLOW_HTTP_TOKEN``."""
     if token_file:
@@ -66,10 +59,13 @@ def read_token(token: str | None, token_file: str | None) -> str | None:
 
 
 def check_exposure(host: str, token: str | None) -> None:
-    """Refuse a non-loopback address without a token (the policy in one place)."""
-    if not is_loopback_host(host) and not token:
-        raise AddressError(f"refusing to serve the dashboard on {host} without a token: give --http-token or "
-                           f"--http-token-file (loopback addresses need none)")
+    """Refuse a non-loopback address without a token (the bind policy of every listener:
+    :func:`goflow.security.check_exposure`)."""
+    try:
+        security_check_exposure(f"the dashboard on {host}", host, protected=bool(token),
+                                remedy="give --http-token or --http-token-file (loopback addresses need none)")
+    except ExposureError as exc:
+        raise AddressError(str(exc)) from None
 
 
 def allowed_hosts(host: str, port: int, token: str | None) -> tuple[str, ...]:
