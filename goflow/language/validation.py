@@ -362,7 +362,8 @@ class _Validator:
                 if error is not None:
                     self.error(self.node_path(node.id, field), f"node '{node.id}': invalid {field}: {error}", node.id)
                     continue
-                for name in sorted(name for name in names if name not in global_names and name not in local):
+                undefined = [name for name in names if name not in global_names and name not in local]
+                for name in sorted(undefined):
                     self.error(self.node_path(node.id, field), f"node '{node.id}': {field} refers to undefined "
                                                                f"variable '{name}'{_hint(name, global_names | local)}",
                                node.id)
@@ -405,8 +406,10 @@ class _Validator:
         elif isinstance(node, McpToolNode):
             yield interpolation("parameters", node.parameters)
         elif isinstance(node, PythonNode):
-            yield interpolation("args", node.args)
-            yield interpolation("kwargs", node.kwargs)
+            if node.args:
+                yield interpolation("args", node.args)
+            if node.kwargs:
+                yield interpolation("kwargs", node.kwargs)
         elif isinstance(node, EndNode) and node.return_ is not None:
             yield interpolation("return", node.return_)
 

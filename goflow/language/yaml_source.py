@@ -183,7 +183,7 @@ class _Builder:
         return result
 
 
-def _too_deep(node: yaml.Node) -> "YamlLimitError":
+def _too_deep(node: Any) -> "YamlLimitError":
     line, column = _position(node.start_mark)
     return YamlLimitError(f"the YAML nests deeper than {MAX_DEPTH} levels (the limit for a workflow)",
                           line, column)
@@ -209,9 +209,7 @@ def _check_expansion(root: yaml.Node) -> None:
         if id(node) in started:  # met again: an alias
             added += sizes.get(id(node), 1)  # (a recursive alias, inside its own anchor, counts 1)
             if added > MAX_ALIAS_VALUES:
-                line, column = _position(node.start_mark)
-                raise YamlLimitError(f"YAML aliases expand to more than {MAX_ALIAS_VALUES:,} values, the limit "
-                                     f"for a workflow (a 'billion laughs' document?)", line, column)
+                raise _too_many_aliases(node)
             continue
         started.add(id(node))
         stack.append((node, True))
@@ -226,6 +224,132 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
+class _Unusual(Exception):
+    """The document uses YAML the streaming builder leaves to the composing one (merge keys,
+    collection keys, tagged collections)."""
+
+
+_MAP_TAG = "tag:yaml.org,2002:map"
+_SEQ_TAG = "tag:yaml.org,2002:seq"
+_PLAIN = (None, "!")
+
+
+def _stream(loader: _Loader) -> tuple[Any, bool]:
+    """Plain data straight from the parser's events: ``(data, has_duplicate_keys)``.
+
+    The fast pass for ordinary workflow files: no node tree is kept (about a quarter of the
+    composing path's memory at 100k nodes), limits are checked as values arrive (an alias
+    adds the size recorded for its anchor, so a "billion laughs" file is refused before
+    anything is expanded). Raises :class:`_Unusual` for what it leaves to :func:`_compose`.
+    """
+    get = loader.get_event
+    resolve = loader.resolve
+    stack: list[list] = []
+    """Open collections: ``[container, pending key or _NO_KEY, values counted at its start]``."""
+    anchors: dict[str, tuple[Any, int]] = {}
+    counted = added = 0
+    duplicates = False
+    root: Any = None
+    documents = 0
+    while True:
+        event = get()
+        kind = event.__class__
+        size = 1
+        if kind is yaml.ScalarEvent:
+            tag = event.tag
+            if tag in _PLAIN:
+                tag = resolve(yaml.ScalarNode, event.value, event.implicit) if tag is None else _STR_TAG
+            if tag == _STR_TAG:
+                value = event.value
+            else:
+                if tag == "tag:yaml.org,2002:merge":
+                    raise _Unusual()
+                value = _scalar(loader.construct_object(
+                    yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style), deep=True))
+            counted += 1
+            if event.anchor is not None:
+                anchors[event.anchor] = (value, 1)
+        elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
+            if event.tag not in _PLAIN and event.tag != (_MAP_TAG if kind is yaml.MappingStartEvent else _SEQ_TAG):
+                raise _Unusual()
+            if stack and stack[-1][1] is _KEY_WANTED:
+                raise _Unusual()  # a collection as a mapping key
+            if len(stack) >= MAX_DEPTH:
+                raise _too_deep(event)
+            container: Any = {} if kind is yaml.MappingStartEvent else []
+            if event.anchor is not None:
+                anchors[event.anchor] = (container, 0)  # open: an alias to it now would be recursive
+            stack.append([container, _KEY_WANTED if kind is yaml.MappingStartEvent else None, counted, event.anchor])
+            counted += 1
+            continue
+        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
+            value, _, first, anchor = stack.pop()
+            size = counted - first
+            if anchor is not None:
+                anchors[anchor] = (value, size)
+        elif kind is yaml.AliasEvent:
+            if event.anchor not in anchors:
+                line, column = _position(event.start_mark)
+                raise YamlSyntaxError(f"found undefined alias '{event.anchor}'", line, column)
+            value, size = anchors[event.anchor]
+            if size == 0:
+                line, column = _position(event.start_mark)
+                raise YamlLimitError(f"alias '*{event.anchor}' is inside the value it names; recursive YAML "
+                                     f"cannot be a workflow", line, column)
+            if stack and stack[-1][1] is _KEY_WANTED and isinstance(value, (dict, list)):
+                raise _Unusual()
+            added += size
+            counted += size
+            if added > MAX_ALIAS_VALUES:
+                raise _too_many_aliases(event)
+        elif kind is yaml.DocumentStartEvent:
+            documents += 1
+            if documents > 1:
+                line, column = _position(event.start_mark)
+                raise YamlSyntaxError("expected a single document in the stream, but found another document",
+                                      line, column)
+            continue
+        elif kind is yaml.StreamEndEvent:
+            return root, duplicates
+        else:  # stream start, document end
+            continue
+        if not stack:
+            root = value
+            continue
+        top = stack[-1]
+        if top[1] is None:  # a sequence
+            top[0].append(value)
+        elif top[1] is _KEY_WANTED:
+            top[1] = str(value) if isinstance(value, (dict, list)) else value
+        else:
+            if top[1] in top[0]:
+                duplicates = True
+            top[0][top[1]] = value
+            top[1] = _KEY_WANTED
+
+
+_KEY_WANTED = object()
+"""In :func:`_stream`'s stack: the open mapping's next event is a key."""
+
+
+def _too_many_aliases(event: Any) -> "YamlLimitError":
+    """(``event``: a parser event or a node; both carry ``start_mark``.)"""
+    line, column = _position(event.start_mark)
+    return YamlLimitError(f"YAML aliases expand to more than {MAX_ALIAS_VALUES:,} values, the limit "
+                          f"for a workflow (a 'billion laughs' document?)", line, column)
+
+
+def _compose(loader: _Loader, text: str) -> tuple[Any, bool]:
+    """Plain data through libyaml's node tree: every YAML feature (merge keys, complex keys)."""
+    node = loader.get_single_node()
+    if node is None:
+        return None, False
+    if "*" in text:  # only an alias ("*name") can make the tree share nodes
+        _check_expansion(node)
+    builder = _Builder(loader, merges="<<" in text)
+    return builder.build(node, 0), builder.has_duplicates
+
+
 def load_yaml(text: str) -> tuple[Any, SourceMap]:
     """Parse one YAML document. Returns ``(data, source_map)``; ``data`` is None when empty.
 
@@ -233,16 +357,15 @@ def load_yaml(text: str) -> tuple[Any, SourceMap]:
     subclass :class:`YamlLimitError` when the document exceeds a limit (nesting depth,
     alias expansion).
     """
-    loader = _Loader(text)
     try:
-        node = loader.get_single_node()
-        if node is None:
-            return None, SourceMap(text)
-        if "*" in text:  # only an alias ("*name") can make the tree share nodes
-            _check_expansion(node)
-        builder = _Builder(loader, merges="<<" in text)
-        data = builder.build(node, 0)
-        return data, SourceMap(text, has_duplicates=builder.has_duplicates)
+        loader = _Loader(text)
+        try:
+            data, duplicates = _stream(loader)
+        except _Unusual:
+            loader.dispose()
+            loader = _Loader(text)
+            data, duplicates = _compose(loader, text)
+        return data, SourceMap(text, has_duplicates=duplicates)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, column = _position(mark) if mark else (1, 1)
