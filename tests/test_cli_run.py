@@ -107,7 +107,8 @@ def test_missing_required_variable_exits_2(write_flow):
     proc = goflow("run", str(path), "--json")
     assert proc.returncode == 2
     assert "who" in proc.stderr and "--var who=" in proc.stderr
-    assert proc.stdout == ""
+    refused = json.loads(proc.stdout)   # --json: the one object says why nothing ran
+    assert refused["status"] == "invalid" and "--var who=" in refused["error"]["message"]
 
 
 def test_plain_output_has_one_line_per_node_event(write_flow):

@@ -48,7 +48,7 @@ def test_executions_lists_full_ids(db, capsys):
     assert goflow("executions", "--db", path) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "WORKFLOW", "STATUS", "DURATION", "STARTED"]
+    assert lines[0].split() == ["EXECUTION", "WORKFLOW", "STATUS", "DURATION", "STARTED"]
     for eid in ids.values():
         assert eid in out                                   # never truncated
     row = next(line for line in lines if ids["failed"] in line)
@@ -56,9 +56,9 @@ def test_executions_lists_full_ids(db, capsys):
 
     assert goflow("executions", "--db", path, "--json", "--workflow", "demo") == 0
     rows = json.loads(capsys.readouterr().out)
-    assert {r["id"] for r in rows} == {ids["ok"], ids["ok2"], ids["running"]}
+    assert {r["execution_id"] for r in rows} == {ids["ok"], ids["ok2"], ids["running"]}
     assert goflow("executions", "--db", path, "--json", "--status", "failed") == 0
-    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [ids["failed"]]
+    assert [r["execution_id"] for r in json.loads(capsys.readouterr().out)] == [ids["failed"]]
     assert goflow("executions", "--db", path, "--json", "--since", "1h", "--limit", "2") == 0
     assert len(json.loads(capsys.readouterr().out)) == 2
     assert goflow("executions", "--db", path, "--json", "--since", "2999-01-01") == 0
@@ -183,7 +183,7 @@ def test_logs_follow_joins_a_live_run_without_gap_or_duplicate(tmp_path, capsys,
     try:
         with EmbeddedWithSink(store.sink) as rt:
             monkeypatch.setenv("GOFLOW_EVENTS", rt.events_endpoint)
-            monkeypatch.setenv("GOFLOW_CONTROL", rt.control_endpoint)
+            monkeypatch.setenv("GOFLOW_COORDINATOR", rt.control_endpoint)
             eid, future = rt.coordinator.submit(workflow, {})
             # Wait until the history has the first events, not the end (pytest-timeout bounds it).
             while not store.events(eid, types=["node.started"], nodes=["nap"]):
@@ -210,5 +210,5 @@ def test_prune_command(db, capsys):
     assert goflow("prune", "--keep-days", "0", "--db", path) == 0
     assert "pruned 3" in capsys.readouterr().out
     assert goflow("executions", "--db", path, "--json") == 0
-    assert [r["id"] for r in json.loads(capsys.readouterr().out)] == [ids["running"]]
+    assert [r["execution_id"] for r in json.loads(capsys.readouterr().out)] == [ids["running"]]
     assert goflow("prune", "--keep-days", "-1", "--db", path) == 2

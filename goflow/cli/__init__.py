@@ -27,9 +27,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse ``argv``; a mistyped command gets a "did you mean", and an unknown flag is
+    reported with the usage of the command it was given to (argparse's default is the
+    top-level usage). Exits 2 on either, as argparse does."""
+    import difflib
+
+    commands = _commands(parser)
+    command = next((arg for arg in argv if not arg.startswith("-")), None)
+    if command is not None and command not in commands:
+        close = difflib.get_close_matches(command, list(commands), n=3, cutoff=0.5)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        parser.error(f"unknown command {command!r}{hint} (goflow --help lists the commands)")
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = commands.get(getattr(args, "command", None) or "")
+        while sub is not None:   # the innermost command (e.g. `goflow server add`)
+            inner = next((a for a in sub._actions if isinstance(a, argparse._SubParsersAction)), None)
+            name = getattr(args, inner.dest, None) if inner is not None and inner.dest else None
+            if inner is None or name not in inner.choices:
+                break
+            sub = inner.choices[name]
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import sys
@@ -46,6 +47,18 @@ def parse_vars(pairs: Iterable[str], input_file: str | None = None) -> dict[str,
 def print_problems(problems: list[Problem], stream: IO[str] = sys.stderr) -> None:
     for problem in problems:
         print(problem, file=stream)
+
+
+def time_text(ts: float | None) -> str:
+    """The one time format of the CLI: local ISO 8601 to the second, with the UTC offset."""
+    if not isinstance(ts, (int, float)) or not ts:
+        return "-"
+    return _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
+
+
+def with_execution_id(row: dict) -> dict:
+    """A history row as the CLI prints it in JSON: ``execution_id``, as every command says."""
+    return {"execution_id": row.get("id"), **{k: v for k, v in row.items() if k != "id"}}
 
 
 def silence_stdout() -> None:

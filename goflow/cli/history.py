@@ -8,13 +8,13 @@ live stream of a running execution through the reliable :class:`goflow.events.mo
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 from typing import Any, Iterable
 
 from goflow.events.codec import decode_event
+from goflow.cli.common import time_text, with_execution_id
 from goflow.cli.event_lines import duration_text, log_line, short_text
 from goflow.events.types import Event
 
@@ -55,8 +55,8 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="one JSON object per event (as goflow watch --json)")
     p.add_argument("--events", metavar="EP", default=None,
                    help="coordinator event endpoint for --follow (default $GOFLOW_EVENTS)")
-    p.add_argument("--control", metavar="EP", default=None,
-                   help="coordinator control endpoint for --follow (default $GOFLOW_CONTROL)")
+    p.add_argument("--coordinator", "--control", dest="control", metavar="EP", default=None,
+                   help="coordinator control endpoint for --follow (default $GOFLOW_COORDINATOR)")
     _db_flag(p)
     p.set_defaults(func=logs_command)
 
@@ -84,12 +84,6 @@ def _open(args: argparse.Namespace, command: str):
 
 
 # -- formatting helpers ------------------------------------------------------------------------
-def _iso(ts: float | None) -> str:
-    if ts is None:
-        return "-"
-    return _dt.datetime.fromtimestamp(ts).astimezone().isoformat(timespec="seconds")
-
-
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (bytes, bytearray, memoryview)):
         import base64
@@ -145,14 +139,14 @@ def executions_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(rows, default=_json_default, ensure_ascii=False))
+        print(json.dumps([with_execution_id(r) for r in rows], default=_json_default, ensure_ascii=False))
         return EXIT_OK
     if not rows:
         print("no executions", file=sys.stderr)
         return EXIT_OK
-    _table(["ID", "WORKFLOW", "STATUS", "DURATION", "STARTED"],
+    _table(["EXECUTION", "WORKFLOW", "STATUS", "DURATION", "STARTED"],
            [[r["id"], r.get("workflow") or "-", r["status"], duration_text(r.get("duration_s")),
-             _iso(r.get("started_at") or r.get("submitted_at"))] for r in rows])
+             time_text(r.get("started_at") or r.get("submitted_at"))] for r in rows])
     return EXIT_OK
 
 
@@ -171,7 +165,7 @@ def execution_command(args: argparse.Namespace) -> int:
     finally:
         store.close()
     if args.json:
-        print(json.dumps(data, default=_json_default, ensure_ascii=False))
+        print(json.dumps(with_execution_id(data), default=_json_default, ensure_ascii=False))
         return EXIT_OK
     _print_execution(data)
     return EXIT_OK
@@ -182,8 +176,8 @@ def _print_execution(d: dict) -> None:
     print(f"workflow   {d.get('workflow') or '-'}" + (f"  (sha256 {d['workflow_hash'][:12]})"
                                                        if d.get("workflow_hash") else ""))
     print(f"status     {d['status']}")
-    print(f"started    {_iso(d.get('started_at'))}")
-    print(f"finished   {_iso(d.get('finished_at'))}")
+    print(f"started    {time_text(d.get('started_at'))}")
+    print(f"finished   {time_text(d.get('finished_at'))}")
     print(f"duration   {duration_text(d.get('duration_s'))}")
     if d.get("error"):
         err = d["error"]
@@ -277,10 +271,10 @@ def logs_command(args: argparse.Namespace) -> int:
     if not args.follow or finished:
         return EXIT_OK
     events_ep = args.events or os.environ.get("GOFLOW_EVENTS")
-    control_ep = args.control or os.environ.get("GOFLOW_CONTROL")
+    control_ep = args.control or os.environ.get("GOFLOW_COORDINATOR")
     if not events_ep:
         print(f"goflow logs: execution {execution_id} has not finished; to follow it pass --events EP "
-              f"(and --control EP) or set GOFLOW_EVENTS / GOFLOW_CONTROL", file=sys.stderr)
+              f"(and --coordinator EP) or set GOFLOW_EVENTS / GOFLOW_COORDINATOR", file=sys.stderr)
         return EXIT_ERROR
     return _follow(execution_id, last, printer, events_ep, control_ep)
 

@@ -21,10 +21,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from goflow.cli.common import parse_vars
+from goflow.cli.common import parse_vars, time_text
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:5555"
 EXIT_UNREACHABLE = 3
+PROBE_TIMEOUT_S = 2.0
+"""How long the connect check before the first request may take (a refused port answers at once)."""
 TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
@@ -70,6 +72,27 @@ def _unreachable(command: str, args: argparse.Namespace, exc: Exception) -> int:
     return EXIT_UNREACHABLE
 
 
+def _listening(endpoint: str) -> str | None:
+    """Why nothing can answer at ``endpoint`` (None when something listens, or when this
+    cannot be told without a request). ZeroMQ would wait for a peer that never comes; a
+    plain connect tells at once."""
+    import socket
+
+    scheme, _, address = endpoint.partition("://")
+    if scheme == "ipc":
+        return None if os.path.exists(address) else f"no socket file {address}"
+    if scheme != "tcp":
+        return None
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT_S):
+            return None
+    except ValueError:
+        return None
+    except OSError as exc:
+        return exc.strerror or str(exc)
+
+
 def _run(command: str, args: argparse.Namespace, body) -> int:
     from goflow.control.framing import ControlError, ControlTimeout
 
@@ -78,6 +101,12 @@ def _run(command: str, args: argparse.Namespace, body) -> int:
     except UsageError as exc:
         print(f"goflow {command}: {exc}", file=sys.stderr)
         return 2
+    problem = _listening(_endpoint(args))
+    if problem is not None:
+        client.close()
+        print(f"goflow {command}: no coordinator at {_endpoint(args)} ({problem}); start one with "
+              f"goflow-coordinator, or point --coordinator / GOFLOW_COORDINATOR at it", file=sys.stderr)
+        return EXIT_UNREACHABLE
     try:
         return body(client)
     except ControlTimeout as exc:
@@ -220,12 +249,6 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 # -- status, cancel, ls, workers --------------------------------------------------------------
-def _fmt_time(ts: Any) -> str:
-    if not isinstance(ts, (int, float)) or not ts:
-        return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ts))
-
-
 def _progress_text(summary: dict) -> str:
     progress = summary.get("progress") or {}
     done, total = progress.get("resolved"), progress.get("total")
@@ -242,8 +265,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(json.dumps(summary, default=str))
             return 0
         print(f"{summary.get('execution_id')}  {summary.get('workflow')}  {summary.get('status')}  "
-              f"progress {_progress_text(summary) or '-'}  started {_fmt_time(summary.get('started_at'))}  "
-              f"finished {_fmt_time(summary.get('finished_at'))}")
+              f"progress {_progress_text(summary) or '-'}  started {time_text(summary.get('started_at'))}  "
+              f"finished {time_text(summary.get('finished_at'))}")
         error = summary.get("error")
         if error:
             where = f" at node '{error.get('node_id')}'" if error.get("node_id") else ""
@@ -283,7 +306,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         print(f"{'EXECUTION':32}  {'WORKFLOW':24}  {'STATUS':10}  {'PROGRESS':9}  STARTED")
         for e in executions:
             print(f"{str(e.get('execution_id')):32}  {str(e.get('workflow'))[:24]:24}  {str(e.get('status')):10}  "
-                  f"{_progress_text(e):9}  {_fmt_time(e.get('started_at'))}")
+                  f"{_progress_text(e):9}  {time_text(e.get('started_at'))}")
         return 0
 
     return _run("ls", args, body)

@@ -14,10 +14,14 @@ from typing import Any
 from goflow.cli.common import parse_vars, print_problems, silence_stdout
 from goflow.cli.run_display import live_panel, plain_line
 from goflow.errors import GoflowError
-from goflow.events.ids import new_execution_id
+from goflow.events import ids as execution_ids
 from goflow.events.filter import EventFilter
 from goflow.language.loader import check, read
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
+
+
+DEFAULT_LINGER_S = 10.0
+"""How long a published run keeps serving its subscribers after its end, at most."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -42,7 +46,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--max-value-bytes", type=int, default=None, metavar="BYTES",
                         help="larger values in events become $omitted markers (default 4096)")
     parser.add_argument("--await-subscribers", type=int, default=0, metavar="N",
-                        help="wait until N subscriptions reach the publisher before starting")
+                        help="wait until N subscriptions (topic prefixes, not sockets) reach the publisher "
+                             "before starting")
+    parser.add_argument("--linger", type=float, default=DEFAULT_LINGER_S, metavar="SECONDS",
+                        help="with --publish/--control: after the run, keep serving replay and queries until "
+                             f"every subscription has closed, at most SECONDS (default {DEFAULT_LINGER_S:g}; "
+                             "0: exit at once)")
+    parser.add_argument("--execution-id", metavar="ID", default=None,
+                        help="use this execution id (default: a random one), so subscribers know it beforehand")
     parser.add_argument("--await-timeout", type=float, default=30.0, metavar="SECONDS",
                         help="how long --await-subscribers waits (default 30)")
     parser.add_argument("--db", metavar="PATH", default=None,
@@ -62,6 +73,19 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=main)
 
 
+def _refuse(args: argparse.Namespace, error_type: str, message: str, problems: list | None = None) -> int:
+    """A run that cannot start: the message on stderr and, with --json, the one JSON object
+    on stdout (``status`` ``invalid``, ``error.type`` says why). Exit code 2."""
+    print(message, file=sys.stderr)
+    if args.json:
+        error: dict[str, Any] = {"type": error_type, "message": message, "node_id": None}
+        if problems is not None:
+            error["problems"] = [problem.to_dict() for problem in problems]
+        print(json.dumps({"execution_id": None, "workflow": None, "status": "invalid", "result": None,
+                          "variables": {}, "error": error, "duration_s": 0.0}))
+    return 2
+
+
 def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
@@ -70,23 +94,28 @@ def main(args: argparse.Namespace) -> int:
     loaded = check(read(args.file))
     if loaded.errors:
         print_problems(loaded.problems, stream=sys.stderr)
+        if args.json:
+            errors = [p for p in loaded.problems if p.severity == "error"]
+            return _refuse(args, "invalid_workflow", f"{args.file}: {len(errors)} problem(s)", loaded.problems)
         return 2
     try:
         variables = parse_vars(args.var, args.input)
     except ValueError as exc:
-        print(f"goflow run: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, "bad_request", f"goflow run: {exc}")
     workflow = loaded.workflow
     from goflow.coordinator.plan import initial_variables
 
     try:
         initial_variables(workflow, variables)
     except ValueError as exc:
-        print(f"{args.file}: error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, "bad_request", f"{args.file}: error: {exc}")
     if args.workers is not None and args.workers < 1:
-        print("goflow run: --workers must be at least 1", file=sys.stderr)
-        return 2
+        return _refuse(args, "bad_request", "goflow run: --workers must be at least 1")
+    try:
+        if args.execution_id is not None:
+            execution_ids.checked(args.execution_id)
+    except ValueError as exc:
+        return _refuse(args, "bad_request", f"goflow run: --execution-id: {exc}")
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -99,8 +128,7 @@ def main(args: argparse.Namespace) -> int:
                                   progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes,
                                   otlp_endpoint=args.otlp_endpoint)
     except Exception as exc:  # e.g. the publish endpoint is in use
-        print(f"goflow run: cannot start the coordinator: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(args, "unavailable", f"goflow run: cannot start the coordinator: {exc}")
     try:
         with runtime:
             gateway = _start_gateway(runtime, args)
@@ -139,24 +167,49 @@ def _await_subscribers(runtime: EmbeddedRuntime, count: int, timeout: float, qui
         return
     deadline = time.monotonic() + timeout
     publisher = runtime.coordinator.publisher
+    tty = sys.stderr.isatty()   # a log file gets one line, not a \r-rewritten one
+    if not quiet and not tty:
+        print(f"goflow run: waiting up to {timeout:g}s for {count} subscription(s)", file=sys.stderr, flush=True)
     while time.monotonic() < deadline:
         seen = runtime.coordinator.call(lambda: publisher.subscription_count)
         if seen >= count:
+            if not quiet and tty:
+                print(file=sys.stderr)
             return
-        if not quiet:
+        if not quiet and tty:
             print(f"\rwaiting for {count} subscription(s): {seen} so far, "
                   f"{deadline - time.monotonic():4.1f}s left", end="", file=sys.stderr, flush=True)
         time.sleep(0.05)
     if not quiet:
-        print(f"\ngoflow run: only {publisher.subscription_count} subscription(s) after {timeout:g}s; starting anyway",
-              file=sys.stderr)
+        print(("\n" if tty else "") + f"goflow run: only {publisher.subscription_count} subscription(s) after "
+              f"{timeout:g}s; starting anyway", file=sys.stderr)
+
+
+def _linger(runtime: EmbeddedRuntime, seconds: float) -> None:
+    """Keep the event log and control socket up after the run, so a subscriber that is
+    behind can still repair its gap and query: until every subscription has closed
+    (subscribers close after the terminal event), at most ``seconds``; Ctrl-C ends it."""
+    publisher = runtime.coordinator.publisher
+    deadline = time.monotonic() + seconds
+    try:
+        remaining = runtime.coordinator.call(lambda: publisher.subscription_count)
+        if remaining:
+            print(f"goflow run: serving replay and queries until {remaining} subscription(s) close, at most "
+                  f"{seconds:g}s (--linger)", file=sys.stderr, flush=True)
+        while remaining and time.monotonic() < deadline:
+            time.sleep(0.05)
+            remaining = runtime.coordinator.call(lambda: publisher.subscription_count)
+    except KeyboardInterrupt:
+        pass
 
 
 def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argparse.Namespace,
          workflow_text: str | None = None) -> int:
     _await_subscribers(runtime, args.await_subscribers, args.await_timeout, args.json)
     runtime.wait_for_workers(runtime.worker_count, timeout=30)
-    execution_id = new_execution_id()
+    execution_id = execution_ids.given_or_new(args.execution_id)
+    if args.publish or args.control:
+        print(f"goflow run: execution {execution_id}", file=sys.stderr, flush=True)
     display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
     if display is not None:
         display.start()
@@ -176,7 +229,10 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
         print(json.dumps(result.to_dict(), default=str))
     else:
         _summary(result)
+    sys.stdout.flush()
     report_history_problem(result)
+    if (args.publish or args.control) and args.linger > 0:
+        _linger(runtime, args.linger)
     return result.exit_code
 
 

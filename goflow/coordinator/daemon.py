@@ -13,6 +13,8 @@ authorized-keys directory.
 
 from __future__ import annotations
 
+from goflow import __version__
+
 import argparse
 import json
 import logging
@@ -100,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="goflow-coordinator",
         description="Run the goflow coordinator as a service: workers connect to it, clients submit to it.")
+    parser.add_argument("--version", action="version", version=f"goflow-coordinator {__version__}")
     parser.add_argument("--workers-endpoint", default=DEFAULT_WORKERS, metavar="ENDPOINT",
                         help=f"where goflow-worker processes connect (default {DEFAULT_WORKERS})")
     parser.add_argument("--events-endpoint", action="append", default=None, metavar="ENDPOINT",

@@ -16,6 +16,8 @@ loses an attempt); SIGKILL after ``--stop-grace``.
 
 from __future__ import annotations
 
+from goflow import __version__
+
 import argparse
 import json
 import logging
@@ -55,6 +57,7 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goflow-worker", description="Run goflow worker processes connected to a "
                                                                        "coordinator (goflow-coordinator).")
+    parser.add_argument("--version", action="version", version=f"goflow-worker {__version__}")
     parser.add_argument("--connect", required=True, metavar="ENDPOINT",
                         help="the coordinator's workers endpoint, e.g. tcp://host:5557")
     parser.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
