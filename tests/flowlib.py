@@ -140,3 +140,12 @@ def append_when(path: str, text: str, release: str):
 def big_text(size: int) -> str:
     """A string of ``size`` bytes (for the result size limit)."""
     return "x" * size
+
+
+def wide(lines: int, width: int, first: int = 0):
+    """Print one line of ``first`` characters (if any), then ``lines`` lines of ``width``."""
+    if first:
+        print("w" * first)
+    for i in range(lines):
+        print(str(i).ljust(width, "x"))
+    return lines

@@ -183,3 +183,30 @@ def test_node_log_is_stored_in_history_and_printed_by_goflow_logs(write_flow, tm
     assert main(["logs", execution_id, "--db", str(db)]) == 0
     out = capsys.readouterr().out
     assert "node.log" in out and "line 2" in out and "[warning] warning record" in out
+
+
+def test_output_bytes_and_line_length_are_bounded_and_counted(runtime, write_flow):
+    path = write_flow("""
+        name: wide
+        nodes:
+          - {id: start, type: start}
+          - {id: talk, type: python, call: "flowlib:wide", args: [600, 4000, 10000]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: talk}
+          - {from: talk, to: end}
+    """)
+    sub = _subscriber(runtime.events_endpoint)
+    _wait_subscribed(runtime)
+    execution_id, future = runtime.coordinator.submit(load(path))
+    events = _events(sub, execution_id)
+    assert future.result(30)["status"] == "completed"
+    logs = [e for e in events if e["type"] == "node.log"]
+    lines = [line["text"] for e in logs for line in e["meta"]["lines"]]
+    dropped = sum(e["meta"]["dropped"] for e in logs)
+    cut = capture.MAX_LINE_CHARS
+    assert lines[0] == "w" * cut + f"… [{10000 - cut} characters cut]"
+    assert len(lines) + dropped == 601 and dropped > 0
+    kept = sum(len(text) for text in lines)
+    assert kept <= capture.MAX_BYTES < kept + 4000, "lines stop where the next one would pass the byte bound"
+    assert [int(text.rstrip("x")) for text in lines[1:]] == list(range(len(lines) - 1))

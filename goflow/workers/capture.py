@@ -104,7 +104,8 @@ class _StreamProxy(io.TextIOBase):
         self._stream = stream
         self._level = "error" if stream == "stderr" else "info"
         self._original = original
-        self._partial = ""
+        self._partial = ""  # the line being written (at most MAX_LINE_CHARS + 1 characters kept)
+        self._cut = 0       # characters of it beyond those
 
     def writable(self) -> bool:
         return True
@@ -113,22 +114,33 @@ class _StreamProxy(io.TextIOBase):
         if self._capture.current is None:
             return self._original.write(text)
         if text == "\n":  # print() writes its text and its end separately
-            line, self._partial = self._partial, ""
-            self._capture.emit(self._stream, self._level, line)
+            self._end_line()
         elif "\n" not in text:
-            self._partial += text
-            if len(self._partial) > MAX_LINE_CHARS:
-                self.flush()
+            self._append(text)
         else:
-            *complete, self._partial = (self._partial + text).split("\n")
-            for line in complete:
+            first, *middle, last = text.split("\n")
+            self._append(first)
+            self._end_line()
+            for line in middle:
                 self._capture.emit(self._stream, self._level, line)
+            self._append(last)
         return len(text)
 
+    def _append(self, text: str) -> None:
+        room = MAX_LINE_CHARS + 1 - len(self._partial)
+        if len(text) <= room:
+            self._partial += text
+        else:
+            self._partial += text[:max(0, room)]
+            self._cut += len(text) - max(0, room)
+
+    def _end_line(self) -> None:
+        line, cut, self._partial, self._cut = self._partial, self._cut, "", 0
+        self._capture.emit(self._stream, self._level, line, cut=cut)
+
     def flush(self) -> None:
-        if self._partial:
-            line, self._partial = self._partial, ""
-            self._capture.emit(self._stream, self._level, line)
+        if self._partial or self._cut:
+            self._end_line()
         if self._capture.current is None:
             self._original.flush()
 
@@ -149,6 +161,10 @@ class _LoggingHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         current = self._capture.current
         if current is None or not current.logging or record.name.startswith("goflow"):
+            # Not a node's record: what Python does without us (a process with no other
+            # handler prints warnings and worse to stderr).
+            if record.levelno >= logging.WARNING and logging.getLogger().handlers == [self]:
+                logging.lastResort.handle(record)
             return
         try:
             text = record.getMessage()
@@ -220,19 +236,20 @@ class Capture:
 
     # -- producers (any thread) --------------------------------------------------------------
     def emit(self, stream: str, level: str, text: str, *, logger: str | None = None,
-             ts: float | None = None) -> None:
-        """One line from the running task (a no-op when none runs)."""
+             ts: float | None = None, cut: int = 0) -> None:
+        """One line from the running task (a no-op when none runs); ``cut``: characters of
+        it the caller already left out."""
         current = self.current
         if current is None:
             return
-        size = len(text)
+        size = len(text) + cut
         if size > MAX_LINE_CHARS:
             text = f"{text[:MAX_LINE_CHARS]}… [{size - MAX_LINE_CHARS} characters cut]"
         line = {"ts": ts or time.time(), "stream": stream, "level": level, "text": text}
         if logger:
             line["logger"] = logger
         with self._lock:
-            if self.current is not current or not current.admit(size):
+            if self.current is not current or not current.admit(len(text)):
                 return
             lines = current.lines
             lines.append(line)
