@@ -202,3 +202,14 @@ def test_bearer_token_from_a_secret_reaches_the_server_and_nothing_else(tmp_path
     for suffix in ("-wal", "-shm"):
         extra = db.with_name(db.name + suffix)
         assert not extra.exists() or token.encode() not in extra.read_bytes()
+
+
+def test_a_stdio_servers_stderr_during_the_call_becomes_node_lines(runtime, tmp_path):
+    summary, events = _run(runtime, tmp_path, _single_tool("noisy", "test", "{lines: 5}"))
+    assert summary["status"] == "completed", summary["error"]
+    outcome = _outcome_index(events)
+    lines = [(i, line) for i, e in enumerate(events) if e["type"] == "node.log"
+             for line in e["meta"]["lines"] if line["stream"] == "mcp_stderr"]
+    noise = [line["text"] for _, line in lines if line["text"].startswith("noise line")]
+    assert noise == [f"noise line {i} " + "x" * 200 for i in range(5)]
+    assert all(i < outcome for i, _ in lines)

@@ -52,10 +52,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import fcntl
 import json
 import logging
 import os
+import struct
 import sys
+import termios
 import threading
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
@@ -254,6 +257,7 @@ class _StderrTail:
         self._secrets = secrets
         self._lock = threading.Lock()
         self.eof = threading.Event()
+        self.busy = False
         rfd, wfd = os.pipe()
         self._reader = os.fdopen(rfd, "rb", buffering=0)
         self.writer = os.fdopen(wfd, "w")  # handed to the child as its stderr
@@ -267,6 +271,7 @@ class _StderrTail:
                 chunk = self._reader.read(65536)
                 if not chunk:
                     break
+                self.busy = True
                 buf += chunk
                 *complete, buf = buf.split(b"\n")
                 for raw in complete:
@@ -274,6 +279,7 @@ class _StderrTail:
                 if len(buf) > 65536:  # a huge line without newline: keep its start
                     self._add(buf[:_STDERR_LINE_MAX])
                     buf = b""
+                self.busy = False
             if buf:
                 self._add(buf)
         except (OSError, ValueError):
@@ -292,6 +298,16 @@ class _StderrTail:
             line = line[:_STDERR_LINE_MAX] + "..."
         with self._lock:
             self.lines.append(line)
+
+    def unread(self) -> bool:
+        """Whether the server wrote stderr that the drain thread has not turned into lines yet."""
+        if self.eof.is_set():
+            return False
+        try:
+            pending = struct.unpack("i", fcntl.ioctl(self._reader.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+        except (OSError, ValueError):
+            return False
+        return pending > 0 or self.busy
 
     def close_writer(self) -> None:
         """Close the parent's copy of the write end (after the child has been spawned)."""
@@ -352,6 +368,17 @@ async def _server_log(params: Any) -> None:
 async def _server_progress(progress: float, total: float | None, message: str | None) -> None:
     """``notifications/progress`` for the call in flight: the node's progress."""
     CAPTURE.progress(progress, total, message)
+
+
+async def _settle_stderr(entry: "_Session", limit_s: float = 0.2) -> None:
+    """Let the stderr the server wrote during the call become the call's lines (bounded wait;
+    a server that keeps writing does not hold the result longer than ``limit_s``)."""
+    stderr = entry.stderr
+    if stderr is None:
+        return
+    deadline = asyncio.get_running_loop().time() + limit_s
+    while stderr.unread() and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.001)
 
 
 class _WatchedStream:
@@ -843,6 +870,7 @@ class MCPSessionPool:
         except Exception as exc:
             raise await self._lost(entry, exc, tool, f"tool call '{tool}'") from None
 
+        await _settle_stderr(entry)
         raw = result.model_dump(by_alias=True, mode="json", exclude_none=True)
         raw.setdefault("content", [])
         raw.setdefault("isError", False)
