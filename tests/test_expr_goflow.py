@@ -247,3 +247,8 @@ def test_int_of_a_bool_is_an_error():
 
 def test_let_names_are_not_variables():
     assert parse_condition("let y = n; y + 1").names == {"n"}
+
+
+def test_jsonpath_on_null_input_is_an_error():
+    with pytest.raises(ExpressionError, match="cannot query null data"):
+        compile_transform(expression="$.name").apply(None, {})

@@ -282,6 +282,9 @@ def _compile_jsonpath(source: str) -> Transform:
 
     def run(input_value: Any, variables: Mapping[str, Any]) -> Any:
         data = _maybe_json(input_value)
+        if data is None:
+            raise ExpressionError(f"JSONPath {source!r} cannot query null data (the input is "
+                                  "null)", source=source)
         if isinstance(data, str):
             # Plain text: only the root query finds anything.
             matches = [data] if text == "$" else []
