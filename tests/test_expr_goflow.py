@@ -252,3 +252,11 @@ def test_let_names_are_not_variables():
 def test_jsonpath_on_null_input_is_an_error():
     with pytest.raises(ExpressionError, match="cannot query null data"):
         compile_transform(expression="$.name").apply(None, {})
+
+
+def test_type_check_follows_the_variables_types_on_every_evaluation():
+    c = parse_condition("x == 5")
+    assert c.evaluate({"x": 5}) is True
+    with pytest.raises(ExpressionError, match="mismatched types string and number"):
+        c.evaluate({"x": "5"})
+    assert c.evaluate({"x": 6}) is False

@@ -21,30 +21,47 @@ from goflow.errors import ExpressionError
 from goflow.language.expr.ast import Chain, Literal, Node, Power, Unary, walk
 from goflow.language.expr.parser import parse_expression, root_names
 from goflow.language.expr.paths import type_name
-from goflow.language.expr.semantics import Ctx
+from goflow.language.expr.semantics import Ctx, kind_of
 
-__all__ = ["Condition", "parse_condition", "evaluate_node", "operator_chains"]
+__all__ = ["Condition", "parse_condition", "evaluate_node", "TypeCheck"]
 
 
-def operator_chains(node: Node) -> tuple[Node, ...]:
-    """The operators of an AST (chains, ``**``, unary), for :func:`evaluate_node`'s static
-    type check."""
-    return tuple(n for n in walk(node) if isinstance(n, (Chain, Power, Unary)))
+class TypeCheck:
+    """expr-lang's compile-time type check of one AST against the variables' types.
+
+    expr-lang compiles an expression against its environment before running it, so a type
+    error in a branch that would not be evaluated is still an error.  The check depends
+    only on the types of the variables the AST reads, so it runs once per combination of
+    those types (at most 64 remembered) and a hot condition pays for it once.
+    """
+    __slots__ = ("ops", "names", "passed")
+    MAX_REMEMBERED = 64
+
+    def __init__(self, node: Node):
+        self.ops = tuple(n for n in walk(node) if isinstance(n, (Chain, Power, Unary)))
+        self.names = tuple(sorted(root_names(node)))
+        self.passed: set[tuple] = set()
+
+    def run(self, ctx: Ctx, variables: Mapping[str, Any]) -> None:
+        if not self.ops:
+            return
+        signature = tuple(kind_of(variables.get(name)) for name in self.names)
+        if signature in self.passed:
+            return
+        for op in self.ops:
+            op.check(ctx, variables)
+        if len(self.passed) < self.MAX_REMEMBERED:
+            self.passed.add(signature)
 
 
 def evaluate_node(node: Node, variables: Mapping[str, Any], source: str,
-                  chains: tuple[Node, ...] | None = None) -> Any:
-    """Evaluate a parsed AST over ``variables`` (internal; templates use it too).
-
-    First every operator is type-checked against the variables' types, as expr-lang
-    compiles an expression against its environment before running it: a type error in a
-    branch that would not be evaluated is still an error.
-    """
+                  check: TypeCheck | None = None) -> Any:
+    """Type-check (:class:`TypeCheck`) and evaluate a parsed AST over ``variables``
+    (internal; templates use it too)."""
     if not isinstance(variables, Mapping):
         raise ExpressionError(f"variables must be a mapping, got {type_name(variables)}")
     ctx = Ctx(variables, source)
-    for chain in operator_chains(node) if chains is None else chains:
-        chain.check(ctx, variables)
+    (check or TypeCheck(node)).run(ctx, variables)
     try:
         return node.ev(ctx)
     except RecursionError:  # pragma: no cover - depth is bounded by the parser
@@ -61,7 +78,7 @@ class Condition:
     source: str
     names: frozenset[str]
     _ast: Node = field(repr=False)
-    _chains: tuple[Node, ...] = field(repr=False, default=())
+    _check: TypeCheck = field(repr=False)
 
     def evaluate(self, variables: Mapping[str, Any]) -> Any:
         """Evaluate and return the value (any type).
@@ -69,7 +86,7 @@ class Condition:
         Raises UndefinedVariableError for a missing root variable, ExpressionError for
         type errors and exceeded limits.
         """
-        return evaluate_node(self._ast, variables, self.source, self._chains)
+        return evaluate_node(self._ast, variables, self.source, self._check)
 
     def evaluate_bool(self, variables: Mapping[str, Any]) -> bool:
         """Evaluate and require a boolean result."""
@@ -95,4 +112,4 @@ def parse_condition(text: str) -> Condition:
 @lru_cache(maxsize=1024)
 def _parse_condition_cached(text: str) -> Condition:
     ast = parse_expression(text)
-    return Condition(text, root_names(ast), ast, operator_chains(ast))
+    return Condition(text, root_names(ast), ast, TypeCheck(ast))

@@ -42,7 +42,7 @@ from typing import Any
 from goflow.errors import ExpressionError, UndefinedVariableError
 from goflow.language.expr.ast import Function, Node, Ref
 from goflow.language.expr.builtins import EXPRESSION_FUNCTIONS
-from goflow.language.expr.conditions import evaluate_node, operator_chains
+from goflow.language.expr.conditions import TypeCheck, evaluate_node
 from goflow.language.expr.parser import KEYWORDS, parse_expression, root_names
 from goflow.language.expr.semantics import is_num
 from goflow.language.expr.paths import parse_path, type_name
@@ -259,7 +259,7 @@ class Template:
     """A compiled template.  ``names``: root variable names read by its placeholders."""
     source: str
     names: frozenset[str]
-    _parts: tuple = field(repr=False)   # literal text, or (node, its operator chains)
+    _parts: tuple = field(repr=False)   # literal text, or (node, its TypeCheck)
 
     def render(self, variables: Mapping[str, Any]) -> str:
         out: list[str] = []
@@ -312,7 +312,7 @@ def _compile_cached(text: str) -> Template:
             node = parse_expression(p.content, TEMPLATE_FUNCTIONS, base=p.inner, source=text,
                                     kind="template function")
         names |= root_names(node)
-        parts.append((node, operator_chains(node)))
+        parts.append((node, TypeCheck(node)))
     return Template(text, frozenset(names), tuple(parts))
 
 

@@ -48,6 +48,7 @@ from typing import Any
 from goflow.errors import ExpressionError
 from goflow.language.expr.conditions import parse_condition
 from goflow.language.expr.paths import parse_path, resolve_path, type_name
+from goflow.language.expr.scanner import placeholder_end
 from goflow.language.expr.templates import compile_template
 from goflow.language.expr.text import to_jsonable
 
@@ -124,7 +125,7 @@ def _rewrite_jq(program: str) -> tuple[str, list[tuple[str, tuple, int]]]:
             i = j
             continue
         if program.startswith("${", i):
-            j = program.find("}", i + 2)
+            j = placeholder_end(program, i + 2)
             if j < 0:
                 raise ExpressionError(f"unclosed '${{' at position {i} in jq program",
                                       source=program, position=i)
