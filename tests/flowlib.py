@@ -149,3 +149,22 @@ def wide(lines: int, width: int, first: int = 0):
     for i in range(lines):
         print(str(i).ljust(width, "x"))
     return lines
+
+
+def babble(seconds: float):
+    """Print a line every 5 ms for ``seconds``; when cancelled, go on printing for 0.3 s
+    (a cleanup that talks), then let the cancellation through."""
+    end = time.time() + seconds
+    i = 0
+    try:
+        while time.time() < end:
+            print(f"babble {i}")
+            i += 1
+            time.sleep(0.005)
+    except BaseException:
+        stop = time.time() + 0.3
+        while time.time() < stop:
+            print("cleaning up")
+            time.sleep(0.005)
+        raise
+    return i

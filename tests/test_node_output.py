@@ -210,3 +210,41 @@ def test_output_bytes_and_line_length_are_bounded_and_counted(runtime, write_flo
     kept = sum(len(text) for text in lines)
     assert kept <= capture.MAX_BYTES < kept + 4000, "lines stop where the next one would pass the byte bound"
     assert [int(text.rstrip("x")) for text in lines[1:]] == list(range(len(lines) - 1))
+
+
+def test_no_line_is_published_after_the_node_was_cancelled(runtime, write_flow):
+    path = write_flow("""
+        name: babbling
+        nodes:
+          - {id: start, type: start}
+          - {id: talk, type: python, call: "flowlib:babble", args: [60]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: talk}
+          - {from: talk, to: end}
+    """)
+    quiet = write_flow("""
+        name: after
+        nodes:
+          - {id: start, type: start}
+          - {id: add, type: python, call: "flowlib:add", args: [1, 2]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: add}
+          - {from: add, to: end}
+    """, name="after.yaml")
+    sub = _subscriber(runtime.events_endpoint)
+    _wait_subscribed(runtime)
+    execution_id, future = runtime.coordinator.submit(load(path))
+    _events(sub, execution_id, until=("node.log",))
+    runtime.coordinator.cancel(execution_id)
+    assert future.result(30)["status"] == "cancelled"
+    # The only worker finishes the cancelled task (its last lines come with its result)
+    # before it runs the next execution's node: once that completed, all is in.
+    _, after = runtime.coordinator.submit(load(quiet))
+    assert after.result(30)["status"] == "completed"
+    published = runtime.coordinator.call(lambda: runtime.coordinator.publisher.replay(execution_id, 1))
+    types = [msgpack.unpackb(payload)["type"] for payload in published]
+    assert "node.log" in types
+    cancelled = types.index("node.cancelled")
+    assert "node.log" not in types[cancelled:], "a line came after node.cancelled"

@@ -44,7 +44,7 @@ class NodeOutput:
         held = self.held.get(message.get("id"))
         if task is None and held is not None:
             task = held[0]
-        if task is None or task.run is None:
+        if task is None or not _wanted(task):
             self.stats["late_batches"] += 1
             return
         task.log_batches += 1
@@ -55,7 +55,7 @@ class NodeOutput:
     def finish(self, task: "Task", message: dict, complete: Callable[["Task", dict], None]) -> None:
         """``task``'s result arrived: publish its last lines, then ``complete`` it (maybe later)."""
         logs = message.get("logs")
-        if not isinstance(logs, dict) or task.run is None:
+        if not isinstance(logs, dict) or not _wanted(task):  # nothing said, or no longer wanted
             self._flush_progress(task)
             complete(task, message)
             return
@@ -79,7 +79,8 @@ class NodeOutput:
         self._finish(task, message, complete)
 
     def _finish(self, task: "Task", message: dict, complete: Callable[["Task", dict], None]) -> None:
-        self._publish(task, message["logs"])
+        if _wanted(task):  # not cancelled while its result waited
+            self._publish(task, message["logs"])
         self._flush_progress(task)
         complete(task, message)
 
@@ -119,7 +120,7 @@ class NodeOutput:
 
     def _flush_progress(self, task: "Task") -> None:
         report, task.progress_pending = task.progress_pending, None
-        if report is None or task.run is None:
+        if report is None or not _wanted(task):
             return
         task.progress_sent = time.monotonic()
         execution, run = task.execution, task.run
@@ -134,3 +135,10 @@ class NodeOutput:
                 else message
         self.host.publisher.emit("node.progress", execution.id, node_id=run.node.id, node_type=run.node.type,
                                  status="running", attempt=task.attempt, meta=meta)
+
+
+def _wanted(task: "Task") -> bool:
+    """Whether ``task`` is still its node's running attempt (what it says is published only
+    then: never after the node's ``node.cancelled``)."""
+    run = task.run
+    return run is not None and run.task is task and run.state == "running" and task.execution.active
