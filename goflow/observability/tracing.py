@@ -177,7 +177,7 @@ class EventTracer:
             self._queue.append(payload)
             self._wake.set()
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = 15.0) -> None:
         """Forward what is queued, let the tracer process end its spans and flush its exporter."""
         self._closing = True
         self._wake.set()
