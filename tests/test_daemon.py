@@ -155,6 +155,31 @@ def wait_for_workers(control: str, count: int, timeout: float = 20.0, curve: dic
     raise AssertionError(f"only {len(workers)} of {count} workers joined")
 
 
+def wait_until(predicate, what: str, timeout: float = 30.0):
+    """Poll ``predicate`` until it returns something truthy (returned); AssertionError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def running_nodes(control: str, execution_id: str) -> list[str]:
+    with ControlClient(control, timeout=10.0) as client:
+        return client.request("execution", execution_id=execution_id)["running"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus exposition as {metric line name: value} (labels kept in the name)."""
+    import urllib.request
+
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
+
+
 def wait_until_finished(control: str, execution_id: str, timeout: float = 60.0) -> dict:
     """The ``execution`` reply once the execution reached a terminal state."""
     deadline = time.monotonic() + timeout
@@ -455,7 +480,8 @@ def _garbage(endpoint: str) -> None:
 
 
 def test_garbage_on_every_socket_never_crashes_the_daemon(daemon, workers, tmp_path):
-    d = daemon()
+    metrics_port = free_ports(1)[0]
+    d = daemon("--metrics", f"127.0.0.1:{metrics_port}")
     workers(d.workers, "--concurrency", "1")
     wait_for_workers(d.control, 1)
     ctx = zmq.Context()
@@ -486,7 +512,11 @@ def test_garbage_on_every_socket_never_crashes_the_daemon(daemon, workers, tmp_p
             xsub.send(frame)
         for endpoint in (d.workers, d.control, d.events):
             _garbage(endpoint)
-        time.sleep(1.0)
+        # Every socket's garbage was seen, counted and exported (not a fixed wait).
+        url = f"http://127.0.0.1:{metrics_port}/metrics"
+        counters = ("goflow_bad_frames_workers_total", "goflow_bad_frames_control_total",
+                    "goflow_bad_frames_events_total")
+        wait_until(lambda: all(scrape(url).get(name, 0) >= 1 for name in counters), "the garbage counters")
     finally:
         ctx.destroy(linger=0)
     assert d.alive()
@@ -508,7 +538,7 @@ def test_sigterm_drains_and_exits_0(daemon, workers, tmp_path):
                     '  - {id: end, type: end, return: "${w.value}"}\n'
                     'edges:\n  - {from: start, to: work}\n  - {from: work, to: end}\n')
     eid = cli("submit", str(flow), "--coordinator", d.control).stdout.strip()
-    time.sleep(0.5)
+    wait_until(lambda: running_nodes(d.control, eid) == ["work"], "the node to run")
     assert d.stop(signal.SIGTERM) == 0
     records = d.log_records()
     assert any("draining" in r["msg"] for r in records)
@@ -522,7 +552,7 @@ def test_sigterm_drains_and_exits_0(daemon, workers, tmp_path):
     slow = tmp_path / "slow.yaml"
     slow.write_text(flow.read_text().replace("[1.5, w]", "[30, w]"))
     eid = cli("submit", str(slow), "--coordinator", d2.control).stdout.strip()
-    time.sleep(0.5)
+    wait_until(lambda: running_nodes(d2.control, eid) == ["work"], "the node to run")
     assert d2.stop(signal.SIGTERM) == 0
     drained = [r for r in d2.log_records() if "unfinished" in r]
     assert drained[-1]["unfinished"] == [eid]
@@ -544,15 +574,16 @@ def test_coordinator_restart_workers_reconnect_and_monitor_sees_new_epoch(daemon
 
     thread = threading.Thread(target=follow, daemon=True)
     thread.start()
-    time.sleep(0.5)
+    wait_until(lambda: monitor.stats["heartbeats"], "the subscriber's first heartbeat")
     flow = tmp_path / "flow.yaml"
     flow.write_text(FLOW)
-    assert cli("submit", str(flow), "--coordinator", d.control, "--wait").returncode == 0
-    time.sleep(0.5)
+    done = cli("submit", str(flow), "--coordinator", d.control, "--wait", "--json")
+    assert done.returncode == 0
+    first = json.loads(done.stdout)["execution_id"]
+    wait_until(lambda: any(e.type == "execution.completed" and e.execution_id == first for e in seen),
+               "the first execution's completion at the subscriber")
     old_epochs = {e.epoch for e in seen}
-    assert old_epochs, "the subscriber received nothing before the restart"
     assert d.stop(signal.SIGKILL) != 0
-    time.sleep(0.5)
     d2 = daemon(ports=d.ports)
     wait_for_workers(d2.control, 2, timeout=30)
     done = cli("submit", str(flow), "--coordinator", d2.control, "--wait", "--json")

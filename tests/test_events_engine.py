@@ -190,7 +190,9 @@ def test_cancelled_and_completed_executions(runtime, write_flow):
           - {from: spin, to: end}
     """, "slow.yaml"))
     execution_id, future = runtime.coordinator.submit(slow)
-    time.sleep(0.3)
+    while not runtime.coordinator.call(lambda: execution_id in runtime.coordinator.executions and
+                                       runtime.coordinator.executions[execution_id].running_nodes):
+        time.sleep(0.01)  # until the node runs; bounded by the test's timeout
     runtime.coordinator.cancel(execution_id)
     events = _collect(sub, execution_id)
     assert [e["type"] for _, e in events] == ["execution.started", "execution.cancelled"]
@@ -210,18 +212,21 @@ def test_prefix_filters_deliver_exactly_the_matching_events(runtime, write_flow,
     _wait_subscriptions(runtime, 3)
     runtime.coordinator.submit(workflow, {"counter": str(tmp_path / "c")}, execution_id=execution_id)
     all_events = _collect(everything, execution_id)
-    time.sleep(0.3)
 
-    def drain(sock):
+    def take(sock, count):
+        """``count`` events (each awaited with a generous bound), then check nothing more is queued."""
         out = []
-        while sock.poll(100):
+        while len(out) < count:
+            assert sock.poll(30_000), f"only {len(out)} of {count} events arrived"
             out.append(msgpack.unpackb(sock.recv_multipart()[1], raw=False))
+        assert not sock.poll(100), "an event outside the filter arrived"
         return out
 
     expected_failures = [e["seq"] for t, e in all_events if t.startswith("node.failed/")]
     expected_square = [e["seq"] for t, e in all_events if t.startswith(f"node.completed/{execution_id}/square/")]
-    assert [e["seq"] for e in drain(failures)] == expected_failures and expected_failures
-    assert [e["seq"] for e in drain(square_only)] == expected_square and len(expected_square) == 2
+    assert [e["seq"] for e in take(failures, len(expected_failures))] == expected_failures and expected_failures
+    assert [e["seq"] for e in take(square_only, len(expected_square))] == expected_square \
+        and len(expected_square) == 2
     for sock in (everything, failures, square_only):
         sock.close(0)
 
@@ -352,7 +357,8 @@ def test_garbage_on_the_coordinators_sockets_never_stops_it(runtime, write_flow)
         worker.send_multipart(frames)
     sub_garbage = context.socket(zmq.PUB)  # a publisher-side peer sending junk subscriptions
     sub_garbage.connect(runtime.events_endpoint)
-    time.sleep(0.2)
+    while runtime.coordinator.call(lambda: runtime.coordinator.stats["bad_worker_frames"]) < 2:
+        time.sleep(0.01)  # the garbage was received and counted; bounded by the test's timeout
     result = runtime.coordinator.submit(load(write_flow("""
         name: still-alive
         nodes:

@@ -87,12 +87,15 @@ def test_private_registry_and_cheap_sink(metrics):
     assert REGISTRY.get_sample_value("goflow_executions_started_total") is None
     other = Metrics()          # a second instance does not collide
     other.close()
+    metrics.close()            # the fixture's drain thread (every 0.1 s) would race the count below
+    metrics = Metrics(interval=3600)
     pub = Publisher(None)
     for _ in range(20_000):
         metrics.observe_event(b"node.started/e/n/", b"\xc1")   # garbage payload, only queued
     assert metrics.pending == 20_000, "events must only be queued on the caller's (reactor) thread"
     metrics.drain()
     assert metrics.registry.get_sample_value("goflow_metrics_bad_events_total") == 20_000
+    metrics.close()
     pub.close()
 
 

@@ -87,6 +87,25 @@ def _wait_for_lines(path: Path, count: int, timeout: float = 30) -> None:
     raise AssertionError(f"{path} never reached {count} line(s)")
 
 
+def _wait_recorded(db: Path, execution_id: str, node_ids: set[str], timeout: float = 30) -> None:
+    """Until the history holds ``node.completed`` of every node in ``node_ids``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            store = open_store(db)
+            try:
+                recorded = {msgpack.unpackb(p, raw=False)["node_id"]
+                            for p in store.events(execution_id, types=["node.completed"])}
+            finally:
+                store.close()
+        except Exception:  # not created yet
+            recorded = set()
+        if node_ids <= recorded:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{sorted(node_ids)} never recorded as completed")
+
+
 def test_sigkill_and_restart_resumes_without_rerunning_completed_nodes(tmp_path):
     db, log = tmp_path / "history.db", tmp_path / "ran.log"
     workflow = textwrap.dedent(f"""
@@ -109,7 +128,7 @@ def test_sigkill_and_restart_resumes_without_rerunning_completed_nodes(tmp_path)
     try:
         execution_id = daemon.request("submit", workflow=workflow, name="recoverable.yaml")["execution_id"]
         _wait_for_lines(log, 2)  # first and long done; wait is running
-        time.sleep(0.5)          # let the store's writer catch up (it batches every 50 ms)
+        _wait_recorded(db, execution_id, {"first", "long"})  # the store's writer batches every 50 ms
         daemon.kill()
     finally:
         daemon.stop()
@@ -151,7 +170,7 @@ def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tm
         execution_id = daemon.request("submit", workflow=workflow, name="secretive.yaml",
                                       variables={"token": "hunter2-secret"})["execution_id"]
         _wait_for_lines(log, 1)
-        time.sleep(0.5)
+        _wait_recorded(db, execution_id, {"first"})
         daemon.kill()
     finally:
         daemon.stop()
