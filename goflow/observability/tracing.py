@@ -227,8 +227,9 @@ class SpanBuilder:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
         self._ids = _PresetIds()
-        self._provider = TracerProvider(resource=Resource.create({"service.name": service_name}),
-                                        id_generator=self._ids)
+        # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES are honoured (Resource.create reads them).
+        attributes = {} if os.environ.get("OTEL_SERVICE_NAME") else {"service.name": service_name}
+        self._provider = TracerProvider(resource=Resource.create(attributes), id_generator=self._ids)
         # A queue large enough that a burst of nodes is exported, not dropped, by the SDK.
         self._provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=endpoint, timeout=export_timeout), max_queue_size=1 << 20,
