@@ -288,7 +288,9 @@ def test_watch_json_and_live_view(harness, capsys):
     objs = [json.loads(line) for line in lines]
     assert [o["eseq"] for o in objs] == [1, 2, 3, 4, 5]
     assert objs[0]["topic"] == "execution.started/E1/" and objs[-1]["type"] == "execution.completed"
-    view = watch.LiveView(stats={"repaired": 2, "lost": 1})
+    from goflow.cli.run_view import RunView
+
+    view = RunView(stats=lambda: {"repaired": 2, "lost": 1})
     mon = Monitor(harness.events_ep, harness.control_ep)
     for ev in mon.replay("E1") + mon.replay("E2"):
         view.feed(ev)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from goflow.cli.common import parse_vars, print_problems, silence_stdout
-from goflow.cli.run_display import live_panel, plain_line
+from goflow.cli.run_display import plain_line
 from goflow.errors import GoflowError
 from goflow.events import ids as execution_ids
 from goflow.events.filter import EventFilter
@@ -258,10 +258,6 @@ def _summary(result: ExecutionResult) -> None:
         print("  result: " + text, file=stream)
 
 
-PANEL_TYPES = ("progress.update", "node.failed", "node.retrying", "execution.completed", "execution.failed",
-               "execution.cancelled")
-
-
 class _Display:
     """Follows this run's events (reliably, from the first) on a background thread."""
 
@@ -275,14 +271,7 @@ class _Display:
         self.thread = threading.Thread(target=self._follow, name="goflow-display", daemon=True)
 
     def start(self) -> None:
-        publisher = self.runtime.coordinator.publisher
-        before = self.runtime.coordinator.call(lambda: publisher.subscription_count)
         self.thread.start()
-        if self.tty and not self.full:  # a live subscription misses what precedes it: wait for it
-            deadline = time.monotonic() + 1.0
-            while time.monotonic() < deadline and \
-                    self.runtime.coordinator.call(lambda: publisher.subscription_count) <= before:
-                time.sleep(0.01)
 
     def stop(self) -> None:
         """Wait (briefly) for the display to show the terminal event."""
@@ -295,9 +284,7 @@ class _Display:
         monitor = Monitor(self.runtime.events_endpoint, self.runtime.control_endpoint)
         started = time.time()
         try:
-            if self.tty and not self.full:
-                self._panel(monitor)
-            elif self.tty:
+            if self.tty:
                 self._live(monitor, self._every_event(monitor))
             else:
                 self._lines(monitor, self._every_event(monitor), started)
@@ -313,25 +300,6 @@ class _Display:
         return monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
                                  until=lambda event: event.is_terminal)
 
-    def _panel(self, monitor: Any) -> None:
-        """The compact panel needs progress, failures and the end only: a narrow subscription
-        keeps the display from competing with the coordinator for every node event."""
-        wanted = EventFilter(types=list(PANEL_TYPES), executions=[self.execution_id])
-        panel, live = live_panel(self.workflow, sys.stdout)
-        with live:
-            while not self.finished.is_set():
-                for event in monitor.subscribe(wanted, reliable=False, timeout=0.2):
-                    panel.feed(event)
-                    if event.is_terminal:
-                        return
-            self.finished_summary(panel)
-
-    def finished_summary(self, panel: Any) -> None:
-        summary = self.runtime.coordinator.call(lambda: self.runtime.coordinator.executions.get(self.execution_id))
-        if summary is not None:
-            panel.progress = summary.progress_meta()
-            panel.status = summary.status
-
     def _lines(self, monitor: Any, events: Any, started: float) -> None:
         for event in events:
             if event.type == "execution.started":
@@ -341,10 +309,10 @@ class _Display:
                 print(line, flush=True)
 
     def _live(self, monitor: Any, events: Any) -> None:
-        from goflow.cli.watch import LiveView
-        from rich.live import Live
+        """The live view (:mod:`goflow.cli.run_view`); with --watch, the recent events too."""
+        from goflow.cli.run_view import LiveDisplay, RunView
 
-        view = LiveView(stats=lambda: monitor.stats)
-        with Live(view.render(), refresh_per_second=10, get_renderable=view.render):
+        view = RunView(recent_events=12 if self.full else 0, stats=lambda: dict(monitor.stats))
+        with LiveDisplay(view, sys.stdout) as display:
             for event in events:
-                view.feed(event)
+                display.put(event)

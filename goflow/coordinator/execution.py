@@ -439,15 +439,16 @@ class Execution:
         self.started_at = time.time()
         if self.restored is not None:
             self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored)})
+        servers = list(dict.fromkeys(node.server for node in self.workflow.nodes if isinstance(node, McpToolNode)))
         self.emit("execution.started", None, meta={"inputs": {k: self.bounded(v) for k, v in
                                                               self.redact(self._initial).items()},
-                                                   "total_nodes": self.main_total})
+                                                   "total_nodes": self.main_total, "preflight": servers})
         for name, value in self._initial.items():
             self.write(self.variables, name, value, node=None, scope="execution")
         self.progress(force=True)
         if self.timeout:
             self.timer = self.host.call_later(self.timeout, self.timed_out)
-        if any(isinstance(node, McpToolNode) for node in self.workflow.nodes):
+        if servers:
             from goflow.coordinator.preflight import McpPreflight
 
             self.preflight = McpPreflight(self, self.preflight_done)
@@ -465,7 +466,16 @@ class Execution:
 
     def run_graph(self) -> None:
         self.root = Frame(self, self.plan.main, Scope(ChainMap(self.variables), self.variables), self.root_done)
+        if self.preflight is not None:
+            self.progress(force=True)   # announces the end of the preflight phase
         self.root.start()
+
+    @property
+    def phase(self) -> str:
+        """``preflight`` (MCP servers being checked), ``running`` (nodes), or the final status."""
+        if not self.active:
+            return self.status
+        return "preflight" if self.root is None and self.preflight is not None else "running"
 
     def root_done(self, frame: Frame) -> None:
         if frame.state == "failed":
@@ -551,7 +561,7 @@ class Execution:
 
     def progress_meta(self) -> dict:
         total = self.main_total or 1
-        return {"total": self.main_total, "resolved": self.main_resolved,
+        return {"phase": self.phase, "total": self.main_total, "resolved": self.main_resolved,
                 "percent": round(100.0 * min(self.main_resolved, total) / total, 2),
                 **self.counts, "running_nodes": list(itertools.islice(self.running_nodes, RUNNING_SHOWN))}
 

@@ -1,0 +1,168 @@
+"""The live terminal views, read off a real pseudo-terminal (pyte parses the screen), and
+their threading: rich's refresh thread and the reader share nothing but a queue."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import termios
+import threading
+
+import pyte
+import pytest
+
+import goflow
+from goflow.cli.run_view import LiveDisplay, RunView
+from goflow.events.types import Event
+
+pytestmark = pytest.mark.timeout(120)
+
+COLUMNS, LINES = 140, 60
+
+FLOW = """
+name: ptyflow
+variables:
+  - {name: items, type: array, default: [1, 2, 3]}
+nodes:
+  - {id: start, type: start}
+  - id: flaky
+    type: python
+    call: "flowlib:flaky"
+    args: ["%s", 2]
+    output: attempt
+    retry: {max_attempts: 3, initial_delay: 10ms, jitter: false, on: [python_error]}
+  - {id: each, type: loop, collection: items, item: x, body: [double]}
+  - {id: double, type: python, call: "flowlib:add", args: ["${x}", "${x}"], output: d}
+  - {id: par, type: parallel, branches: [[left], [right]]}
+  - {id: left, type: python, call: "flowlib:echo", args: [l]}
+  - {id: right, type: python, call: "flowlib:echo", args: [r]}
+  - {id: end, type: end, return: "${attempt}"}
+edges:
+  - {from: start, to: flaky}
+  - {from: flaky, to: each}
+  - {from: each, to: par}
+  - {from: par, to: end}
+"""
+
+
+def run_in_pty(*args: str) -> tuple[int, list[str]]:
+    """Run ``goflow ARGS`` on a pseudo-terminal of COLUMNS x LINES; the final screen's rows."""
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
+    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(LINES)}
+    env.pop("NO_COLOR", None)
+    proc = subprocess.Popen([sys.executable, "-m", "goflow", *args], stdin=slave, stdout=slave, stderr=slave,
+                            env=env, close_fds=True)
+    os.close(slave)
+    screen = pyte.Screen(COLUMNS, LINES)
+    stream = pyte.ByteStream(screen)
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:   # EIO: every writer closed the terminal
+            break
+        if not chunk:
+            break
+        stream.feed(chunk)
+    os.close(master)
+    return proc.wait(30), [line.rstrip() for line in screen.display]
+
+
+def row_of(rows: list[str], node: str) -> list[str]:
+    return next(line.split() for line in rows if line.split()[:1] == [node])
+
+
+def test_goflow_run_on_a_terminal_shows_nodes_loops_branches_retries_and_a_summary(write_flow, tmp_path):
+    path = write_flow(FLOW % (tmp_path / "counter"))
+    code, rows = run_in_pty("run", str(path), "--workers", "2")
+    screen = "\n".join(rows)
+    assert code == 0, screen
+    header = next(line for line in rows if line.startswith("ptyflow "))
+    assert "completed" in header
+    assert row_of(rows, "NODE") == ["NODE", "TYPE", "STATE", "ATTEMPT", "DURATION", "WORKER", "WHERE", "NOTE"]
+    flaky = row_of(rows, "flaky")
+    assert flaky[1:4] == ["python", "completed", "3"]          # the third attempt succeeded
+    assert row_of(rows, "each")[1:3] == ["loop", "completed"] and "3/3" in row_of(rows, "each")
+    double = row_of(rows, "double")
+    assert double[1:3] == ["python", "completed"] and "each[3/3]" in double and "(3" in double
+    assert "par#0" in row_of(rows, "left") and "par#1" in row_of(rows, "right")
+    assert any(w.startswith("worker") or "-" in w for w in row_of(rows, "left"))
+    retries = [line for line in rows if line.startswith("flaky attempt ")]   # kept on screen
+    assert [line.split(": ", 1)[0] for line in retries] == ["flaky attempt 1 failed (retrying)",
+                                                            "flaky attempt 2 failed (retrying)"]
+    assert all("ConnectionError" in line for line in retries)
+    noise = next(line for line in rows if line.startswith("also: "))      # counted, not listed
+    assert "11 variable.changed" in noise and "3 loop.iteration" in noise
+    assert not any("variable.changed" in line for line in rows if not line.startswith("also: "))
+    counts = next(line for line in rows if "nodes  done" in line)
+    assert "5/5 nodes" in counts and "done 10" in counts and "retries 2" in counts and "failed 0" in counts
+    assert any(line.startswith("✓ ptyflow: completed") for line in rows)
+    ids = {line.split()[1] for line in rows if line.startswith("ptyflow ")}
+    assert all(len(short) == 8 for short in ids)
+
+
+def test_the_reader_never_touches_what_rich_renders():
+    """The `deque mutated during iteration` crash: a reader feeding thousands of events while
+    rich refreshes 100 times a second. Everything put arrives, nothing raises."""
+    view = RunView()
+    sink = open(os.devnull, "w")
+    total = 20_000
+    errors: list[BaseException] = []
+
+    def reader(display: LiveDisplay) -> None:
+        try:
+            for i in range(total):
+                node = f"n{i % 50}"
+                etype = "node.started" if i % 2 == 0 else "node.completed"
+                display.put(Event(type=etype, ts=1.0 + i, epoch="e", seq=i + 1, eseq=i + 1, execution_id="E1",
+                                  workflow="w", node_id=node, node_type="python", attempt=1, meta={}))
+        except BaseException as exc:
+            errors.append(exc)
+
+    with LiveDisplay(view, sink, refresh_per_second=100) as display:
+        threads = [threading.Thread(target=reader, args=(display,))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    sink.close()
+    assert not errors
+    assert view.events == total
+    assert view.executions["E1"].counts["completed"] == total // 2
+
+
+def test_the_preflight_phase_is_visible_before_the_first_node(write_flow):
+    """An MCP workflow: until its servers are checked, the view says so."""
+    path = write_flow(f"""
+        name: pre
+        servers:
+          - id: testsrv
+            command: {sys.executable}
+            args: ["{os.path.join(os.path.dirname(__file__), 'mcp_test_server.py')}"]
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: call, type: mcp_tool, server: testsrv, tool: echo, parameters: {{message: hi}}}}
+          - {{id: end, type: end}}
+        edges:
+          - {{from: start, to: call}}
+          - {{from: call, to: end}}
+    """)
+    from rich.console import Console
+
+    view = RunView()
+    screens = []
+    with goflow.start(path, workers=1, history=False) as handle:
+        for event in handle.events():
+            view.feed(event)
+            if event.type in ("execution.started", "node.started"):
+                console = Console(record=True, width=120, file=open(os.devnull, "w"))
+                console.print(view.render())
+                screens.append((event.type, console.export_text()))
+        assert handle.result().ok, handle.result().error
+    before, first_node = screens[0], next(s for s in screens if s[0] == "node.started")
+    assert "preflight: checking MCP server(s) testsrv" in before[1] and "pre " in before[1]
+    assert "preflight" in before[1].splitlines()[0]
+    assert "preflight:" not in first_node[1]
