@@ -39,6 +39,7 @@ class TestHost:
         """``variable.changed`` events as ``(type, scope, name)``."""
         self.finished: list[Execution] = []
         self.max_in_flight = 0
+        self.timers_fired = 0
 
     # -- Host protocol -----------------------------------------------------------------------
     def dispatch(self, task: Task) -> None:
@@ -83,5 +84,6 @@ class TestHost:
             else:
                 _, _, timer = heapq.heappop(self.timers)
                 if not timer.cancelled:
+                    self.timers_fired += 1
                     timer.callback()
         return execution

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from goflow.coordinator.execution import STEPS_PER_TURN
 from goflow.language.model import Workflow
 from tests.scheduling_host import TestHost
 
@@ -37,6 +38,8 @@ def test_a_100k_chain_of_coordinator_side_nodes_runs_to_completion(kind):
     assert execution.status == "completed", execution.error
     assert host.events["node.completed"] == BIG + 2
     assert execution.counts["completed"] == BIG + 2
+    # The chain runs in slices: the host's loop gets a turn every STEPS_PER_TURN steps.
+    assert host.timers_fired >= BIG // STEPS_PER_TURN
 
 
 def test_skips_propagate_down_a_100k_chain_without_recursion():

@@ -44,6 +44,8 @@ from goflow.language.references import resolve_reference
 
 MAX_RECORDS = 10_000
 """Attempt records kept in memory per execution (the history store keeps all of them)."""
+STEPS_PER_TURN = 1_000
+"""Scheduling steps an execution runs before the host's loop gets a turn (see Execution.soon)."""
 RUNNING_SHOWN = 50
 """How many running node ids a progress event lists (the count is always exact)."""
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
@@ -432,6 +434,8 @@ class Execution:
         self.running_nodes: dict[str, int] = {}
         self._agenda: deque[tuple[Callable[..., None], tuple]] = deque()
         self._draining = False
+        self._resume: Any = None
+        """The host timer that continues a drain cut at STEPS_PER_TURN, if one is pending."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -574,19 +578,34 @@ class Execution:
 
         Scheduling steps (a node becoming ready or skipped, a frame finishing) go through this
         agenda instead of calling each other, so the stack depth stays constant however long a
-        chain of coordinator-side nodes (passthrough, condition, skips) or a loop is. The first
-        call on an idle agenda drains it; calls made while draining only append.
+        chain of coordinator-side nodes (passthrough, condition, skips) or a loop is. A call on
+        an idle agenda drains it (STEPS_PER_TURN steps per host turn); calls made while
+        draining only append.
         """
         self._agenda.append((step, args))
-        if self._draining:
-            return
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Run up to STEPS_PER_TURN agenda steps, then give the host's loop a turn (heartbeats,
+        results, other executions) before going on: a 100k-node chain of coordinator-side
+        nodes must not freeze the reactor while it runs."""
         self._draining = True
         try:
-            while self._agenda:
+            for _ in range(STEPS_PER_TURN):
+                if not self._agenda:
+                    return
                 step, args = self._agenda.popleft()
                 step(*args)
+            if self._agenda and self._resume is None:
+                self._resume = self.host.call_later(0.0, self._resume_drain)
         finally:
             self._draining = False
+
+    def _resume_drain(self) -> None:
+        self._resume = None
+        if not self._draining:
+            self._drain()
 
     def ready(self, frame: Frame, node_id: str) -> None:
         if frame.state != "running":
