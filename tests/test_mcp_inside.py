@@ -213,3 +213,14 @@ def test_a_stdio_servers_stderr_during_the_call_becomes_node_lines(runtime, tmp_
     noise = [line["text"] for _, line in lines if line["text"].startswith("noise line")]
     assert noise == [f"noise line {i} " + "x" * 200 for i in range(5)]
     assert all(i < outcome for i, _ in lines)
+
+
+def test_embedded_resources_are_kept_as_data(runtime, tmp_path):
+    summary, _ = _run(runtime, tmp_path, _single_tool("get-resource-reference", "everything",
+                                                      '{resourceType: "Text", resourceId: 3}'))
+    assert summary["status"] == "completed", summary["error"]
+    out = summary["variables"]["out"]
+    embedded = [item for item in out if isinstance(item, dict) and item.get("type") == "resource"]
+    assert len(embedded) == 1
+    resource = embedded[0]["resource"]
+    assert resource["uri"].endswith("/3") and resource["text"]
