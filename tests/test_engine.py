@@ -379,7 +379,7 @@ def test_transform_nodes_run_on_workers(write_flow):
           - {id: start, type: start}
           - {id: total, type: transform, input: orders, expression: "jq(.items | map(.price) | add)", output: total}
           - {id: skus, type: transform, input: "${orders}", expression: "$.items[*].sku", output: skus}
-          - {id: tripled, type: transform, expression: "${factor} * 3", output: tripled}
+          - {id: tripled, type: transform, expression: "factor * 3", output: tripled}
           - {id: text, type: transform, template: "Total: ${total}", output: text}
           - {id: end, type: end, return: "${text}"}
         edges:

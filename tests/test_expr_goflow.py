@@ -37,10 +37,16 @@ def test_template_form_reports_the_variables_it_reads():
     assert compile_transform(expression="Hi ${user.name}, ${greeting}").names == {"user", "greeting"}
 
 
-def test_reference_expressions_stay_typed():
-    # goflow's documented divergence: ${x} outside a string literal is a reference.
-    assert run("${n} * 3") == 15
-    assert compile_transform(expression="${n} * 3").kind == "expression"
+@pytest.mark.parametrize("expression, expected", [
+    ("${n} * 3", "5 * 3"), ("${s} and ${text}", "hello and   hi  "), ("${n}/${f}", "5/3.14159")])
+def test_any_placeholder_makes_an_expression_a_template(expression, expected):
+    assert run(expression) == expected
+
+
+def test_a_lone_reference_stays_typed():
+    # goflow's divergence (docs/compatibility.md): exactly one ${path} is the value itself.
+    t = compile_transform(expression="${xs}")
+    assert (t.kind, t.apply(None, VARS)) == ("expression", [1, 2, 3])
 
 
 # 2. expr-lang built-ins ----------------------------------------------------------------------

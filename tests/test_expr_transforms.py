@@ -36,7 +36,8 @@ def run(expression=None, template=None, input_value=DATA, variables=VARS):
     ({"expression": "$"}, "jsonpath", set()),
     ({"expression": "$[0]"}, "jsonpath", set()),
     ({"expression": "input.store.owner.name + label"}, "expression", {"label"}),
-    ({"expression": "${factor} * 3"}, "expression", {"factor"}),
+    ({"expression": "${factor} * 3"}, "template", {"factor"}),   # GoFlow's template form
+    ({"expression": "${factor}"}, "expression", {"factor"}),
     ({"expression": "len(data.orders) > n"}, "expression", {"data", "n"}),
     ({"template": "Hello ${input.store.owner.name}, ${label}"}, "template", {"label"}),
 ])
@@ -141,7 +142,8 @@ def test_jsonpath_errors():
 # ---------------------------------------------------------------- expressions and templates
 
 def test_expressions():
-    assert run("${factor} * 3") == 9
+    assert run("factor * 3") == 9
+    assert run("${factor}") == 3
     assert run("input.store.books[1].price * factor") == 36
     assert run("len(input.store.books) > 2") is True
     assert run("input.store.owner", variables={}) == {"name": "Kim"}

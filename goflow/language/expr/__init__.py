@@ -2,7 +2,12 @@
 
 See the submodules for the exact rules:
 
-* :mod:`goflow.language.expr.conditions`    -- the condition / expression language
+* :mod:`goflow.language.expr.conditions`    -- conditions and expressions: the entry points
+* :mod:`goflow.language.expr.lexer`, :mod:`~goflow.language.expr.parser`,
+  :mod:`~goflow.language.expr.ast` -- tokens, grammar and AST of the expression language
+* :mod:`goflow.language.expr.semantics`     -- what its operators mean (expr-lang v1.17)
+* :mod:`goflow.language.expr.builtins`      -- its functions (expr-lang's builtins, closures)
+* :mod:`goflow.language.expr.scanner`       -- the one ``${...}`` scanner
 * :mod:`goflow.language.expr.paths`         -- ``a.b[0]["k"]`` paths, strict resolution
 * :mod:`goflow.language.expr.interpolation` -- ``${path}`` interpolation of workflow values
 * :mod:`goflow.language.expr.templates`     -- ``template:`` text with helper functions

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError
-from goflow.language.expr.ast import Chain, Literal, Node, Power, Unary, walk
+from goflow.language.expr.ast import Chain, Node, Power, Unary, walk
 from goflow.language.expr.parser import parse_expression, root_names
 from goflow.language.expr.paths import type_name
 from goflow.language.expr.semantics import Ctx, kind_of
@@ -95,11 +95,6 @@ class Condition:
             raise ExpressionError(f"condition must evaluate to a boolean, got {type_name(v)}",
                                   source=self.source, position=0)
         return v
-
-    def string_literals(self) -> tuple[str, ...]:
-        """The string literals the expression contains (in no particular order)."""
-        return tuple(n.value for n in walk(self._ast)
-                     if isinstance(n, Literal) and isinstance(n.value, str))
 
 
 def parse_condition(text: str) -> Condition:

@@ -18,16 +18,15 @@
     query gives the list of matches (possibly empty).  With ``.length()`` the result
     is the length of that value (``len`` of a list / map / string; 0 for ``None``).
 ``template``
-    Given as ``template=``, or an ``expression:`` in GoFlow's template form: text that is
-    not an expression but holds ``${...}`` (``Hello ${user.name}``), or an expression whose
-    string literals hold ``${...}`` (``'${trim(text)}'``, ``{"name": "${name}"}``) -- as
-    in GoFlow the whole text is rendered, quotes and all.  See
+    Given as ``template=``, or an ``expression:`` holding ``${...}`` (GoFlow's template
+    form: ``Hello ${user.name}``, ``'${trim(text)}'``, ``{"name": "${name}"}``,
+    ``${a} * 3``): as in GoFlow the whole text is rendered, quotes and all.  See
     :mod:`goflow.language.expr.templates`.  Always returns ``str``.
 ``expression``
     Anything else: an expression (:mod:`goflow.language.expr.conditions`) evaluated over
     the variables, where ``input`` means the input value unless a variable named
-    ``input`` exists, and ``${x}`` outside string literals is a reference
-    (``${x} * 3`` is a number).  The result keeps its type.
+    ``input`` exists; a text that is exactly one ``${path}`` is that value, typed.
+    The result keeps its type.
 
 For jq and JSONPath, an input that is text holding JSON is parsed first.
 
@@ -48,7 +47,7 @@ from typing import Any
 from goflow.errors import ExpressionError
 from goflow.language.expr.conditions import parse_condition
 from goflow.language.expr.paths import parse_path, resolve_path, type_name
-from goflow.language.expr.scanner import placeholder_end
+from goflow.language.expr.scanner import Placeholder, placeholder_end, scan
 from goflow.language.expr.templates import compile_template
 from goflow.language.expr.text import to_jsonable
 
@@ -313,20 +312,37 @@ def _compile_jsonpath(source: str) -> Transform:
 
 # --------------------------------------------------------------------------- expressions
 
+def _template_form(source: str) -> bool:
+    """GoFlow's rule: an expression holding ``${...}`` is a template -- except a text that
+    is exactly one ``${path}``, which is a typed reference (as in interpolation)."""
+    if "${" not in source:
+        return False
+    try:
+        parts = scan(source)
+    except ExpressionError:
+        return False  # reported by the expression parser, with its position
+    if not any(isinstance(p, Placeholder) for p in parts):
+        return False
+    if len(parts) == 1:
+        try:
+            parse_path(parts[0].content.strip())
+        except ExpressionError:
+            return True
+        return False
+    return True
+
+
 def _compile_expression(source: str) -> Transform:
+    if _template_form(source):
+        return _compile_template(source)
     try:
         cond = parse_condition(source)
     except ExpressionError as first:
-        if "${" in source:
-            return _compile_template(source)  # GoFlow's template form: text with ${...}
         if "[*]" in source or "[?(" in source or ".." in source:
             raise ExpressionError(f"{first.message} (JSONPath queries must start with '$', "
                                   f"e.g. '$.items[*].name')", source=source,
                                   position=first.position) from None
         raise
-    if any("${" in s for s in cond.string_literals()):
-        # '${trim(text)}' or {"name": "${name}"}: GoFlow renders the whole text.
-        return _compile_template(source)
 
     def run(input_value: Any, variables: Mapping[str, Any]) -> Any:
         return cond.evaluate(_bind_input(input_value, variables))
