@@ -167,6 +167,8 @@ def test_an_evicted_finished_execution_is_answered_from_history(tmp_path):
                 execution = client.request("execution", execution_id=ids[0][:12])
                 variables = client.request("variables", execution_id=ids[0])
                 recent = client.request("status", execution_id=ids[-1])
+                progress = client.request("progress", execution_id=ids[0])
+                cancelled = client.request("cancel", execution_id=ids[0])
             finally:
                 client.close()
         assert status["status"] == "completed" and status["source"] == "history"
@@ -175,6 +177,7 @@ def test_an_evicted_finished_execution_is_answered_from_history(tmp_path):
         assert execution["nodes"]["add"] == {"status": "completed", "attempt": 1}
         assert variables["variables"]["sum"] == 3
         assert "source" not in recent and recent["history"]["recorded"] is True   # still in memory
+        assert progress["status"] == cancelled["status"] == "completed"         # nothing to cancel any more
     finally:
         store.close()
 

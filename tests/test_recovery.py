@@ -181,10 +181,12 @@ def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tm
         while time.monotonic() < deadline and store.get_execution(execution_id)["status"] != "failed":
             time.sleep(0.1)
         record = store.get_execution(execution_id)
+        status = restarted.request("status", execution_id=execution_id)   # answered as what it is
     finally:
         restarted.stop()
     assert record["status"] == "failed"
     assert "cannot be resumed" in str(record["error"]) and "token" in str(record["error"])
+    assert status["status"] == "failed" and status["error"]["type"] == "unresumable"
     stored = b"".join(path.read_bytes() for path in tmp_path.glob("history.db*"))
     assert b"hunter2-secret" not in stored, "a secret reached the history store"
 

@@ -723,7 +723,10 @@ class Coordinator:
             return None
 
     def _op_progress(self, request: dict) -> dict:
-        execution = self._execution(request)
+        execution = self._in_memory(request)
+        if execution is None:   # finished long ago: its final state, nothing in progress
+            recorded = from_history.status_from_history(self.history, request.get("execution_id"))
+            return {key: recorded[key] for key in ("execution_id", "status", "progress", "source")}
         return {"execution_id": execution.id, "status": execution.status, "progress": execution.progress_meta()}
 
     def _op_variables(self, request: dict) -> dict:
@@ -757,7 +760,10 @@ class Coordinator:
         return {"executions": [execution.summary() for execution in self.executions.values()]}
 
     def _op_cancel(self, request: dict) -> dict:
-        execution = self._execution(request)
+        execution = self._in_memory(request)
+        if execution is None:   # finished long ago: nothing to cancel
+            recorded = from_history.status_from_history(self.history, request.get("execution_id"))
+            return {"execution_id": recorded["execution_id"], "status": recorded["status"]}
         if execution.active:
             execution.cancel(str(request.get("reason") or "cancelled by request"))
         return {"execution_id": execution.id, "status": execution.status}
