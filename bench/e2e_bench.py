@@ -8,8 +8,9 @@ Shapes (every node calls ``operator:add`` and writes an output):
   chain   start -> n0 -> n1 -> ... -> end
   loop    a loop over N items (max_parallel 64) whose body node writes an output
 goflow: ``goflow run FILE --workers 2 --json`` in a fresh GOFLOW_HOME (history on, the default
-database there), timed from spawn to exit; peak RSS is the sum over goflow run and all its
-children, sampled from /proc every 20 ms; the history size is the database's files after exit.
+database there), timed from spawn to exit; peak memory, sampled from /proc every 20 ms, is
+goflow run's RSS and the PSS summed over it and all its children; the history size is the
+database's files after exit.
 Pools: ProcessPoolExecutor(2) and multiprocessing.Pool(2) calling operator.add the same number
 of times in the same pattern (all at once / one after the other / at most 64 in flight),
 timed from pool creation to shutdown. Prints one JSON object on its last stdout line.
@@ -64,28 +65,31 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def _rss_kib(pid: int) -> int:
+def _status_kib(pid: int, path: str, key: str) -> int:
     try:
-        with open(f"/proc/{pid}/status") as fh:
+        with open(f"/proc/{pid}/{path}") as fh:
             for line in fh:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1])
     except OSError:
         pass
     return 0
 
 
-def tree_rss_kib(root: int) -> tuple[int, int]:
-    """(sum of RSS over root and its descendants, RSS of root) in KiB."""
+def tree_memory_kib(root: int) -> tuple[int, int]:
+    """(sum of PSS over root and its descendants, RSS of root) in KiB.
+
+    PSS, not RSS, for the sum: a child forked from a big parent (before it execs a worker,
+    or a worker's forked control lane) shares its pages, which RSS would count twice."""
     total, stack, seen = 0, [root], set()
     while stack:
         pid = stack.pop()
         if pid in seen:
             continue
         seen.add(pid)
-        total += _rss_kib(pid)
+        total += _status_kib(pid, "smaps_rollup", "Pss:")
         stack += _children(pid)
-    return total, _rss_kib(root)
+    return total, _status_kib(root, "status", "VmRSS:")
 
 
 def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
@@ -108,7 +112,7 @@ def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
 
         def sample() -> None:
             while not done.is_set():
-                total, own = tree_rss_kib(proc.pid)
+                total, own = tree_memory_kib(proc.pid)
                 peak[0], peak[1] = max(peak[0], total), max(peak[1], own)
                 done.wait(0.02)
 
@@ -129,7 +133,7 @@ def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
                 pstats.Stats(profile + ".prof", stream=fh).sort_stats("tottime").print_stats(40)
         return {"shape": shape, "n": n, "history": history, "status": outcome.get("status"),
                 "exit": proc.returncode, "wall_s": wall, "nodes_per_s": n / wall,
-                "peak_rss_mib": peak[0] / 1024, "peak_rss_cli_mib": peak[1] / 1024,
+                "peak_tree_pss_mib": peak[0] / 1024, "peak_rss_cli_mib": peak[1] / 1024,
                 "history_bytes": db, "stderr_tail": err.decode(errors="replace")[-500:] if proc.returncode else ""}
     finally:
         shutil.rmtree(home, ignore_errors=True)

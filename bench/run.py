@@ -367,7 +367,7 @@ def goals(results) -> list[dict]:
             add("e2e 20k fan-out (outputs, history) / ProcessPoolExecutor", r.get("ratio_ppe"), 0.5, None, unit="x")
         if r["shape"] == "fanout" and r["n"] == 100_000:
             add("e2e 100k fan-out wall", g.get("wall_s"), 30.0, None, higher=False, unit="s")
-            add("e2e 100k fan-out peak RSS (goflow run + workers)", g.get("peak_rss_mib"), 600.0, None,
+            add("e2e 100k fan-out peak memory (goflow run + workers, PSS)", g.get("peak_tree_pss_mib"), 600.0, None,
                 higher=False, unit="MiB")
     for shape, lin in sorted((e2e.get("linearity") or {}).items()):
         add(f"e2e {shape}: per-node cost {lin['large_n']:,} / {lin['small_n']:,}", lin["per_node_ratio"], 1.3, None,
@@ -471,14 +471,14 @@ def table(results) -> str:
         L.append("")
         L.append("## End to end: `goflow run FILE --workers 2 --json` (history on, every node writes an output) "
                  "vs pools making the same calls")
-        L.append("| shape | N | status | wall s | nodes/s | us/node | peak RSS MiB (goflow run, + workers) | "
+        L.append("| shape | N | status | wall s | nodes/s | us/node | peak MiB (goflow run RSS, + workers PSS) | "
                  "history MB | PPE s | mp.Pool s | goflow / PPE | goflow / mp |")
         L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in e2e["runs"]:
             g, p = r.get("goflow") or {}, r.get("pools") or {}
             L.append(f"| {r['shape']} | {r['n']:,} | {g.get('status', 'FAILED')} | {fmt(g.get('wall_s'))} | "
                      f"{fmt(g.get('nodes_per_s'))} | {fmt(r.get('us_per_node'))} | "
-                     f"{fmt(g.get('peak_rss_cli_mib'))}, {fmt(g.get('peak_rss_mib'))} | "
+                     f"{fmt(g.get('peak_rss_cli_mib'))}, {fmt(g.get('peak_tree_pss_mib'))} | "
                      f"{fmt((g.get('history_bytes') or 0) / 1e6)} | {fmt(p.get('ppe_s'))} | {fmt(p.get('mp_s'))} | "
                      f"{fmt(r.get('ratio_ppe'))}x | {fmt(r.get('ratio_mp'))}x |")
         for shape, lin in sorted((e2e.get("linearity") or {}).items()):
