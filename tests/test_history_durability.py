@@ -349,3 +349,25 @@ def test_after_a_write_failure_recovery_fails_what_may_have_run_unrecorded(small
         assert store.previous_failure is None and store.unfinished_executions() == []
     finally:
         store.close()
+
+
+def test_submit_wait_on_a_daemon_with_a_full_disk_exits_4_and_status_says_why(tiny_tmpfs, tmp_path):
+    from tests.test_recovery import Daemon
+
+    flow = tmp_path / "big.yaml"
+    flow.write_text(fan_out_with_outputs(200).replace("flowlib:add", "operator:add"))
+    daemon = Daemon(tiny_tmpfs / "history.db").start()
+    try:
+        _fill(tiny_tmpfs, leave=8 * 1024)
+        goflow = [sys.executable, "-m", "goflow"]
+        proc = subprocess.run([*goflow, "submit", str(flow), "--coordinator", daemon.control, "--wait", "--json"],
+                              capture_output=True, text=True, timeout=200)
+        assert proc.returncode == 4, proc.stderr
+        result = json.loads(proc.stdout)
+        assert result["status"] == "completed" and "full" in result["history"]["problem"].lower()
+        assert "incomplete" in proc.stderr
+        status = subprocess.run([*goflow, "status", result["execution_id"], "--coordinator", daemon.control],
+                                capture_output=True, text=True, timeout=60)
+        assert status.returncode == 0 and "history incomplete" in status.stdout, status.stdout + status.stderr
+    finally:
+        daemon.stop()

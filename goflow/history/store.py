@@ -413,8 +413,6 @@ class Store:
                       "backlogged": 0}
         self._queue: deque = deque()
         self._wake = threading.Event()
-        self._idle = threading.Event()
-        self._idle.set()
         self._closing = False
         self._closed = False
         self._warned_full = False
@@ -658,7 +656,6 @@ class Store:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
                 while q:
-                    self._idle.clear()
                     batch = []
                     popleft = q.popleft
                     try:
@@ -670,7 +667,6 @@ class Store:
                         pass
                     self._write(batch)
                     self._relieve()
-                self._idle.set()
                 if self._closing and not q:
                     return
         finally:   # the writer connection belongs to this thread: nobody closes it under us
@@ -920,16 +916,9 @@ class Store:
         """Wait until everything queued so far is written (True) or ``timeout`` passes (False)."""
         if self._thread is None or not self._thread.is_alive():
             return not self._queue
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._queue and self._idle.is_set():
-                # the writer may have popped a batch without clearing _idle yet: confirm
-                time.sleep(0.001)
-                if not self._queue and self._idle.is_set():
-                    return True
-            self._wake.set()
-            time.sleep(0.002)
-        return False
+        written = threading.Event()
+        self.after_written("", lambda problem: written.set())
+        return written.wait(timeout)
 
     def close(self) -> None:
         """Write everything queued, stop the writer and close every connection.
