@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from goflow import EventFilter, Monitor
+from goflow.events.types import EXECUTION_SCOPED_TYPES
 from tests.conftest import pick_free_ports
 
 pytestmark = pytest.mark.timeout(120)
@@ -47,7 +48,7 @@ def test_a_subscriber_thousands_of_events_behind_repairs_after_the_run_ended(wri
     execution_id = "linger-test-1"   # chosen: the subscriber knows it before the run
     monitor = Monitor(events, control, rcvhwm=50)
     stream = monitor.subscribe(EventFilter(executions=[execution_id]), since="start", until=lambda e: e.is_terminal)
-    prefixes = 18   # one per execution-scoped type plus heartbeat/: what --await-subscribers counts
+    prefixes = len(EXECUTION_SCOPED_TYPES) + 1   # + heartbeat/: what --await-subscribers counts
     proc = subprocess.Popen([*GOFLOW, "run", str(path), "--json", "--workers", "1", "--publish", events,
                              "--control", control, "--execution-id", execution_id, "--sndhwm", "50",
                              "--await-subscribers", str(prefixes), "--linger", "60"],
