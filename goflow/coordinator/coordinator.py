@@ -189,6 +189,10 @@ class Coordinator:
         self._calls: deque[Callable[[], None]] = deque()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
+        self._wake_lock = threading.Lock()
+        """Guards the wake pipe against :meth:`stop` closing it: other threads (the history
+        writer's callbacks) may call :meth:`call_soon` after the reactor stopped, and a
+        closed descriptor number may already belong to another file."""
         self._running = False
         self._thread: threading.Thread | None = None
         self._stopped = threading.Event()
@@ -204,10 +208,13 @@ class Coordinator:
     def call_soon(self, callback: Callable[[], None]) -> None:
         """Run ``callback`` on the reactor thread (safe from any thread)."""
         self._calls.append(callback)
-        try:
-            os.write(self._wake_write, b"x")
-        except OSError:
-            pass
+        with self._wake_lock:
+            if self._wake_write < 0:
+                return   # stopped: nothing runs callbacks any more
+            try:
+                os.write(self._wake_write, b"x")
+            except OSError:
+                pass
 
     def call(self, function: Callable[[], Any], timeout: float = 10.0) -> Any:
         """Run ``function`` on the reactor thread and return its result (from another thread)."""
@@ -332,8 +339,12 @@ class Coordinator:
         self.publisher.close(linger_ms=1000)
         for sock in (self.worker_socket, self.control_socket):
             sock.close(0)
-        os.close(self._wake_read)
-        os.close(self._wake_write)
+        if self.history is not None:
+            self.history.set_relief(None)
+        with self._wake_lock:
+            os.close(self._wake_read)
+            os.close(self._wake_write)
+            self._wake_read = self._wake_write = -1
         self._thread = None
 
     # -- Host interface for executions -----------------------------------------------------
