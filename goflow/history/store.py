@@ -667,6 +667,7 @@ class Store:
                         pass
                     self._write(batch)
                     self._relieve()
+                self._relieve()   # also when the reactor asked after this thread emptied the queue
                 if self._closing and not q:
                     return
         finally:   # the writer connection belongs to this thread: nobody closes it under us
