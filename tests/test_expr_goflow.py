@@ -266,3 +266,15 @@ def test_type_check_follows_the_variables_types_on_every_evaluation():
     with pytest.raises(ExpressionError, match="mismatched types string and number"):
         c.evaluate({"x": "5"})
     assert c.evaluate({"x": 6}) is False
+
+
+@pytest.mark.parametrize("expression", ["false ? (2.5 ? 1 : 2) : 0", "b ? 1 : true contains 1"])
+def test_ternary_conditions_and_contains_are_type_checked(expression):
+    with pytest.raises(ExpressionError, match="invalid operation"):
+        run(expression, {**VARS, "b": True})
+
+
+@pytest.mark.parametrize("expression", ["!5", "2.5 ? 1 : 2", "-'a'", "'a' ** 2", "true && 1"])
+def test_literal_type_errors_fail_at_parse_time(expression):
+    with pytest.raises(ExpressionError, match="invalid operation"):
+        parse_condition(expression)

@@ -238,6 +238,14 @@ class Ternary(Node):
         c = sem.truthy_required(ctx, self.cond.ev(ctx), "?:", self.pos)
         return self.a.ev(ctx) if c else self.b.ev(ctx)
 
+    def check(self, ctx: Ctx | None, variables: Mapping[str, Any] | None,
+              source: str | None = None) -> None:
+        kind = self.cond.kind(variables)
+        if kind is not None and kind != "bool":
+            msg = f"invalid operation: '?:' needs a boolean condition, got {kind}"
+            raise ctx.err(msg, self.pos) if ctx is not None else ExpressionError(
+                msg, source=source, position=self.pos)
+
     def kind(self, variables):
         ka = self.a.kind(variables)
         return ka if ka == self.b.kind(variables) else None

@@ -18,7 +18,7 @@ from functools import lru_cache
 from typing import Any
 
 from goflow.errors import ExpressionError
-from goflow.language.expr.ast import Chain, Node, Power, Unary, walk
+from goflow.language.expr.ast import Chain, Node, Power, Ternary, Unary, walk
 from goflow.language.expr.parser import parse_expression, root_names
 from goflow.language.expr.paths import type_name
 from goflow.language.expr.semantics import Ctx, kind_of
@@ -38,7 +38,7 @@ class TypeCheck:
     MAX_REMEMBERED = 64
 
     def __init__(self, node: Node):
-        self.ops = tuple(n for n in walk(node) if isinstance(n, (Chain, Power, Unary)))
+        self.ops = tuple(n for n in walk(node) if isinstance(n, (Chain, Power, Unary, Ternary)))
         self.names = tuple(sorted(root_names(node)))
         self.passed: set[tuple] = set()
 

@@ -193,11 +193,10 @@ class _Parser:
                 lhs.rest.append((op, rhs, self.p(tok)))
             else:
                 lhs = Chain(prec, lhs, [(op, rhs, self.p(tok))], lhs.pos)
-            lhs.check(None, None, self.source)  # literal type mismatches fail here
 
     def check(self, op: str, lhs: Node, rhs: Node, tok: Token) -> None:
-        """What can be refused before evaluation: ``??`` mixed with other operators, bad
-        patterns (literal type mismatches are checked by the chain)."""
+        """What can be refused while parsing: ``??`` mixed with other operators, bad patterns
+        (literal type mismatches are checked once the tree is built)."""
         if op != "??" and isinstance(lhs, Chain) and not lhs.paren and lhs.rest[0][0] == "??":
             raise self.err(f"operator '{op}' and '??' cannot be mixed; wrap one of them in "
                            "parentheses", tok)
@@ -371,7 +370,11 @@ def parse_expression(text: str, functions: Mapping[str, Function] = EXPRESSION_F
     if len(text) > MAX_SOURCE_LENGTH:
         raise ExpressionError(f"expression too long ({len(text)} characters; limit "
                               f"{MAX_SOURCE_LENGTH})", source=text[:200], position=0)
-    return _Parser(text, functions, base=base, source=source, kind=kind).parse()
+    ast = _Parser(text, functions, base=base, source=source, kind=kind).parse()
+    for node in walk(ast):  # what is wrong whatever the variables: literal type mismatches
+        if isinstance(node, (Chain, Power, Unary, Ternary)):
+            node.check(None, None, text if source is None else source)
+    return ast
 
 
 def root_names(node: Node) -> frozenset[str]:

@@ -154,7 +154,7 @@ def _operands_fit(op: str, ka: str | None, kb: str | None) -> bool:
     if op in ("in", "not in"):  # a substring test on strings: goflow's extension
         return kb is None or kb in ("list", "map", "string")
     if op == "contains":  # membership in lists and maps: goflow's extension
-        return ka != "string" or kb in (None, "string")
+        return ka in (None, "list", "map") or (ka == "string" and kb in (None, "string"))
     return True
 
 
