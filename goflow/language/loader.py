@@ -92,6 +92,7 @@ def _where(path: Path, raw: Any) -> str:
     return " at the top level"
 
 
+@functools.cache
 def _free_form(model: type[BaseModel]) -> bool:
     """A model that takes any key (``metadata:``): only its documented keys are typed."""
     return model.model_config.get("extra") == "allow"

@@ -132,18 +132,20 @@ class _Validator:
 
     def check_edges(self) -> None:
         seen: set[tuple[str, str]] = set()
+        nodes = self.nodes
         for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
-            for end, key in ((edge.source, "from"), (edge.target, "to")):
-                if not self.known(end):
-                    self.error(path + (key,), f"edge {edge.source} -> {edge.target}: no node '{end}'"
-                                              + self._nearest_node(end))
+            if edge.source not in nodes or edge.target not in nodes:  # the rare case: say which end
+                for end, key in ((edge.source, "from"), (edge.target, "to")):
+                    if not self.known(end):
+                        self.error(path + (key,), f"edge {edge.source} -> {edge.target}: no node '{end}'"
+                                                  + self._nearest_node(end))
             if edge.source == edge.target:
                 self.error(path, f"edge {edge.source} -> {edge.target} is a self-loop", edge.source)
             pair = (edge.source, edge.target)
             if pair in seen:
                 self.error(path, f"duplicate edge {edge.source} -> {edge.target}", edge.source)
             seen.add(pair)
-            source = self.nodes.get(edge.source)
+            source = nodes.get(edge.source)
             if source is not None and source.type == "end":
                 self.error(path, f"edge leaves end node '{edge.source}'; an end node finishes its path", edge.source,
                            severity="warning")

@@ -244,6 +244,7 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
     """
     get = loader.get_event
     resolve = loader.resolve
+    plain_tags: dict[str, str] = {}
     stack: list[list] = []
     """Open collections: ``[container, pending key or _NO_KEY, values counted at its start]``."""
     anchors: dict[str, tuple[Any, int]] = {}
@@ -256,16 +257,21 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
         kind = event.__class__
         size = 1
         if kind is yaml.ScalarEvent:
-            tag = event.tag
-            if tag in _PLAIN:
-                tag = resolve(yaml.ScalarNode, event.value, event.implicit) if tag is None else _STR_TAG
-            if tag == _STR_TAG:
-                value = event.value
-            else:
+            tag, value = event.tag, event.value
+            if tag is None:
+                if event.implicit[0]:  # plain: resolved by its text alone, memoised per document
+                    tag = plain_tags.get(value)
+                    if tag is None:
+                        tag = plain_tags[value] = resolve(yaml.ScalarNode, value, event.implicit)
+                else:  # quoted
+                    tag = _STR_TAG
+            elif tag == "!":
+                tag = _STR_TAG
+            if tag != _STR_TAG:
                 if tag == "tag:yaml.org,2002:merge":
                     raise _Unusual()
                 value = _scalar(loader.construct_object(
-                    yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style), deep=True))
+                    yaml.ScalarNode(tag, value, event.start_mark, event.end_mark, event.style), deep=True))
             counted += 1
             if event.anchor is not None:
                 anchors[event.anchor] = (value, 1)
