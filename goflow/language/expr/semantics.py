@@ -41,7 +41,7 @@ from goflow.language.expr.text import to_text
 
 __all__ = ["Ctx", "is_num", "truthy_required", "member", "slice_value", "equal",
            "check_operands", "kind_of", "binary", "power", "contains", "compile_regex",
-           "cap", "MAX_STRING", "MAX_LIST"]
+           "MAX_STRING", "MAX_LIST"]
 
 MAX_INT_BITS = 4096
 MAX_STRING = 1_000_000
@@ -217,14 +217,6 @@ def power(ctx: Ctx, a: Any, b: Any, pos: int) -> float:
     if isinstance(r, complex):
         raise ctx.err("negative number raised to a fractional power", pos)
     return r
-
-
-def cap(ctx: Ctx, v: Any, pos: int) -> Any:
-    if isinstance(v, str) and len(v) > MAX_STRING:
-        raise ctx.err(f"string result too long (limit {MAX_STRING} characters)", pos)
-    if isinstance(v, list) and len(v) > MAX_LIST:
-        raise ctx.err(f"list result too long (limit {MAX_LIST} items)", pos)
-    return v
 
 
 def binary(ctx: Ctx, op: str, a: Any, b: Any, pos: int) -> Any:
