@@ -6,6 +6,8 @@ says what is wrong and, where possible, how to fix it.
 
 from __future__ import annotations
 
+from enum import Enum
+
 
 class GoflowError(Exception):
     """Base class of every error goflow raises on purpose."""
@@ -45,3 +47,46 @@ class WorkflowError(GoflowError):
         self.problems = problems
         errors = [p for p in problems if p.severity == "error"]
         super().__init__(message or "\n".join(str(p) for p in errors) or "invalid workflow")
+
+
+class ErrorKind(str, Enum):
+    """Every ``error.type`` goflow reports: in node and execution errors, events, history
+    and control replies. Workers, the coordinator and the docs (docs/events.md) use these
+    names and no others; retry policies (``retry.on``) match them.
+    """
+
+    # a node's own failure, reported by a worker
+    PYTHON_ERROR = "python_error"
+    TRANSFORM_ERROR = "transform_error"
+    TOOL_ERROR = "tool_error"
+    TOOL_NOT_FOUND = "tool_not_found"
+    INVALID_ARGUMENTS = "invalid_arguments"
+    CONNECTION = "connection"
+    SERVER_LOST = "server_lost"
+    SERIALIZATION = "serialization"
+    WORKER_ERROR = "worker_error"
+    # decided by the coordinator
+    TIMEOUT = "timeout"
+    WORKER_LOST = "worker_lost"
+    CANCELLED = "cancelled"
+    INTERRUPTED = "interrupted"
+    EXPRESSION_ERROR = "expression_error"
+    UNDEFINED_VARIABLE = "undefined_variable"
+    UNSUPPORTED = "unsupported"
+    UNRESUMABLE = "unresumable"
+    # control replies
+    BAD_REQUEST = "bad_request"
+    UNKNOWN_OP = "unknown_op"
+    NOT_FOUND = "not_found"
+    INVALID_WORKFLOW = "invalid_workflow"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+CONTROL_ERROR_KINDS = frozenset({ErrorKind.BAD_REQUEST, ErrorKind.UNKNOWN_OP, ErrorKind.NOT_FOUND,
+                                 ErrorKind.INVALID_WORKFLOW, ErrorKind.UNAVAILABLE, ErrorKind.INTERNAL,
+                                 ErrorKind.TIMEOUT})
+"""The kinds a control reply's ``error.type`` may take."""

@@ -549,7 +549,7 @@ class EmbeddedWithSink:
     def __enter__(self):
         self.coordinator.start()
         self.pool.start()
-        while self.coordinator.call(lambda: len(self.coordinator.workers)) < self.workers:
+        while self.coordinator.call(lambda: len(self.coordinator.broker.workers)) < self.workers:
             time.sleep(0.02)  # bounded by the test's timeout
         return self
 

@@ -29,7 +29,6 @@ from goflow.errors import GoflowError
 
 log = logging.getLogger(__name__)
 
-ERROR_TYPES = ("bad_request", "unknown_op", "not_found", "internal")
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 #: Default and ceiling of the number of events one replay reply carries (clients page).
 REPLAY_PAGE = 10_000
@@ -39,8 +38,7 @@ _NOBLOCK = int(zmq.NOBLOCK)
 class ControlError(GoflowError):
     """An error reply from the control socket (or a timeout reaching it).
 
-    ``type`` is one of ``bad_request``, ``unknown_op``, ``not_found``, ``internal``,
-    ``timeout``.
+    ``type`` is one of :data:`goflow.errors.CONTROL_ERROR_KINDS`.
     """
 
     def __init__(self, type: str, message: str, *, reply: dict | None = None, details: dict | None = None):

@@ -23,8 +23,7 @@ import signal
 import sys
 import threading
 import time
-from concurrent.futures import Future
-from typing import Any
+from typing import Any, Callable
 
 from goflow.security import ExposureError, check_exposure, is_loopback_host
 
@@ -298,8 +297,6 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if metrics is not None:
         metrics.set_gauge_source(coordinator_gauges(coordinator, store))
-    if store is not None:
-        _wrap_submit(coordinator, store)
     if authenticator is not None:
         def reload_keys(request: dict) -> dict:
             """Control op ``reload_keys``: re-read the authorized keys (as SIGHUP does)."""
@@ -320,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     def on_hup(signum: int, frame: Any) -> None:
+        coordinator.call_soon(_reload_servers(coordinator))
         if authenticator is None:
             log.info("SIGHUP: no authorized keys to reload (CURVE is off)")
             return
@@ -402,32 +400,16 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code
 
 
-def _wrap_submit(coordinator: Any, store: Any) -> None:
-    """Record accepted submissions in the store (wraps the ``submit`` control op)."""
-    handler = coordinator.control.handlers.get("submit")
-    if handler is None:
-        return
+def _reload_servers(coordinator: Any) -> Callable[[], None]:
+    """A reactor call that re-reads the MCP server registry (SIGHUP), logging the outcome."""
 
-    def submit(request: dict) -> Future:
-        reply = handler(request)  # resolves on the reactor thread once the execution started
+    def reload() -> None:
+        try:
+            log.info("SIGHUP: %d registered MCP server(s)", coordinator.servers.reload())
+        except Exception as exc:  # a broken servers.yaml keeps the previous registry
+            log.error("SIGHUP: cannot reload the MCP server registry: %s", exc)
 
-        def record(done: Future) -> None:
-            if done.cancelled() or done.exception() is not None:
-                return
-            accepted = done.result()
-            execution_id = accepted.get("execution_id")
-            try:
-                execution = coordinator.executions.get(execution_id)
-                secrets = execution.plan.secrets if execution is not None else ()
-                store.record_submission(execution_id, accepted.get("workflow"), request.get("workflow"),
-                                        request.get("variables") or {}, secrets=secrets)
-            except Exception:
-                log.exception("recording the submission failed")
-
-        reply.add_done_callback(record)  # before the control server's: recorded, then answered
-        return reply
-
-    coordinator.control.register("submit", submit)
+    return reload
 
 
 if __name__ == "__main__":

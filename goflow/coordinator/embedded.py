@@ -157,20 +157,17 @@ class EmbeddedRuntime:
 
     def submit(self, workflow: Workflow, variables: dict[str, Any] | None = None, *, timeout: float | None = None,
                execution_id: str | None = None, source: str | None = None) -> Future:
-        """Record the submission in the history (``source``: the YAML text) and start it;
-        the one path ``goflow run`` and :func:`goflow.start` share. Returns the Future of
-        the execution's summary."""
-        execution_id = execution_ids.given_or_new(execution_id)  # before anything is recorded
-        if self.store is not None:
-            self.store.record_submission(execution_id, workflow.name, source if source is not None else workflow,
-                                         variables, secrets=workflow.secret_variables)
-        return self.coordinator.submit(workflow, variables, timeout=timeout, execution_id=execution_id)[1]
+        """Start ``workflow`` (``source``: its YAML text, which the coordinator records in the
+        history); the path ``goflow run`` and :func:`goflow.start` share. Returns the Future
+        of the execution's outcome."""
+        return self.coordinator.submit(workflow, variables, timeout=timeout, execution_id=execution_id,
+                                       source=source)[1]
 
     def wait_for_workers(self, count: int = 1, timeout: float = 30.0) -> bool:
         """Block until ``count`` workers have joined (False on timeout)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.coordinator.call(lambda: len(self.coordinator.workers)) >= count:
+            if self.coordinator.call(lambda: len(self.coordinator.broker.workers)) >= count:
                 return True
             time.sleep(0.02)
         return False

@@ -10,14 +10,12 @@ Semantics (docs/semantics.md):
   through to the enclosing scope, iterations that overlap (``max_parallel``) write to their
   own scope, merged back in item order. Parallel branches each write to their own scope,
   merged back in branch order (the deciding branch only, for ``wait_any``/``wait_first``).
-* Leaf nodes are retried per their policy; without one, only ``worker_lost`` is retried
-  (up to 3 attempts), because a crashed worker should cost a retry and not the run.
+* Leaf nodes are retried as :mod:`goflow.coordinator.retry` decides.
 """
 
 from __future__ import annotations
 
 import itertools
-import random
 import time
 from collections import ChainMap, deque
 from dataclasses import dataclass, field
@@ -25,7 +23,8 @@ from typing import Any, Callable, Protocol
 
 from goflow.errors import ExpressionError, UndefinedVariableError
 from goflow.coordinator.plan import initial_variables
-from goflow.events.codec import bound_value, redact_secret_text, secret_texts
+from goflow.events.codec import bound_value
+from goflow.redaction import SECRET_MASK, Redactor
 from goflow.language.expr import compile_transform, interpolate
 from goflow.coordinator.plan import Graph, Plan
 from goflow.language.model import (
@@ -36,11 +35,12 @@ from goflow.language.model import (
     NodeBase,
     ParallelNode,
     PythonNode,
-    RetryPolicy,
     TransformNode,
     WORKER_NODE_TYPES,
 )
 from goflow.language.references import resolve_reference
+from goflow.coordinator.retry import max_attempts, retry_delay
+from goflow.coordinator.task import Task
 
 MAX_RECORDS = 10_000
 """Attempt records kept in memory per execution (the history store keeps all of them)."""
@@ -49,8 +49,6 @@ STEPS_PER_TURN = 1_000
 RUNNING_SHOWN = 50
 """How many running node ids a progress event lists (the count is always exact)."""
 TERMINAL = ("completed", "failed", "cancelled", "timed_out")
-DEFAULT_POLICY = RetryPolicy(max_attempts=1)
-WORKER_LOST_POLICY = RetryPolicy(max_attempts=3, initial_delay=0.0, max_delay=0.0, jitter=False)
 
 
 class Host(Protocol):
@@ -72,42 +70,6 @@ class NodeFailure(Exception):
     def __init__(self, error: dict):
         super().__init__(error.get("message"))
         self.error = error
-
-
-@dataclass
-class Task:
-    """A unit of work sent to a worker (``run`` is None for an execution's own tasks, e.g. preflight)."""
-
-    id: int
-    execution: "Execution"
-    run: "NodeRun | None"
-    kind: str
-    spec: dict
-    timeout: float | None
-    labels: dict[str, str] = field(default_factory=dict)
-    worker: bytes | None = None
-    started_at: float | None = None
-    timer: Any = None
-    done: bool = False
-    log_batches: int = 0
-    """Log-lane batches received for this task (goflow/coordinator/node_output.py)."""
-    progress_sent: float = 0.0
-    progress_pending: dict | None = None
-    progress_timer: bool = False
-
-    @property
-    def node_id(self) -> str | None:
-        return self.run.node.id if self.run is not None else None
-
-    @property
-    def attempt(self) -> int:
-        return self.run.attempt if self.run is not None else 1
-
-    @property
-    def profile(self) -> tuple:
-        """What tasks of the same expected duration share (for the dispatch estimate)."""
-        spec = self.spec
-        return (self.kind, spec.get("call") or spec.get("tool") or spec.get("expression") or spec.get("template"))
 
 
 class Scope:
@@ -420,7 +382,8 @@ class Execution:
         self.finished_at = 0.0
         self.history: dict | None = None
         """Once finished, with a history store: ``{recorded, problem}`` (set by the store's writer)."""
-        self.hidden_texts = secret_texts(self.secret_values())
+        self.redactor = Redactor(plan.secrets, self.secret_values())
+        """The one mask for everything this execution shows (events, replies, results, records)."""
         self.restored = restored
         """Main-graph node id -> output, for nodes completed before a coordinator restart."""
         self.root: Frame | None = None
@@ -445,7 +408,7 @@ class Execution:
             self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored)})
         servers = list(dict.fromkeys(node.server for node in self.workflow.nodes if isinstance(node, McpToolNode)))
         self.emit("execution.started", None, meta={"inputs": {k: self.bounded(v) for k, v in
-                                                              self.redact(self._initial).items()},
+                                                              self.redactor.variables(self._initial).items()},
                                                    "total_nodes": self.main_total, "preflight": servers})
         for name, value in self._initial.items():
             self.write(self.variables, name, value, node=None, scope="execution")
@@ -491,7 +454,7 @@ class Execution:
         if self.status in TERMINAL:
             return
         self.status = status
-        self.error = error
+        self.error = self.public(error)
         self.finished_at = time.time()
         if self.timer is not None:
             self.timer.cancel()
@@ -529,14 +492,22 @@ class Execution:
         initial = initial_variables(self.workflow, self._initial) if self.plan.secrets else {}
         return [initial[name] for name in self.plan.secrets if initial.get(name) is not None]
 
-    def bounded(self, value: Any) -> Any:
-        """``value`` as events may carry it: secret values masked, size bounded."""
-        if value is None or (not self.hidden_texts and isinstance(value, (bool, int, float))):
-            return value
-        return bound_value(redact_secret_text(value, self.hidden_texts), self.host.max_value_bytes)
+    def public(self, value: Any) -> Any:
+        """``value`` as anything outside the execution may see it: secret texts masked."""
+        return self.redactor.value(value)
 
-    def redact(self, values: dict) -> dict:
-        return {k: ("***" if k in self.plan.secrets else v) for k, v in values.items()}
+    def bounded(self, value: Any) -> Any:
+        """``value`` as events may carry it: secret texts masked, size bounded."""
+        if value is None or (not self.redactor.texts and isinstance(value, (bool, int, float))):
+            return value
+        return bound_value(self.redactor.value(value), self.host.max_value_bytes)
+
+    def outcome(self) -> dict:
+        """The finished execution as callers receive it (``goflow run --json``, ``submit --wait``)."""
+        return {"execution_id": self.id, "workflow": self.workflow.name, "status": self.status,
+                "result": self.public(self.result), "variables": self.redactor.variables(self.variables),
+                "error": self.error, "duration_s": (self.finished_at or time.time()) - self.started_at,
+                "records": list(self.records)}
 
     def write(self, target: dict, name: str, value: Any, *, node: NodeRun | None, scope: str) -> None:
         old = target.get(name)
@@ -549,14 +520,12 @@ class Execution:
         snapshot subscribers rebuild), not a loop item or a branch's local scope."""
         secret = name in self.plan.secrets
         self.emit("variable.changed", node, snapshot_change=snapshot, meta={
-            "name": name, "value": "***" if secret else self.bounded(value),
-            "old": "***" if secret else self.bounded(old), "scope": scope,
+            "name": name, "value": SECRET_MASK if secret else self.bounded(value),
+            "old": SECRET_MASK if secret else self.bounded(old), "scope": scope,
             **(meta or (node.frame.context if node else {}))})
 
     # -- events ----------------------------------------------------------------------------
     def emit(self, type: str, run: NodeRun | None, **fields: Any) -> None:
-        if self.hidden_texts and fields.get("error"):
-            fields["error"] = redact_secret_text(fields["error"], self.hidden_texts)
         self.host.emit(self, type, run=run, **fields)
 
     def progress(self, force: bool = False) -> None:
@@ -570,7 +539,8 @@ class Execution:
                 **self.counts, "running_nodes": list(itertools.islice(self.running_nodes, RUNNING_SHOWN))}
 
     def error_of(self, run: NodeRun, error_type: str, message: str, **extra: Any) -> dict:
-        return {"type": error_type, "message": message, "node_id": run.node.id, **extra}
+        """An error made by the coordinator itself (messages may quote values: masked here)."""
+        return {"type": error_type, "message": self.public(message), "node_id": run.node.id, **extra}
 
     # -- scheduling ------------------------------------------------------------------------
     def soon(self, step: Callable[..., None], *args: Any) -> None:
@@ -717,20 +687,17 @@ class Execution:
         else:  # pragma: no cover - guarded by WORKER_NODE_TYPES
             raise NodeFailure(self.error_of(run, "unsupported", f"cannot dispatch node type {node.type}"))
         labels = node.worker.labels if node.worker else {}
-        run.task = Task(0, self, run, kind, spec, node.timeout, labels)
+        run.task = Task(self.id, node.id, run.attempt, kind, spec, node.timeout,
+                        deliver=lambda task, message: self.task_result(run, task, message), run=run,
+                        labels=labels)
         inputs = {key: value for key, value in spec.items() if key not in ("server", "timeout", "template",
                                                                           "expression", "call", "tool")}
         self.attempt_started(run, inputs)
         self.host.dispatch(run.task)
 
     # -- outcomes --------------------------------------------------------------------------
-    def task_result(self, task: Task, message: dict) -> None:
-        """A worker finished ``task`` (or the coordinator gave up on it)."""
-        run = task.run
-        if run is None:
-            if self.preflight is not None and self.active:
-                self.preflight.result(task, message)
-            return
+    def task_result(self, run: NodeRun, task: Task, message: dict) -> None:
+        """A worker finished ``run``'s ``task`` (or the coordinator gave up on it)."""
         if run.task is not task or run.state != "running" or not self.active:
             return
         run.task = None
@@ -741,7 +708,7 @@ class Execution:
                 meta.update({key: self.bounded(value) for key, value in message["meta"].items()})
             self.node_succeeded(run, message.get("value"), meta, raw=(message.get("meta") or {}).get("raw"))
         else:
-            error = dict(message.get("error") or {})
+            error = self.public(dict(message.get("error") or {}))
             error.setdefault("type", "error")
             error.setdefault("message", "the task failed")
             error["node_id"] = run.node.id
@@ -749,19 +716,13 @@ class Execution:
 
     def attempt_failed(self, run: NodeRun, error: dict, worker: Any = None) -> None:
         node = run.node
-        policy = node.retry or (WORKER_LOST_POLICY if error["type"] == "worker_lost" else DEFAULT_POLICY)
-        matches = policy.retries(error["type"]) or policy.retries(str(error.get("exception", "")))
-        if node.retry and policy.non_retryable_errors and str(error.get("exception")) in policy.non_retryable_errors:
-            matches = False
         self.record(run, "failed", error=error, worker=worker)
-        if run.attempt < policy.max_attempts and matches and run.frame.state == "running":
-            delay = policy.delay(run.attempt)
-            if policy.jitter and delay > 0:
-                delay *= random.uniform(0.75, 1.25)
+        delay = retry_delay(node.retry, error, run.attempt) if run.frame.state == "running" else None
+        if delay is not None:
             self.counts["retries"] += 1
             self.emit("node.retrying", run, status="retrying", error=error,
                       meta={"next_attempt": run.attempt + 1, "delay_s": delay, "worker": worker,
-                            "max_attempts": policy.max_attempts, **run.frame.context})
+                            "max_attempts": max_attempts(node.retry, error), **run.frame.context})
             run.attempt += 1
             run.timer = self.host.call_later(delay, lambda: self._retry(run))
             return
@@ -780,7 +741,7 @@ class Execution:
                  "started": run.started, "finished": time.time(), "error": error, "worker": worker,
                  "context": run.frame.context or None}
         if raw is not None:
-            entry["raw"] = raw
+            entry["raw"] = self.public(raw)
         self.records.append(entry)
 
     def node_succeeded(self, run: NodeRun, value: Any, meta: dict, chosen: bool | None = None,

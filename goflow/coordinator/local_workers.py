@@ -64,18 +64,19 @@ class LocalWorkerPool:
             proc.kill()
 
     def stop(self, grace: float = 3.0) -> None:
-        """Wait up to ``grace`` seconds for the workers (already told to shut down), then kill."""
+        """SIGTERM every worker at once, wait up to ``grace`` seconds, then kill what is left.
+
+        A worker finishes the task at hand on SIGTERM and says goodbye; one still starting
+        holds nothing and simply exits, so stopping never waits on workers that never joined.
+        """
         self.closing = True
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.terminate()
         deadline = time.monotonic() + grace
         for proc in self.processes.values():
-            remaining = max(0.0, deadline - time.monotonic())
             try:
-                proc.wait(timeout=remaining)
-            except subprocess.TimeoutExpired:
-                proc.terminate()
-        for proc in self.processes.values():
-            try:
-                proc.wait(timeout=1.0)
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()

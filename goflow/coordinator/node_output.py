@@ -6,7 +6,7 @@ number of batches sent before. Because the log lane and the task lane are separa
 connections, a result can overtake the last batches: :meth:`NodeOutput.finish` then holds
 the result until they arrive (at most :data:`HOLD_RESULT_S`), so subscribers always see a
 node's lines before its outcome. Secret values are masked here, where lines enter the
-coordinator, with the execution's redaction (:func:`goflow.events.codec.redact_secret_text`).
+coordinator, with the execution's redaction (``Execution.public``, goflow/redaction.py).
 
 ``node.progress`` is conflated per task like ``progress.update`` per execution: at most one
 event per ``progress_interval``, the latest report winning, the last one sent before the
@@ -19,10 +19,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any, Callable
 
-from goflow.events.codec import redact_secret_text
-
 if TYPE_CHECKING:
-    from goflow.coordinator.execution import Task
+    from goflow.coordinator.task import Task
 
 HOLD_RESULT_S = 2.0
 """How long a result waits for log batches that it says were sent before it."""
@@ -85,7 +83,8 @@ class NodeOutput:
         complete(task, message)
 
     def _publish(self, task: "Task", batch: dict) -> None:
-        execution, run = task.execution, task.run
+        run = task.run
+        execution = run.frame.execution
         lines = batch.get("lines")
         if not isinstance(lines, list):
             lines = []
@@ -93,8 +92,7 @@ class NodeOutput:
         if lines or dropped or batch.get("lost_batches"):
             # The worker's line maps are published as they came (no per-line work here
             # unless the execution has secrets to mask).
-            if execution.hidden_texts:
-                lines = redact_secret_text(lines, execution.hidden_texts)
+            lines = execution.public(lines)
             meta: dict[str, Any] = {"lines": lines, "dropped": dropped, **run.frame.context}
             if batch.get("lost_batches"):
                 meta["lost_batches"] = batch["lost_batches"]
@@ -123,7 +121,8 @@ class NodeOutput:
         if report is None or not _wanted(task):
             return
         task.progress_sent = time.monotonic()
-        execution, run = task.execution, task.run
+        run = task.run
+        execution = run.frame.execution
         meta: dict[str, Any] = {"progress": report.get("progress"), "total": report.get("total"),
                                 **run.frame.context}
         total = report.get("total")
@@ -131,8 +130,7 @@ class NodeOutput:
             meta["percent"] = round(100.0 * min(report["progress"], total) / total, 2)
         if report.get("message") is not None:
             message = report["message"]
-            meta["message"] = redact_secret_text(message, execution.hidden_texts) if execution.hidden_texts \
-                else message
+            meta["message"] = execution.public(message)
         self.host.publisher.emit("node.progress", execution.id, node_id=run.node.id, node_type=run.node.type,
                                  status="running", attempt=task.attempt, meta=meta)
 

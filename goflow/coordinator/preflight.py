@@ -15,11 +15,12 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from goflow.errors import GoflowError
 from goflow.language.expr import interpolate
+from goflow.coordinator.task import Task
 from goflow.language.model import McpToolNode
 from goflow.language.parameters import coerce_arguments
 
 if TYPE_CHECKING:
-    from goflow.coordinator.execution import Execution, Task
+    from goflow.coordinator.execution import Execution
 
 LIST_TIMEOUT_S = 60.0
 
@@ -38,12 +39,10 @@ class McpPreflight:
         self.nodes = [n for n in execution.workflow.nodes if isinstance(n, McpToolNode)]
         self.pending: dict[int, str] = {}
         self.tools: dict[str, list[dict]] = {}
-        self.tasks: list["Task"] = []
+        self.tasks: list[Task] = []
         self.done = False
 
     def start(self) -> None:
-        from goflow.coordinator.execution import Task
-
         host = self.execution.host
         for server_id in dict.fromkeys(node.server for node in self.nodes):
             try:
@@ -52,15 +51,15 @@ class McpPreflight:
                 node = next(n for n in self.nodes if n.server == server_id)
                 self._finish({"type": "connection", "node_id": node.id, "message": str(exc)})
                 return
-            task = Task(0, self.execution, None, "mcp_tools", {"server": spec, "timeout": LIST_TIMEOUT_S},
-                        LIST_TIMEOUT_S + 10)
+            task = Task(self.execution.id, None, 1, "mcp_tools", {"server": spec, "timeout": LIST_TIMEOUT_S},
+                        LIST_TIMEOUT_S + 10, deliver=self.result)
             self.tasks.append(task)
             host.dispatch(task)
             self.pending[task.id] = server_id
 
-    def result(self, task: "Task", message: dict) -> None:
+    def result(self, task: Task, message: dict) -> None:
         server_id = self.pending.pop(task.id, None)
-        if server_id is None or self.done:
+        if server_id is None or self.done or not self.execution.active:
             return
         if not message.get("ok"):
             error = dict(message.get("error") or {})

@@ -30,9 +30,9 @@ from typing import Any
 
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, parse
+from goflow.redaction import SECRET_MASK
 
 log = logging.getLogger("goflow.coordinator.recovery")
-SECRET_MASK = "***"
 
 
 @dataclass
@@ -79,9 +79,13 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
         variables = dict(unfinished.variables_in or {})
         if workflow is not None:
             masked = sorted(name for name in workflow.secret_variables if variables.get(name) == SECRET_MASK)
+            masked_defaults = sorted(v.name for v in workflow.variables if v.secret and v.default == SECRET_MASK)
             if masked:
                 reason = (f"secret variable(s) {', '.join(masked)} were supplied at submission and are never "
                           f"stored; resubmit the workflow")
+            elif masked_defaults:
+                reason = (f"the default of secret variable(s) {', '.join(masked_defaults)} is never stored; "
+                          f"resubmit the workflow")
         if reason is not None:
             coordinator.fail_unresumable(unfinished.id, unfinished.workflow or "<unknown>",
                                          f"execution {unfinished.id} cannot be resumed: {reason}")

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from goflow.coordinator.execution import Task
+from goflow.coordinator.task import Task
 
 
 @dataclass

@@ -17,6 +17,8 @@ import msgpack
 
 from .types import HEARTBEAT, WIRE_VERSION, WORKER_TYPES, Event
 
+from goflow.redaction import SECRET_MASK, redact_secret_text, secret_texts
+
 #: Payload keys in the order the publisher writes them (a msgpack map: order is not part
 #: of the contract, but it is stable).
 PAYLOAD_KEYS: tuple[str, ...] = (
@@ -24,7 +26,6 @@ PAYLOAD_KEYS: tuple[str, ...] = (
     "node_type", "status", "attempt", "vseq", "error", "meta",
 )
 
-SECRET_MASK = "***"
 DEFAULT_MAX_VALUE_BYTES = 4096
 
 
@@ -101,42 +102,6 @@ def json_type(value: Any) -> str:
     return "string"
 
 
-MIN_SECRET_TEXT = 4
-"""Secret values shorter than this are not searched for inside other values (too many false hits)."""
-
-
-def secret_texts(values: Iterable[Any]) -> tuple[str, ...]:
-    """The texts to mask wherever they appear, from secret variables' values."""
-    texts = set()
-    for value in values:
-        text = value if isinstance(value, str) else json.dumps(value, separators=(",", ":"), default=str)
-        if len(text) >= MIN_SECRET_TEXT:
-            texts.add(text)
-    return tuple(sorted(texts, key=len, reverse=True))
-
-
-def redact_secret_text(value: Any, texts: tuple[str, ...], _depth: int = 0) -> Any:
-    """``value`` with every occurrence of a secret text replaced by ``***`` (deep, bounded depth).
-
-    A value computed from a secret (echoed by a tool, embedded in a message) must not leak
-    through a variable of another name.
-    """
-    if not texts:
-        return value
-    if isinstance(value, str):
-        for text in texts:
-            if text in value:
-                value = value.replace(text, SECRET_MASK)
-        return value
-    if _depth > 32:
-        return value
-    if isinstance(value, list):
-        return [redact_secret_text(item, texts, _depth + 1) for item in value]
-    if isinstance(value, dict):
-        return {key: redact_secret_text(item, texts, _depth + 1) for key, item in value.items()}
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in texts:
-        return SECRET_MASK
-    return value
 
 
 def bound_value(value: Any, max_bytes: int = DEFAULT_MAX_VALUE_BYTES) -> Any:

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import msgpack
+from goflow.redaction import SECRET_MASK
 
 log = logging.getLogger("goflow.history.store")
 
@@ -53,7 +54,6 @@ TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
 TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 """As in goflow.events.types (repeated so the store does not import pydantic)."""
-SECRET_MASK = "***"
 INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
                      "node_id": None}
 
@@ -335,10 +335,8 @@ def workflow_source(workflow: Any) -> str:
     """Text for a workflow object whose YAML is unknown: its model as JSON (valid YAML)."""
     if isinstance(workflow, str):
         return workflow
-    dump = getattr(workflow, "model_dump", None)
-    if dump is not None:
-        return json.dumps(dump(mode="json", by_alias=True, exclude_none=True), default=str, indent=1)
-    return str(workflow)
+    source_text = getattr(workflow, "source_text", None)
+    return source_text() if source_text is not None else str(workflow)
 
 
 def _since_to_ts(since: Any) -> float | None:

@@ -9,6 +9,7 @@ that names the key and suggests the nearest known one.
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Annotated, Any, Literal, Union
 
@@ -74,34 +75,6 @@ class Server(_Model):
     credential_ref: str | None = None
 
 
-_ALL_CLASSES = ("python_error", "import_error", "serialization", "transform_error",
-                "undefined_variable", "expression_error", "tool_error", "server_lost", "connection",
-                "timeout", "worker_lost")
-
-# GoFlow's documented retry classes (its RetryExecutor's type aliases), as goflow's error
-# classes.  One table so it can move to the error-kind enumeration.
-GOFLOW_RETRY_CLASSES: dict[str, tuple[str, ...]] = {
-    "connection_error": ("connection", "server_lost"),
-    "timeout_error": ("timeout",),
-    "validation": ("expression_error", "undefined_variable"),
-    "validation_error": ("expression_error", "undefined_variable"),
-    "data": ("transform_error", "expression_error", "undefined_variable"),
-    "transform": ("transform_error", "expression_error", "undefined_variable"),
-    "transform_error": ("transform_error", "expression_error", "undefined_variable"),
-    "execution": _ALL_CLASSES,
-    "execution_error": _ALL_CLASSES,
-}
-
-
-@functools.lru_cache(maxsize=256)
-def _error_classes(names: tuple[str, ...]) -> frozenset[str]:
-    """``names`` with GoFlow's class names expanded to goflow's."""
-    out = set(names)
-    for name in names:
-        out.update(GOFLOW_RETRY_CLASSES.get(name, ()))
-    return frozenset(out)
-
-
 class RetryPolicy(_Model):
     """How a failed node is retried.
 
@@ -109,9 +82,9 @@ class RetryPolicy(_Model):
     The delay before retry *n* is ``initial_delay * backoff_multiplier**(n-1)`` for
     ``exponential`` backoff (``initial_delay`` for ``fixed``), capped at ``max_delay``, with
     +/-25% jitter when ``jitter`` is true. ``on`` (alias ``retryable_errors``) lists the error
-    classes retried (empty = all); ``non_retryable_errors`` wins over it.  GoFlow's class
-    names (``connection_error``, ``timeout_error``, ``data``, ...) stand for the goflow
-    classes in :data:`GOFLOW_RETRY_CLASSES`.
+    classes retried (empty = all); ``non_retryable_errors`` wins over it. GoFlow's class names
+    (``connection_error``, ``timeout_error``, ...) are accepted too. The decision is
+    :mod:`goflow.coordinator.retry`'s.
     """
 
     max_attempts: int = Field(default=3, ge=1, le=1000)
@@ -125,19 +98,6 @@ class RetryPolicy(_Model):
 
     _durations = field_validator("initial_delay", "max_delay", mode="before")(_duration)
 
-    def delay(self, retry_number: int) -> float:
-        """The delay in seconds before retry ``retry_number`` (1-based), before jitter."""
-        if self.backoff == "fixed":
-            base = self.initial_delay
-        else:
-            base = self.initial_delay * self.backoff_multiplier ** min(retry_number - 1, 64)
-        return min(base, self.max_delay)
-
-    def retries(self, error_type: str) -> bool:
-        """Whether an error of class ``error_type`` may be retried under this policy."""
-        if error_type in _error_classes(tuple(self.non_retryable_errors)):
-            return False
-        return not self.on or error_type in _error_classes(tuple(self.on))
 
 
 class WorkerSelector(_Model):
@@ -282,6 +242,10 @@ class Workflow(_Model):
     @property
     def secret_variables(self) -> frozenset[str]:
         return frozenset(v.name for v in self.variables if v.secret)
+
+    def source_text(self) -> str:
+        """The workflow as text, for one whose YAML is unknown: its model as JSON (valid YAML)."""
+        return json.dumps(self.model_dump(mode="json", by_alias=True, exclude_none=True), default=str, indent=1)
 
 
 @functools.cache

@@ -360,18 +360,18 @@ def coordinator_gauges(coordinator: Any, store: Any = None) -> Callable[[], dict
     def source() -> dict[str, Any]:
         values: dict[str, Any] = {}
         try:
-            values["workers_connected"] = len(coordinator.workers.workers)
+            values["workers_connected"] = len(coordinator.broker.workers.workers)
             publisher = coordinator.publisher
             values["subscriptions"] = publisher.subscription_count
             values["events_published"] = publisher._published
             values["events_dropped"] = publisher._dropped
             values["control_requests"] = coordinator.control.stats.get("requests", 0)
-            values["queued_tasks"] = len(coordinator.queue)
+            values["queued_tasks"] = len(coordinator.broker.queue)
             values["subscribed_bytes"] = publisher._subscribed_bytes
             values["refused_subscriptions"] = publisher._refused_subscriptions
             values["subscription_resets"] = publisher._subscription_resets
             values["bad_subscription_messages"] = publisher._bad_subscription_messages
-            values["bad_worker_frames"] = coordinator.stats["bad_worker_frames"]
+            values["bad_worker_frames"] = coordinator.broker.stats["bad_worker_frames"]
             values["bad_control_frames"] = coordinator.control.stats.get("bad_frames", 0)
         except Exception:   # a half-stopped coordinator
             pass

@@ -84,10 +84,8 @@ __all__ = [
     "ToolCallResult",
     "tool_result_value",
     "check_arguments",
-    "ERROR_TYPES",
 ]
 
-ERROR_TYPES = ("tool_error", "server_lost", "timeout", "connection", "cancelled", "invalid_arguments")
 STDERR_TAIL_LINES = 50
 _STDERR_LINE_MAX = 500
 # Streamable HTTP buffers one SSE event per response; the SDK's default cap is 1 MiB, which

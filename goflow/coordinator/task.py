@@ -1,0 +1,48 @@
+"""A unit of work sent to a worker, and where its result goes.
+
+Tasks are made by executions (one per node attempt) and by the MCP preflight (one per
+server's tool list); the broker hands them to workers and calls ``deliver`` exactly once
+with the worker's result, or with the failure the coordinator decided on (timeout, worker
+lost, unsendable inputs). Nothing here knows what a node is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    from goflow.coordinator.execution import NodeRun
+
+
+@dataclass(eq=False)
+class Task:
+    """``deliver(task, message)`` receives the result message (``{"ok": ..., ...}``)."""
+
+    execution_id: str
+    node_id: str | None
+    attempt: int
+    kind: str
+    spec: dict
+    timeout: float | None
+    deliver: Callable[["Task", dict], None]
+    run: "NodeRun | None" = None
+    """The node attempt this task runs, whose live output (node.log/node.progress) it carries;
+    None for the execution's own tasks (the MCP preflight)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    id: int = 0
+    worker: bytes | None = None
+    started_at: float | None = None
+    timer: Any = None
+    done: bool = False
+    log_batches: int = 0
+    """Log-lane batches received for this task (:mod:`goflow.coordinator.node_output`)."""
+    progress_sent: float = 0.0
+    progress_pending: dict | None = None
+    progress_timer: bool = False
+
+    @property
+    def profile(self) -> tuple:
+        """What tasks of the same expected duration share (for the dispatch estimate)."""
+        spec = self.spec
+        return (self.kind, spec.get("call") or spec.get("tool") or spec.get("expression") or spec.get("template"))
