@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load": ("goflow.language.loader", "load"),
-    "validate": ("goflow.language.validation", "validate_file"),
+    "validate": ("goflow.language.loader", "validate_file"),
     "Workflow": ("goflow.language.model", "Workflow"),
     "Problem": ("goflow.language.problems", "Problem"),
     "run": ("goflow.coordinator.embedded", "run"),

@@ -135,8 +135,8 @@ class WorkerGroup:
 
 def cli(*args: str, timeout: float = 60.0, env: dict | None = None, prefix: list[str] | None = None
         ) -> subprocess.CompletedProcess:
-    """``goflow COMMAND ...`` with the remote commands (python -m goflow.cli.remote)."""
-    return subprocess.run([*(prefix or []), PYTHON, "-m", "goflow.cli.remote", *args], capture_output=True,
+    """``goflow COMMAND ...`` with the remote commands (python -m goflow)."""
+    return subprocess.run([*(prefix or []), PYTHON, "-m", "goflow", *args], capture_output=True,
                           text=True, timeout=timeout, env=env or child_env())
 
 
@@ -309,7 +309,7 @@ def test_wait_exit_codes_failed_and_cancelled(daemon, workers, tmp_path):
     slow.write_text('name: slow\nnodes:\n  - {id: start, type: start}\n'
                     '  - {id: wait, type: python, call: "flowlib:timed", args: [20]}\n  - {id: end, type: end}\n'
                     'edges:\n  - {from: start, to: wait}\n  - {from: wait, to: end}\n')
-    waiting = subprocess.Popen([PYTHON, "-m", "goflow.cli.remote", "submit", str(slow), "--coordinator", d.control,
+    waiting = subprocess.Popen([PYTHON, "-m", "goflow", "submit", str(slow), "--coordinator", d.control,
                                 "--wait", "--json", "--events", d.events], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=child_env())
     deadline = time.monotonic() + 20

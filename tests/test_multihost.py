@@ -149,7 +149,7 @@ def test_multihost_worker_killed_and_link_cut(tmp_path):
         # Wait until all four worker processes joined (from the coordinator's host).
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
-            listing = subprocess.run([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow.cli.remote", "workers",
+            listing = subprocess.run([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow", "workers",
                                       "--coordinator", d.control, "--json"], capture_output=True, text=True,
                                      env=child_env(), timeout=30)
             if listing.returncode == 0 and len(json.loads(listing.stdout)) >= 4:
@@ -161,7 +161,7 @@ def test_multihost_worker_killed_and_link_cut(tmp_path):
         flow = tmp_path / "fanout.yaml"
         flow.write_text(_flow(NODES))
         started = time.monotonic()
-        submit = subprocess.Popen([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow.cli.remote", "submit",
+        submit = subprocess.Popen([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow", "submit",
                                    str(flow), "--coordinator", d.control, "--wait", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
         time.sleep(1.5)

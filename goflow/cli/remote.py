@@ -399,14 +399,3 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing key pair")
     p.set_defaults(func=cmd_keys_generate)
     keys.set_defaults(func=lambda args: (keys.print_help(sys.stderr), 2)[1])
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m goflow.cli.remote ...`` is ``goflow ...`` (kept for scripts)."""
-    from goflow.cli import main as goflow_main
-
-    return goflow_main(argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

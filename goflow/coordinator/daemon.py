@@ -13,10 +13,7 @@ authorized-keys directory.
 
 from __future__ import annotations
 
-from goflow import __version__
-
 import argparse
-import json
 import logging
 import os
 import signal
@@ -25,6 +22,8 @@ import threading
 import time
 from typing import Any, Callable
 
+from goflow import __version__
+from goflow.logging_setup import setup_logging
 from goflow.security import ExposureError, check_exposure, is_loopback_host
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
@@ -34,44 +33,6 @@ DEFAULT_GRACE = 30.0
 DEFAULT_LIVENESS = 5.0
 
 log = logging.getLogger("goflow.coordinator.daemon")
-
-_RESERVED = {"name", "msg", "args", "levelname", "levelno", "pathname", "filename", "module", "exc_info",
-             "exc_text", "stack_info", "lineno", "funcName", "created", "msecs", "relativeCreated", "thread",
-             "threadName", "processName", "process", "taskName", "message", "asctime", "fields"}
-
-
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, msg, plus the record's ``fields`` extra."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data: dict[str, Any] = {"ts": round(record.created, 3), "level": record.levelname.lower(),
-                                "logger": record.name, "msg": record.getMessage()}
-        fields = getattr(record, "fields", None)
-        if isinstance(fields, dict):
-            data.update({k: v for k, v in fields.items() if k not in data})
-        if record.exc_info:
-            data["exc"] = self.formatException(record.exc_info)
-        return json.dumps(data, default=str, separators=(",", ":"))
-
-
-class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    def format(self, record: logging.LogRecord) -> str:
-        return super().format(record)
-
-
-def setup_logging(fmt: str, level: str = "info") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(getattr(logging, level.upper(), logging.INFO))
-    logging.getLogger("goflow.security.zap").setLevel(logging.WARNING)  # pyzmq's per-request debug lines
-
 
 # -- endpoints ------------------------------------------------------------------------------
 PRUNE_INTERVAL_S = 3600.0

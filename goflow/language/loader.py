@@ -32,6 +32,7 @@ from goflow.language.model import (
 )
 from goflow.language.problems import Problem
 from goflow.language.limits import MAX_BYTES, MAX_NODES
+from goflow.language.validation import validate_loaded
 from goflow.language.yaml_source import Path, SourceMap, YamlLimitError, YamlSyntaxError, load_yaml
 
 _SECTIONS: dict[str, type[BaseModel]] = {"variables": Variable, "servers": Server, "edges": Edge}
@@ -315,8 +316,6 @@ def read(path: str | FsPath) -> LoadedWorkflow:
 
 def check(loaded: LoadedWorkflow) -> LoadedWorkflow:
     """Run semantic validation on ``loaded`` (when it is a mapping at all) and return it."""
-    from goflow.language.validation import validate_loaded
-
     if loaded.parsed:
         with gc_paused():
             validate_loaded(loaded)
@@ -332,3 +331,8 @@ def load(source: str | FsPath, *, text: str | None = None) -> Workflow:
     if loaded.errors:
         raise WorkflowError(loaded.problems)
     return loaded.workflow
+
+
+def validate_file(path: str) -> list:
+    """Every problem (errors and warnings) in the workflow file at ``path``."""
+    return check(read(path)).problems

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import functools
 from collections import defaultdict
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from goflow.errors import ExpressionError
 from goflow.language.expr import compile_transform, interpolation_references, parse_condition, check_interpolation
-from goflow.language.loader import LoadedWorkflow
 from goflow.language.model import (
     ID_PATTERN,
     VARIABLE_PATTERN,
@@ -33,6 +32,9 @@ from goflow.language.model import (
     TransformNode,
 )
 from goflow.language.references import reference_root
+
+if TYPE_CHECKING:
+    from goflow.language.loader import LoadedWorkflow
 
 _TYPE_CHECKS = {
     "string": lambda v: isinstance(v, str),
@@ -63,7 +65,7 @@ def members(node: NodeBase) -> list[str]:
 
 
 class _Validator:
-    def __init__(self, loaded: LoadedWorkflow):
+    def __init__(self, loaded: "LoadedWorkflow"):
         self.loaded = loaded
         self.workflow = loaded.workflow
         self.nodes = {node.id: node for node in self.workflow.nodes}
@@ -454,14 +456,7 @@ def _registered_servers() -> set[str]:
         return set()
 
 
-def validate_loaded(loaded: LoadedWorkflow) -> None:
+def validate_loaded(loaded: "LoadedWorkflow") -> None:
     """Append every semantic problem of ``loaded`` to ``loaded.problems``."""
     _Validator(loaded).run()
     loaded.problems.sort(key=lambda p: (p.line, p.column))
-
-
-def validate_file(path: str) -> list:
-    """Every problem (errors and warnings) in the workflow file at ``path``."""
-    from goflow.language.loader import check, read
-
-    return check(read(path)).problems

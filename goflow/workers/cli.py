@@ -254,7 +254,7 @@ class Supervisor:
 
 
 def _setup_logging(fmt: str) -> None:
-    from goflow.coordinator.daemon import setup_logging
+    from goflow.logging_setup import setup_logging
 
     setup_logging(fmt)
 

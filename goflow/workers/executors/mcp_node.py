@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from goflow.workers.executors import ExecutorOutput, TaskError
+from goflow.workers.executors.base import ExecutorOutput, TaskError
 from goflow.workers.executors.mcp import MCPSessionPool, MCPToolError
 
 DEFAULT_TIMEOUT_S = 60.0

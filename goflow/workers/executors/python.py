@@ -8,7 +8,7 @@ import inspect
 import traceback
 from typing import Any, Callable
 
-from goflow.workers.executors import TaskError
+from goflow.workers.executors.base import TaskError
 
 
 class PythonExecutor:

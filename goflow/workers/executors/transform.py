@@ -6,7 +6,7 @@ from typing import Any
 
 from goflow.errors import ExpressionError, UndefinedVariableError
 from goflow.language.expr import Transform, compile_transform
-from goflow.workers.executors import TaskError
+from goflow.workers.executors.base import TaskError
 
 
 class TransformExecutor:
