@@ -239,11 +239,15 @@ class Coordinator:
         return self.call(cancel_rest)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Cancel what runs, shut the workers down, flush events and close every socket."""
-        if not self.reactor.started:
+        """Cancel what runs, shut the workers down, flush events and close every socket.
+
+        Also right for a coordinator that never started (it only closes its sockets).
+        """
+        if self.control_socket.closed:
             return
-        self.call_soon(self._shutdown)
-        self.reactor.join(timeout)
+        if self.reactor.started:
+            self.call_soon(self._shutdown)
+            self.reactor.join(timeout)
         self.control_ops.close()
         if self.history is not None:
             self.history.set_relief(None)

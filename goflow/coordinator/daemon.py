@@ -183,14 +183,6 @@ def _start_gateway(args: argparse.Namespace) -> Any:
     return gateway
 
 
-def _local_pool(endpoint: str, count: int, secret_file: str | None):
-    """LocalWorkerPool; with CURVE its processes authenticate with the coordinator's own key pair."""
-    from goflow.coordinator.local_workers import LocalWorkerPool
-
-    extra = ["--curve-server-key", secret_file, "--curve-secret-key", secret_file] if secret_file else []
-    return LocalWorkerPool(endpoint, count, extra_args=extra)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,7 +200,6 @@ def main(argv: list[str] | None = None) -> int:
     import zmq
 
     from goflow import security
-    from goflow.coordinator.coordinator import Coordinator
 
     context = zmq.Context()
     authenticator = None
@@ -223,52 +214,35 @@ def main(argv: list[str] | None = None) -> int:
         context.destroy(linger=0)
         return 2
 
-    from goflow.observability.metrics import Metrics, coordinator_gauges
+    from goflow.coordinator.runtime import Runtime
     from goflow.errors import GoflowError
-    from goflow.history.store import Store, combine_sinks
-    from goflow.observability.tracing import tracer_for
 
-    store = Store(args.db) if args.db else None
-    metrics = Metrics() if args.metrics else None
-    metrics_server = None
-    tracer = None
+    secret_file = args.curve_secret_key
     try:
-        tracer = tracer_for(args.otlp_endpoint)
-        if metrics is not None:
-            metrics_server = metrics.serve(args.metrics, insecure=args.insecure)
-        coordinator = Coordinator(workers_endpoint=args.workers_endpoint, event_endpoints=args.events_endpoint,
-                                  control_endpoints=args.control_endpoint, context=context, curve=curve,
-                                  worker_liveness=args.liveness, heartbeat_interval=args.heartbeat_interval,
-                                  sndhwm=args.sndhwm, progress_interval=args.progress_interval, history=store,
-                                  **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {}),
-                                  trace_context=tracer is not None,
-                                  sink=combine_sinks(store.sink if store else None, metrics.sink if metrics else None,
-                                                     tracer.sink if tracer else None))
+        runtime = Runtime(
+            coordinator={"workers_endpoint": args.workers_endpoint, "event_endpoints": args.events_endpoint,
+                         "control_endpoints": args.control_endpoint, "curve": curve,
+                         "worker_liveness": args.liveness, "heartbeat_interval": args.heartbeat_interval,
+                         "sndhwm": args.sndhwm, "progress_interval": args.progress_interval,
+                         **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {})},
+            db=args.db, metrics=args.metrics, metrics_insecure=args.insecure, otlp_endpoint=args.otlp_endpoint, context=context,
+            local_workers=args.local_workers or 0,
+            # With CURVE, local workers authenticate with the coordinator's own key pair.
+            pool={"extra_args": ["--curve-server-key", secret_file, "--curve-secret-key", secret_file]
+                  if secret_file else []})
     except (zmq.ZMQError, OSError, ValueError, GoflowError) as exc:
         log.error("cannot start: %s" if isinstance(exc, GoflowError) else "cannot bind: %s", exc)
-        if tracer is not None:
-            tracer.close()
-        if metrics_server is not None:
-            metrics_server.stop()
         if authenticator is not None:
             authenticator.stop()
-        if store is not None:
-            store.close()
         context.destroy(linger=0)
         return 2
-    if metrics is not None:
-        metrics.set_gauge_source(coordinator_gauges(coordinator, store))
+    coordinator, store = runtime.coordinator, runtime.store
     if authenticator is not None:
         def reload_keys(request: dict) -> dict:
             """Control op ``reload_keys``: re-read the authorized keys (as SIGHUP does)."""
             return {"keys": authenticator.reload()}
 
         coordinator.control.register("reload_keys", reload_keys)
-
-    pool = None
-    if args.local_workers:
-        pool = _local_pool(coordinator.workers_endpoint, args.local_workers, args.curve_secret_key)
-        coordinator.attach_local_pool(pool)
 
     stop = threading.Event()
     received: list[int] = []
@@ -288,9 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
 
-    coordinator.start()
-    if pool is not None:
-        pool.start()
+    runtime.start()
     gateway = None
     exit_code = 0
     if args.http:
@@ -343,19 +315,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if gateway is not None:
             gateway.stop()
-        coordinator.stop()
+        runtime.stop()
+    except Exception:
+        log.exception("stopping failed")
     finally:
-        if metrics_server is not None:
-            metrics_server.stop()
         if authenticator is not None:
             authenticator.stop()
-        if tracer is not None:
-            tracer.close()
-        if store is not None:
-            try:
-                store.close()
-            except Exception:
-                log.exception("closing the store failed")
         context.destroy(linger=0)
     log.info("coordinator stopped")
     return exit_code

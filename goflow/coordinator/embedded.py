@@ -17,13 +17,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import zmq
-
-from goflow.coordinator.coordinator import Coordinator
-from goflow.coordinator.local_workers import LocalWorkerPool
-from goflow.events import ids as execution_ids
+from goflow.coordinator.runtime import Runtime
 from goflow.language.model import Workflow
-from goflow.history.store import Store, combine_sinks
 
 EXIT_CODES = {"completed": 0, "failed": 1, "timed_out": 1, "cancelled": 130}
 HISTORY_INCOMPLETE_EXIT = 4
@@ -78,7 +73,8 @@ class ExecutionResult:
 
 
 class EmbeddedRuntime:
-    """A coordinator plus ``workers`` local worker processes, for the duration of a ``with``."""
+    """A :class:`~goflow.coordinator.runtime.Runtime` on private ipc:// endpoints with
+    ``workers`` local worker processes, for the duration of a ``with``."""
 
     def __init__(self, *, workers: int | None = None, publish: list[str] | None = None,
                  control: list[str] | None = None, python_paths: list[str] | None = None,
@@ -90,46 +86,24 @@ class EmbeddedRuntime:
         self.events_endpoint = f"ipc://{self.tempdir}/events"
         self.control_endpoint = f"ipc://{self.tempdir}/control"
         self.worker_count = workers or os.cpu_count() or 2
-        self.store: Store | None = None
-        self.metrics = None
-        self.metrics_server = None
-        self.tracer = None
         try:
-            from goflow.observability.tracing import tracer_for
-
-            # otlp_endpoint None: the standard OTEL_EXPORTER_OTLP_ENDPOINT decides (unset: off)
-            self.tracer = tracer_for(otlp_endpoint)
-            if metrics:   # first, so a bad or busy address fails before anything starts
-                from goflow.observability.metrics import Metrics
-
-                self.metrics = Metrics()
-                self.metrics_server = self.metrics.serve(metrics)
-            self.store = Store(db) if db is not None else None
-            self.coordinator = Coordinator(
-                workers_endpoint=f"ipc://{self.tempdir}/workers",
-                event_endpoints=[self.events_endpoint, *(publish or [])],
-                control_endpoints=[self.control_endpoint, *(control or [])],
-                sndhwm=sndhwm, context=zmq.Context.instance(), progress_interval=progress_interval, history=self.store,
-                **({"max_value_bytes": max_value_bytes} if max_value_bytes else {}),
-                trace_context=self.tracer is not None,
-                sink=combine_sinks(self.store.sink if self.store else None,
-                                   self.metrics.sink if self.metrics else None,
-                                   self.tracer.sink if self.tracer else None))
-        except Exception:
-            self._close_history()
+            self.runtime = Runtime(
+                coordinator={"workers_endpoint": f"ipc://{self.tempdir}/workers",
+                             "event_endpoints": [self.events_endpoint, *(publish or [])],
+                             "control_endpoints": [self.control_endpoint, *(control or [])],
+                             "sndhwm": sndhwm, "progress_interval": progress_interval,
+                             **({"max_value_bytes": max_value_bytes} if max_value_bytes else {})},
+                db=db, metrics=metrics, otlp_endpoint=otlp_endpoint, local_workers=self.worker_count,
+                pool={"python_paths": python_paths, "credits": credits})
+        except BaseException:
             shutil.rmtree(self.tempdir, ignore_errors=True)
             raise
-        if self.metrics is not None:
-            from goflow.observability.metrics import coordinator_gauges
-
-            self.metrics.set_gauge_source(coordinator_gauges(self.coordinator, self.store))
-        self.pool = LocalWorkerPool(self.coordinator.workers_endpoint, self.worker_count,
-                                    python_paths=python_paths, credits=credits)
-        self.coordinator.attach_local_pool(self.pool)
+        self.coordinator = self.runtime.coordinator
+        self.store = self.runtime.store
+        self.metrics = self.runtime.metrics
 
     def __enter__(self) -> "EmbeddedRuntime":
-        self.coordinator.start()
-        self.pool.start()
+        self.runtime.start()
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -137,23 +111,9 @@ class EmbeddedRuntime:
 
     def close(self) -> None:
         try:
-            self.coordinator.stop()
+            self.runtime.stop()
         finally:
-            self._close_history()
             shutil.rmtree(self.tempdir, ignore_errors=True)
-
-    def _close_history(self) -> None:
-        """After the coordinator stopped: write the last events, stop the metrics server."""
-        if self.metrics_server is not None:
-            self.metrics_server.stop()
-            self.metrics_server = None
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.tracer is not None:
-            self.tracer.close()
-            self.tracer = None
-        if self.store is not None:
-            self.store.close()
 
     def submit(self, workflow: Workflow, variables: dict[str, Any] | None = None, *, timeout: float | None = None,
                execution_id: str | None = None, source: str | None = None) -> Future:
