@@ -22,7 +22,7 @@ _EXPORTS = {
     "validate": ("goflow.language.loader", "validate_file"),
     "Workflow": ("goflow.language.model", "Workflow"),
     "Problem": ("goflow.language.problems", "Problem"),
-    "run": ("goflow.coordinator.embedded", "run"),
+    "run": ("goflow.handle", "run"),
     "start": ("goflow.handle", "start"),
     "astart": ("goflow.handle", "astart"),
     "RunHandle": ("goflow.handle", "RunHandle"),

@@ -313,3 +313,15 @@ def _submit_to_daemon(workflow: Workflow, text: str | None, name: str, variables
         reply = monitor.request("submit", **request)
     return RunHandle(reply["execution_id"], reply.get("workflow") or workflow.name, events=events,
                      control=coordinator, curve=curve)
+
+
+def run(source: str | os.PathLike | Workflow, variables: dict[str, Any] | None = None, *,
+        workers: int | None = None, timeout: float | None = None, **options: Any) -> ExecutionResult:
+    """Run a workflow (a path or a loaded :class:`Workflow`) to its end and return the result.
+
+    ``options`` are :func:`start`'s (``on_event``, ``publish``, ``control``, ``history``,
+    ``db``, ``coordinator``, ...). Raises :class:`~goflow.errors.WorkflowError` for an
+    invalid workflow and ValueError for missing required variables, before anything starts.
+    """
+    with start(source, variables, workers=workers, timeout=timeout, **options) as handle:
+        return handle.result()

@@ -3,7 +3,7 @@
 :class:`EmbeddedRuntime` owns a private temporary directory (for the ipc:// endpoints), a
 :class:`~goflow.coordinator.coordinator.Coordinator` on a background thread and a pool of
 local worker processes; leaving it stops the workers and removes the directory.
-:func:`run` is the one-call Python API (over :func:`goflow.handle.start`).
+The Python API over it is :mod:`goflow.handle`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import tempfile
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any
 
 from goflow.coordinator.runtime import Runtime
@@ -131,18 +130,3 @@ class EmbeddedRuntime:
                 return True
             time.sleep(0.02)
         return False
-
-
-def run(source: str | os.PathLike | Workflow, variables: dict[str, Any] | None = None, *,
-        workers: int | None = None, timeout: float | None = None, **options: Any) -> ExecutionResult:
-    """Run a workflow (a path or a loaded :class:`Workflow`) to its end and return the result.
-
-    ``options`` are :func:`goflow.start`'s (``on_event``, ``publish``, ``control``,
-    ``history``, ``db``, ``coordinator``, ...). Raises
-    :class:`~goflow.errors.WorkflowError` for an invalid workflow and ValueError for
-    missing required variables, before anything starts.
-    """
-    from goflow.handle import start
-
-    with start(source, variables, workers=workers, timeout=timeout, **options) as handle:
-        return handle.result()
