@@ -31,6 +31,7 @@ from goflow.events.types import TERMINAL_TYPES, Event
 from goflow.language.loader import check, read
 from goflow.language.model import Workflow
 from goflow.errors import WorkflowError
+from goflow.states import TERMINAL_STATUSES
 
 EventCallback = Callable[[Event], None]
 CANCEL_GRACE_S = 15.0
@@ -121,7 +122,7 @@ class RunHandle:
             return True
         if self._future is not None:
             return self._future.done()
-        return self.request("status").get("status") in _TERMINAL_STATUSES
+        return self.request("status").get("status") in TERMINAL_STATUSES
 
     def result(self, timeout: float | None = None) -> ExecutionResult:
         """Wait for the run to end and return its outcome (the object ``goflow run --json``
@@ -150,7 +151,7 @@ class RunHandle:
         deadline = None if timeout is None else time.monotonic() + timeout
         ends = EventFilter(types=sorted(TERMINAL_TYPES))
         since: Since = "start"
-        while self.request("status").get("status") not in _TERMINAL_STATUSES:
+        while self.request("status").get("status") not in TERMINAL_STATUSES:
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"execution {self.execution_id} did not end within {timeout:g}s")
             # Wake on the terminal event; the status check covers one published between two rounds.
@@ -204,7 +205,6 @@ class RunHandle:
         return f"RunHandle({self.execution_id!r}, workflow={self.workflow!r}, {where})"
 
 
-_TERMINAL_STATUSES = ("completed", "failed", "timed_out", "cancelled")
 
 
 def result_from_control(client: Any, execution_id: str) -> ExecutionResult:

@@ -235,7 +235,8 @@ class _Printer:
 
 
 def logs_command(args: argparse.Namespace) -> int:
-    from goflow.history.store import TERMINAL_TYPES, AmbiguousId, NotFound
+    from goflow.history.store import AmbiguousId, NotFound
+    from goflow.states import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES
 
     store = _open(args, "logs")
     execution_id = args.id
@@ -266,8 +267,8 @@ def logs_command(args: argparse.Namespace) -> int:
             last = event
     except BrokenPipeError:
         return EXIT_OK
-    finished = status in ("completed", "failed", "cancelled", "timed_out") or (
-        last is not None and last.type in TERMINAL_TYPES)
+    finished = status in TERMINAL_STATUSES or (
+        last is not None and last.type in TERMINAL_EVENT_TYPES)
     if not args.follow or finished:
         return EXIT_OK
     events_ep = args.events or os.environ.get("GOFLOW_EVENTS")

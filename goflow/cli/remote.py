@@ -22,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from goflow.cli.common import parse_vars, time_text
+from goflow.states import TERMINAL_STATUSES
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:5555"
 EXIT_UNREACHABLE = 3
 PROBE_TIMEOUT_S = 2.0
 """How long the connect check before the first request may take (a refused port answers at once)."""
-TERMINAL = ("completed", "failed", "timed_out", "cancelled")
 
 
 # -- connection options ---------------------------------------------------------------------
@@ -144,7 +144,7 @@ def _wait_polling(client: Any, execution_id: str) -> str:
             if misses >= 3:
                 raise
             continue
-        if status in TERMINAL:
+        if status in TERMINAL_STATUSES:
             return status
         time.sleep(delay)
         delay = min(0.5, delay * 1.5)
@@ -175,7 +175,7 @@ def _wait_events(client: Any, args: argparse.Namespace, execution_id: str, start
                     return event.status or "failed"
             # Idle for 2 s: make sure it did not end while we were not listening.
             status = client.request("status", execution_id=execution_id).get("status")
-            if status in TERMINAL:
+            if status in TERMINAL_STATUSES:
                 return status
     finally:
         monitor.close()
@@ -380,7 +380,7 @@ def add_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_cancel)
 
     p = subparsers.add_parser("ls", help="list a coordinator's executions")
-    p.add_argument("--status", action="append", default=None, choices=("running", *TERMINAL),
+    p.add_argument("--status", action="append", default=None, choices=("running", *sorted(str(s) for s in TERMINAL_STATUSES)),
                    help="only executions with this status (repeatable)")
     p.add_argument("--json", action="store_true")
     _connection_options(p)

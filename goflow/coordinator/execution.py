@@ -41,6 +41,7 @@ from goflow.language.model import (
 from goflow.language.references import resolve_reference
 from goflow.coordinator.retry import max_attempts, retry_delay
 from goflow.coordinator.task import Task
+from goflow.states import TERMINAL_STATUSES
 
 MAX_RECORDS = 10_000
 """Attempt records kept in memory per execution (the history store keeps all of them)."""
@@ -48,7 +49,6 @@ STEPS_PER_TURN = 1_000
 """Scheduling steps an execution runs before the host's loop gets a turn (see Execution.soon)."""
 RUNNING_SHOWN = 50
 """How many running node ids a progress event lists (the count is always exact)."""
-TERMINAL = ("completed", "failed", "cancelled", "timed_out")
 
 
 class Host(Protocol):
@@ -451,7 +451,7 @@ class Execution:
             self.finish("completed", None)
 
     def finish(self, status: str, error: dict | None) -> None:
-        if self.status in TERMINAL:
+        if self.status in TERMINAL_STATUSES:
             return
         self.status = status
         self.error = self.public(error)

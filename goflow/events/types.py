@@ -10,6 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
+from goflow.states import TERMINAL_EVENT_TYPES
+
 #: Every event type the coordinator may publish, in one place.
 EVENT_TYPES: tuple[str, ...] = (
     "execution.started",
@@ -46,8 +48,7 @@ EXECUTION_SCOPED_TYPES: tuple[str, ...] = tuple(
 NODE_ATTEMPT_END_TYPES: frozenset[str] = frozenset(
     {"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 #: The last event of an execution (until a later ``execution.resumed``).
-TERMINAL_TYPES: frozenset[str] = frozenset(
-    {"execution.completed", "execution.failed", "execution.cancelled"})
+TERMINAL_TYPES: frozenset[str] = TERMINAL_EVENT_TYPES
 
 WIRE_VERSION = 2
 """2: events carry ``vseq`` (the variable state they saw) instead of the whole ``variables``

@@ -47,11 +47,10 @@ from typing import Any, Callable, Iterable
 
 import msgpack
 from goflow.redaction import SECRET_MASK
+from goflow.states import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES
 
 log = logging.getLogger("goflow.history.store")
 
-TERMINAL_STATUSES = ("completed", "failed", "cancelled", "timed_out")
-TERMINAL_TYPES = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 """As in goflow.events.types (repeated so the store does not import pydantic)."""
 INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
@@ -827,7 +826,7 @@ class Store:
             conn.execute("UPDATE node_executions SET status = 'interrupted', finished_at = ?, error = ? "
                          "WHERE execution_id = ? AND status = 'running'",
                          (ts, _dumps(INTERRUPTED_ERROR), eid))
-        elif etype in TERMINAL_TYPES:
+        elif etype in TERMINAL_EVENT_TYPES:
             status = ev.get("status") or etype.split(".", 1)[1]
             conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
                          "error = ?, variables_out = ? WHERE id = ?",
@@ -1106,7 +1105,7 @@ class Store:
         placeholders = ",".join("?" * len(TERMINAL_STATUSES))
         rows = self._query(f"SELECT id, workflow, workflow_text, variables_in, epoch, last_eseq FROM executions "
                            f"WHERE status NOT IN ({placeholders}) ORDER BY COALESCE(started_at, submitted_at)",
-                           TERMINAL_STATUSES)
+                           sorted(status.value for status in TERMINAL_STATUSES))
         out = []
         for r in rows:
             completed = {n[0]: _loads(n[1]) for n in self._query(

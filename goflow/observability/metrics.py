@@ -33,6 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import generate_latest, start_http_server
 
+from goflow.states import TERMINAL_EVENT_TYPES
+
 log = logging.getLogger("goflow.observability.metrics")
 
 DEFAULT_ADDRESS = "127.0.0.1:9464"
@@ -41,7 +43,6 @@ NODE_DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2
 DISPATCH_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
                     5.0, 30.0, float("inf"))
 WORKER_NODE_TYPES = frozenset({"python", "transform", "mcp_tool"})
-_TERMINAL = frozenset({"execution.completed", "execution.failed", "execution.cancelled"})
 _NODE_OUTCOMES = frozenset({"node.completed", "node.failed", "node.skipped", "node.cancelled"})
 _WANTED = frozenset({"execution_id", "node_id", "node_type", "status", "attempt", "ts", "meta"})
 _PENDING_CAP = 100_000
@@ -254,7 +255,7 @@ class Metrics:
                 self._running.add(eid)
                 self.executions_running.inc()
             return
-        if kind in _TERMINAL:
+        if kind in TERMINAL_EVENT_TYPES:
             ev = _decode(payload)
             self.executions.labels(ev.get("status") or kind.split(".", 1)[1]).inc()
             eid = ev.get("execution_id")
