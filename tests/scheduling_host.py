@@ -80,7 +80,7 @@ class TestHost:
                 if not task.done:
                     task.done = True
                     args = task.spec.get("args") or [None]
-                    execution.task_result(task, {"ok": True, "value": args[0]})
+                    task.deliver(task, {"ok": True, "value": args[0]})
             else:
                 _, _, timer = heapq.heappop(self.timers)
                 if not timer.cancelled:

@@ -138,7 +138,7 @@ def test_every_started_attempt_ends_exactly_once(strategy, branches, items, max_
         elif host.tasks:
             task = host.tasks.pop(pick % len(host.tasks))
             task.done = True
-            execution.task_result(task, {"ok": True, "value": pick} if kind == "ok" else
+            task.deliver(task, {"ok": True, "value": pick} if kind == "ok" else
                                   {"ok": False, "error": {"type": "python_error", "message": "no"}})
     if not host.finished:
         execution.cancel("interrupted") if ending == "cancel" else execution.timed_out()
