@@ -102,11 +102,12 @@ def _invoked_as_module() -> bool:
 
 def run_single(args: argparse.Namespace) -> int:
     """One worker process in the foreground. SIGTERM: drain (finish what it holds), say goodbye, exit 0."""
-    from goflow.workers.runtime import Worker, _die_with_parent
+    from goflow.workers.lifetime import die_with_parent
+    from goflow.workers.runtime import Worker
 
     curve = _curve(args)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C belongs to the supervisor / coordinator
-    _die_with_parent()
+    die_with_parent()
     worker = Worker(args.connect, worker_id=args.name, credits=args.credits, labels=args.labels,
                     heartbeat_interval=args.heartbeat_interval, coordinator_liveness=args.coordinator_liveness,
                     curve=curve)

@@ -126,11 +126,11 @@ def _runnable(pid: int) -> bool:
 def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: mmap.mmap, *,
            heartbeat_interval: float, coordinator_liveness: float, cancel_grace: float,
            curve: dict[str, bytes] | None) -> None:
-    from goflow.workers.runtime import _die_with_parent
+    from goflow.workers.lifetime import die_with_parent
 
     for signum in (signal.SIGTERM, signal.SIGINT):  # a worker's stop is the worker's to handle
         signal.signal(signum, signal.SIG_IGN)
-    _die_with_parent()
+    die_with_parent()
     if os.getppid() != parent:
         return
     os.set_blocking(write_fd, False)

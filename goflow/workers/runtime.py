@@ -29,20 +29,12 @@ import zmq
 from goflow import protocol
 from goflow.workers.capture import CAPTURE
 from goflow.workers.control_lane import CONTROL_LOST, ControlLane
+from goflow.workers.lifetime import die_with_parent
 from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
 
 RESULT_BATCH_S = 0.002
 """The longest a finished task's result waits to travel with the next ones."""
 EXIT_COORDINATOR_LOST = 75
-
-
-def _die_with_parent() -> None:
-    """Linux: have the kernel kill this process when its parent dies (no orphans)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class Worker:
@@ -289,5 +281,5 @@ class Worker:
 def serve(endpoint: str, **options: Any) -> int:
     """Entry point for a local worker process started by the coordinator."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the coordinator's to handle
-    _die_with_parent()
+    die_with_parent()
     return Worker(endpoint, **options).run()
