@@ -179,3 +179,11 @@ def test_stopping_never_waits_for_workers_that_never_joined(tmp_path):
     processes = list(pool.processes.values())
     pool.stop(grace=600)   # bounded by the test's timeout, not by the grace
     assert all(proc.returncode in (0, -signal.SIGTERM) for proc in processes)
+
+
+def test_recovery_never_restores_a_masked_output():
+    """An output history shows with ``***`` in it is recomputed on resume, not restored."""
+    from goflow.coordinator.recovery import _holds_mask
+
+    assert _holds_mask("Bearer ***") and _holds_mask({"h": ["x", {"a": "***"}]})
+    assert not _holds_mask({"h": ["x", 3, None]}) and not _holds_mask("plain")

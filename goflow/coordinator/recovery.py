@@ -47,6 +47,23 @@ def _omitted(value: Any) -> bool:
     return isinstance(value, dict) and value.get("$omitted") is True
 
 
+def _holds_mask(value: Any, depth: int = 0) -> bool:
+    """Whether ``value`` shows a masked secret (``***``): history has the mask, not the data.
+
+    Such an output is never restored as if it were data; its node runs again. A node whose
+    real output contained the text ``***`` runs again too, which is safe, only slower.
+    """
+    if isinstance(value, str):
+        return SECRET_MASK in value
+    if depth > 32:
+        return True
+    if isinstance(value, list):
+        return any(_holds_mask(item, depth + 1) for item in value)
+    if isinstance(value, dict):
+        return any(_holds_mask(item, depth + 1) for item in value.values())
+    return False
+
+
 def recover(coordinator: Any, store: Any) -> RecoveryReport:
     """Resume (or fail, with a reason) every unfinished execution recorded in ``store``."""
     report = RecoveryReport()
@@ -92,7 +109,8 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
             report.failed[unfinished.id] = reason
             log.warning("execution %s cannot be resumed: %s", unfinished.id, reason)
             continue
-        completed = {node: output for node, output in unfinished.completed.items() if not _omitted(output)}
+        completed = {node: output for node, output in unfinished.completed.items()
+                     if not _omitted(output) and not _holds_mask(output)}
         coordinator.resume(unfinished.id, workflow, variables, completed)
         report.resumed.append(unfinished.id)
         log.info("resuming execution %s (%d node(s) already completed)", unfinished.id, len(completed))
