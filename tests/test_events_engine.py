@@ -357,7 +357,7 @@ def test_garbage_on_the_coordinators_sockets_never_stops_it(runtime, write_flow)
         worker.send_multipart(frames)
     sub_garbage = context.socket(zmq.PUB)  # a publisher-side peer sending junk subscriptions
     sub_garbage.connect(runtime.events_endpoint)
-    while runtime.coordinator.call(lambda: runtime.coordinator.stats["bad_worker_frames"]) < 2:
+    while runtime.coordinator.call(lambda: runtime.coordinator.broker.stats["bad_worker_frames"]) < 2:
         time.sleep(0.01)  # the garbage was received and counted; bounded by the test's timeout
     result = runtime.coordinator.submit(load(write_flow("""
         name: still-alive

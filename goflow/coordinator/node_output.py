@@ -139,4 +139,4 @@ def _wanted(task: "Task") -> bool:
     """Whether ``task`` is still its node's running attempt (what it says is published only
     then: never after the node's ``node.cancelled``)."""
     run = task.run
-    return run is not None and run.task is task and run.state == "running" and task.execution.active
+    return run is not None and run.task is task and run.state == "running" and run.frame.execution.active
