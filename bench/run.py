@@ -2,8 +2,9 @@
 
   .venv/bin/python bench/run.py [--quick] [--only NAME ...] [--reps N] [--skip-peers]
 
-Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, e2e, profile.
-e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same run.
+Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, e2e, gateway,
+profile. e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same
+run; gateway is the web dashboard's gateway under load (bench/web_bench.py).
 goflow parts run in subprocesses of THIS interpreter (the project venv); the peers (dask,
 ray, ProcessPoolExecutor, multiprocessing) run in subprocesses of bench/.venv's python, which
 this script creates and fills on first use (a failed install skips that peer, with a message).
@@ -31,8 +32,9 @@ PEER_PY = os.path.join(PEER_VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
 GF = os.path.join(BENCH, "gf_bench.py")
 PEERS_SCRIPT = os.path.join(BENCH, "peer_bench.py")
-SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "e2e", "profile"]
+SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "e2e", "gateway", "profile"]
 E2E = os.path.join(BENCH, "e2e_bench.py")
+WEB = os.path.join(BENCH, "web_bench.py")
 # Versions measured in /work/shared/reference/measured-limits.md; pinned so runs compare.
 PEER_PACKAGES = {"dask": ["dask[distributed]==2026.8.0"], "ray": ["ray==2.60.0"]}
 
@@ -300,6 +302,27 @@ def sec_e2e(cfg, peers) -> dict:
     return {"runs": runs, "linearity": linearity}
 
 
+def sec_gateway(cfg, peers) -> dict:
+    """The web gateway (bench/web_bench.py): SSE events/s to 1 and 100 clients during an
+    N-node fan-out, lossless; the engine's dispatch rate with and without the gateway."""
+    log(f"gateway n={cfg['gateway_n']}")
+    res = run_json([sys.executable, WEB, "gateway", "--n", str(cfg["gateway_n"]), "--clients", "1,100",
+                    "--reps", str(cfg["gateway_reps"])], timeout=1200) or {}
+    reps = res.get("reps") or []
+    out: dict = {"n": cfg["gateway_n"], "raw": res, "summary": {}}
+    if not reps:
+        return out
+    s = out["summary"]
+    s["none_nodes_per_s"] = spread([r["none_nodes_per_s"] for r in reps])
+    s["gateway_nodes_per_s"] = spread([r["gateway_nodes_per_s"] for r in reps])
+    s["cost_pct"] = spread([r["cost_pct"] for r in reps])
+    for key in ("live_1", "live_100", "replay_1", "replay_100"):
+        s[key] = {m: spread([r[key][m] for r in reps]) for m in ("per_client_events_per_s", "all_clients_events_per_s")}
+        s[key]["lossless"] = all(r[key]["lossless"] for r in reps)
+        s[key]["events"] = reps[0][key]["expected_events"]
+    return out
+
+
 def sec_profile(cfg, peers) -> dict:
     out = {}
     stamp = cfg["stamp"]
@@ -484,6 +507,23 @@ def table(results) -> str:
         for shape, lin in sorted((e2e.get("linearity") or {}).items()):
             L.append(f"\n{shape}: per-node cost at {lin['large_n']:,} = {lin['per_node_ratio']:.2f}x that at "
                      f"{lin['small_n']:,}")
+    gw = results.get("gateway")
+    if gw and gw.get("summary"):
+        s = gw["summary"]
+        L.append("")
+        L.append(f"## Web gateway: {gw['n']:,}-node fan-out, SSE clients in one separate process")
+        L.append("| engine nodes/s, no gateway | with the gateway + 1 SSE client | cost % (paired) |")
+        L.append("|---|---|---|")
+        L.append(f"| {sp(s['none_nodes_per_s'])} | {sp(s['gateway_nodes_per_s'])} | {sp(s['cost_pct'])} |")
+        L.append("")
+        L.append("| SSE clients | events per client | lossless | events/s per client | events/s all clients |")
+        L.append("|---|---|---|---|---|")
+        for key, label in (("live_1", "1, live during the run"), ("live_100", "100, live during the run"),
+                           ("replay_1", "1, after the run (from the ring)"),
+                           ("replay_100", "100, after the run (from the ring)")):
+            v = s[key]
+            L.append(f"| {label} | {v['events']:,} | {'yes' if v['lossless'] else 'NO'} | "
+                     f"{sp(v['per_client_events_per_s'])} | {sp(v['all_clients_events_per_s'])} |")
     m = results.get("mcp")
     if m and m.get("summary"):
         s = m["summary"]
@@ -539,7 +579,8 @@ def main() -> None:
            "mcp_n": 50 if q else 200, "mcp_fresh_n": 3 if q else 5, "mcp_reps": 1 if q else 2,
            "inside_n": 2_000 if q else 5_000, "inside_log_nodes": 50 if q else 200, "inside_reps": 2 if q else 4,
            "e2e_runs": [("fanout", 2_000), ("fanout", 10_000)] if q else
-           [(shape, n) for shape in ("fanout", "chain", "loop") for n in (10_000, 100_000)] + [("fanout", 20_000)]}
+           [(shape, n) for shape in ("fanout", "chain", "loop") for n in (10_000, 100_000)] + [("fanout", 20_000)],
+           "gateway_n": 2_000 if q else 10_000, "gateway_reps": 1 if q else 3}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]

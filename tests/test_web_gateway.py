@@ -243,10 +243,11 @@ def _event(seq: int, etype: str = "node.completed", epoch: str = "e1", execution
                             "execution_id": execution, "node_id": "n", "meta": {}})
 
 
-def test_hub_cuts_off_a_lagging_reader_and_resumes_it_by_id():
-    """The ring's bounds: a reader more than client_lag behind is cut off, never buffered,
-    and its last id resumes it exactly; a coordinator restart (new epoch) starts over."""
-    hub = Hub("ipc:///nonexistent", None, capacity=50, client_lag=10)
+def test_hub_cuts_off_an_overtaken_reader_and_resumes_it_by_id():
+    """The ring's bounds: a reader whose position the ring overwrote is cut off (never
+    buffered); its last id resumes it exactly, or says how much it missed; a coordinator
+    restart (new epoch) starts over."""
+    hub = Hub("ipc:///nonexistent", None, capacity=50)
 
     async def scenario() -> None:
         hub._loop = asyncio.get_running_loop()
@@ -254,19 +255,20 @@ def test_hub_cuts_off_a_lagging_reader_and_resumes_it_by_id():
         for seq in range(1, 31):
             hub.append(_event(seq))
         reader = hub.follow(EventFilter(), hub.position_after(("e1", 5)))
-        chunks = [chunk async for chunk in reader]   # 25 behind > 10: cut off at once
-        assert chunks == [] and hub.stats["cut_off"] == 1
-        start = hub.position_after(("e1", 25))
-        frames = (await reader_once(hub, start)).decode()
-        assert [int(line.rsplit(":", 1)[1]) for line in frames.splitlines() if line.startswith("id:")] == \
-            list(range(26, 31))
+        first = await reader.__anext__()          # one batch, then the ring moves on past it
+        assert _ids(first) == list(range(6, 31))
+        for seq in range(31, 91):
+            hub.append(_event(seq))
+        assert [chunk async for chunk in reader] == [] and hub.stats["cut_off"] == 1
+        start = hub.position_after(("e1", 30))    # overwritten: resumes at the oldest held, and says so
+        assert start == hub.oldest_pos == 40 and hub.missed(("e1", 30), start) == 10
+        start = hub.position_after(("e1", 75))
+        assert hub.missed(("e1", 75), start) == 0
+        assert _ids(await reader_once(hub, start)) == list(range(76, 91))
         for seq in range(1, 4):
             hub.append(_event(seq, epoch="e2"))
-        assert hub.position_after(("e1", 30)) == 30          # the next event after e1:30 is e2:1
-        assert hub.position_after(("gone", 7)) == 30        # an unknown epoch: the current one's start
-        for seq in range(4, 60):
-            hub.append(_event(seq, epoch="e2"))
-        assert hub.position_after(None) == hub.oldest_pos == 59 + 30 - 50
+        assert hub.position_after(("e1", 90)) == 90          # the next event after e1:90 is e2:1
+        assert hub.position_after(("gone", 7)) == 90        # an unknown epoch: the current one's start
         assert hub.entry(hub.oldest_pos - 1) is None
 
     async def reader_once(hub: Hub, start: int) -> bytes:
@@ -276,3 +278,7 @@ def test_hub_cuts_off_a_lagging_reader_and_resumes_it_by_id():
         return chunk
 
     asyncio.run(scenario())
+
+
+def _ids(frames: bytes) -> list[int]:
+    return [int(line.rsplit(":", 1)[1]) for line in frames.decode().splitlines() if line.startswith("id:")]

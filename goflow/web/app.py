@@ -25,7 +25,7 @@ import json
 import logging
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable
@@ -41,7 +41,7 @@ from starlette.staticfiles import StaticFiles
 from goflow.control.framing import ControlClient, ControlError
 from goflow.events.codec import decode_payload
 from goflow.events.filter import EventFilter
-from goflow.events.types import EVENT_TYPES, TERMINAL_TYPES, Event
+from goflow.events.types import EVENT_TYPES, Event
 from goflow.web.hub import DEFAULT_HEARTBEAT_S, Hub, parse_event_id, to_json
 
 log = logging.getLogger("goflow.web")
@@ -77,10 +77,8 @@ class GatewayConfig:
     allow_control: bool = False
     allowed_hosts: tuple[str, ...] = ()
     capacity: int | None = None
-    client_lag: int | None = None
     heartbeat_s: float = DEFAULT_HEARTBEAT_S
     stall_s: float = DEFAULT_STALL_S
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 # -- the guard ---------------------------------------------------------------------------
@@ -208,9 +206,8 @@ class Gateway:
     def __init__(self, config: GatewayConfig):
         self.config = config
         self.index = ExecutionIndex()
-        hub_args = {k: v for k, v in (("capacity", config.capacity), ("client_lag", config.client_lag))
-                    if v is not None}
-        self.hub = Hub(config.events, config.control, curve=config.curve, on_event=self.index.observe, **hub_args)
+        self.hub = Hub(config.events, config.control, curve=config.curve, on_event=self.index.observe,
+                       **({"capacity": config.capacity} if config.capacity else {}))
         self._local = threading.local()
         self._clients: list[ControlClient] = []
         self._clients_lock = threading.Lock()
@@ -404,6 +401,7 @@ def create_app(config: GatewayConfig) -> Any:
             counts[item["status"]] = counts.get(item["status"], 0) + 1
         return _json({"executions": counts, "gateway": dict(gateway.hub.stats),
                       "subscriber": dict(gateway.hub.monitor.stats), "epoch": gateway.hub.epoch,
+                      "last_seq": gateway.hub.last_seq(),
                       "ring": {"capacity": gateway.hub.capacity, "held": gateway.hub.next_pos
                                - gateway.hub.oldest_pos},
                       "control": config.allow_control})
@@ -500,7 +498,11 @@ class EventStream:
 
         async def stream() -> None:
             hello = {"epoch": hub.epoch, "oldest": hub.oldest_pos, "resumed": last is not None}
-            await self._send(send, f"retry: 1000\nevent: hello\ndata: {json.dumps(hello)}\n\n".encode())
+            frames = f"retry: 1000\nevent: hello\ndata: {json.dumps(hello)}\n\n"
+            missed = hub.missed(last, start)
+            if missed:   # evicted from the ring before this client came back: say so, never hide it
+                frames += f"event: gap\ndata: {json.dumps({'missed': missed})}\n\n"
+            await self._send(send, frames.encode())
             async for chunk in hub.follow(filt, start, heartbeat_s=self.config.heartbeat_s):
                 await self._send(send, chunk)
 

@@ -3,9 +3,9 @@
 A :class:`Hub` runs one :class:`~goflow.events.monitor.Monitor` (reliable, everything,
 ``since="start"``) on its own thread and appends each event, encoded once as an SSE frame,
 to a fixed-size ring. Browser streams do not get queues: each one is a cursor into the ring
-(:meth:`Hub.follow`), so a slow reader costs nothing but its cursor, and a reader that falls
-more than ``client_lag`` events behind (or behind the ring's oldest event) is cut off and
-resumes from its last id like any reconnecting ``EventSource``.
+(:meth:`Hub.follow`), so a slow reader costs nothing but its cursor; a reader the ring has
+overtaken (or whose socket stalls, see ``goflow.web.app``) is cut off and resumes from its
+last id like any reconnecting ``EventSource``.
 
 Positions: an event's SSE id is ``<epoch>:<seq>`` (the coordinator incarnation and its
 gap-free sequence number), so ``Last-Event-ID`` names exactly one event even across a
@@ -31,7 +31,6 @@ from goflow.events.types import Event
 log = logging.getLogger("goflow.web.hub")
 
 DEFAULT_CAPACITY = 100_000
-DEFAULT_CLIENT_LAG = 10_000
 DEFAULT_HEARTBEAT_S = 15.0
 #: Events joined into one write to a browser (fewer, larger writes).
 BATCH = 500
@@ -46,9 +45,12 @@ def _json_default(value: Any) -> Any:
     return str(value)
 
 
+_ENCODER = json.JSONEncoder(default=_json_default, separators=(",", ":"), ensure_ascii=False)
+
+
 def to_json(value: Any) -> str:
     """JSON text for anything an event or a control reply holds (bytes as ``{"$binary": b64}``)."""
-    return json.dumps(value, default=_json_default, separators=(",", ":"), ensure_ascii=False)
+    return _ENCODER.encode(value)
 
 
 def event_id(epoch: str, seq: int) -> str:
@@ -82,11 +84,10 @@ class Hub:
     """The ring of events and the thread that fills it (see the module docstring)."""
 
     def __init__(self, events: str, control: str | None, *, curve: dict | None = None,
-                 capacity: int = DEFAULT_CAPACITY, client_lag: int = DEFAULT_CLIENT_LAG,
+                 capacity: int = DEFAULT_CAPACITY,
                  on_event: Callable[[Event], None] | None = None):
         self.monitor = Monitor(events, control, curve=curve)
         self.capacity = max(1, int(capacity))
-        self.client_lag = max(1, int(client_lag))
         self.on_event = on_event
         self._ring: list[Entry | None] = [None] * self.capacity
         self.next_pos = 0
@@ -137,13 +138,14 @@ class Hub:
         when the coordinator is still the same incarnation."""
         if not self.monitor.control_endpoint:
             return "now"
-        last = self._last_seq()
+        last = self.last_seq()
         if last is None:
             return "start"
         current = self.monitor.request("replay_seq", from_seq=2 ** 62, limit=1).get("epoch")
         return last + 1 if current == self.epoch else "start"
 
-    def _last_seq(self) -> int | None:
+    def last_seq(self) -> int | None:
+        """The seq of the newest event held (None before the first)."""
         if self.next_pos == 0:
             return None
         last = self._ring[(self.next_pos - 1) % self.capacity]
@@ -153,9 +155,10 @@ class Hub:
         """Add one delivered event (the subscriber thread; tests may call it directly)."""
         if self.on_event is not None:
             self.on_event(ev)
-        data = ev.to_wire_dict()
-        eid = event_id(ev.epoch, ev.seq)
-        frame = f"id: {eid}\nevent: goflow\ndata: {to_json(data)}\n\n".encode()
+        data = ev.__dict__   # the fields as received (what to_wire_dict() dumps, without pydantic's cost)
+        extra = ev.__pydantic_extra__
+        frame = (f"id: {event_id(ev.epoch, ev.seq)}\nevent: goflow\ndata: "
+                 f"{to_json({**data, **extra} if extra else data)}\n\n").encode()
         pos = self.next_pos
         if ev.epoch != self.epoch:
             self.epoch = ev.epoch
@@ -224,18 +227,27 @@ class Hub:
                 hi = mid
         return lo
 
+    def missed(self, last: tuple[str, int] | None, start: int) -> int:
+        """How many events after ``last`` the ring no longer holds (0 when it resumes exactly)."""
+        if last is None or start >= self.next_pos:
+            return 0
+        item = self.entry(start)
+        if item is None or item.epoch != last[0]:
+            return 0
+        return max(0, item.seq - last[1] - 1)
+
     async def follow(self, filt: EventFilter, start: int, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
                      ) -> AsyncIterator[bytes]:
         """SSE bytes from ring position ``start`` on, forever: frames that match ``filt`` and
         a comment line after ``heartbeat_s`` of silence. Ends (the client is cut off) when the
-        reader falls more than ``client_lag`` events behind or off the ring's end."""
+        ring has overwritten the reader's position."""
         pos = start
         self.stats["clients"] += 1
         try:
             while True:
                 assert self._changed is not None
                 changed = self._changed
-                if pos < self.oldest_pos or self.next_pos - pos > self.client_lag:
+                if pos < self.oldest_pos:
                     self.stats["cut_off"] += 1
                     return
                 chunk: list[bytes] = []

@@ -25,6 +25,8 @@ log = logging.getLogger("goflow.web")
 
 TOKEN_ENV = "GOFLOW_HTTP_TOKEN"
 READY_PREFIX = "goflow dashboard: serving "
+#: The gateway child of goflow-coordinator / goflow run runs at this lower CPU priority.
+CHILD_NICENESS = 10
 
 
 class AddressError(ValueError):
@@ -158,7 +160,12 @@ def run_from_args(args: argparse.Namespace) -> int:
                            allow_control=args.allow_control, allowed_hosts=allowed_hosts(host, port, token),
                            capacity=args.buffer)
     stop = threading.Event()
-    if args.exit_with_stdin:   # a child of goflow-coordinator / goflow run: end with the parent
+    if args.exit_with_stdin:   # a child of goflow-coordinator / goflow run: end with the parent,
+        try:                   # and yield the CPU to the engine it observes (an observer must not slow it)
+            os.nice(CHILD_NICENESS)
+        except OSError:
+            pass
+
         def watch() -> None:
             try:
                 while sys.stdin.buffer.read(4096):

@@ -100,6 +100,10 @@
         this.onEvent(JSON.parse(message.data));
       });
       source.addEventListener("open", () => setConnection("live", "live"));
+      source.addEventListener("gap", (message) => {   // the gateway no longer held what we missed
+        const missed = JSON.parse(message.data).missed;
+        setConnection("down", missed + " event(s) missed: reload for the history");
+      });
       source.addEventListener("error", () => {
         if (this.closed) return;
         if (source.readyState === EventSource.CLOSED) {
@@ -199,17 +203,15 @@
   }
 
   // -- variables: fold the changes ------------------------------------------------------
-  /* A variable.changed event carries one change (meta.name/meta.value) or several
-   * (meta.changes: a {name: value} map or a list of {name, value}). */
+  /* docs/events.md "Variables": from eseq 1, the snapshot at an event is every earlier
+   * variable.changed that changed the execution's variables (wire v2: its vseq equals its
+   * eseq; a loop iteration's or branch's own scope has vseq != eseq). Wire v1 events carry
+   * no vseq: every variable.changed counts. */
   function applyChanges(vars, ev) {
     if (ev.type !== "variable.changed") return;
+    if (ev.vseq !== undefined && ev.vseq !== null && ev.vseq !== ev.eseq) return;
     const meta = ev.meta || {};
-    if (meta.changes) {
-      if (Array.isArray(meta.changes)) meta.changes.forEach((c) => { vars[c.name] = c.value; });
-      else Object.keys(meta.changes).forEach((name) => { vars[name] = meta.changes[name]; });
-    } else if (meta.name !== undefined) {
-      vars[meta.name] = meta.value;
-    }
+    if (meta.name !== undefined) vars[meta.name] = meta.value;
   }
 
   // -- the execution view ---------------------------------------------------------------
@@ -312,6 +314,13 @@
       this.graph = graph;
       const incomingSeq = new Set();
       const hasNext = new Set();
+      const branchSets = new Map();
+      graph.nodes.forEach((n) => {
+        if (n.branch === null || n.branch === undefined) return;
+        if (!branchSets.has(n.container)) branchSets.set(n.container, new Set());
+        branchSets.get(n.container).add(n.branch);
+      });
+      this.branchCounts = new Map([...branchSets].map(([id, set]) => [id, set.size]));
       graph.edges.forEach((e) => { if (e.kind !== "edge") { incomingSeq.add(e.target); hasNext.add(e.source); } });
       graph.nodes.forEach((n) => {
         const node = { id: n.id, type: n.type, container: n.container, branch: n.branch, status: "pending",
@@ -425,8 +434,8 @@
     progressText(node) {
       if (node.type === "loop" && node.count !== null) return " " + node.done + "/" + node.count;
       if (node.type === "parallel") {
-        const branches = new Set(this.graph.nodes.filter((n) => n.container === node.id && n.branch !== null).map((n) => n.branch));
-        return branches.size ? " " + node.done + "/" + branches.size + " branches" : "";
+        const branches = this.branchCounts.get(node.id) || 0;
+        return branches ? " " + node.done + "/" + branches + " branches" : "";
       }
       return "";
     }
@@ -439,7 +448,19 @@
 
     render() {
       if (current !== this) return;
-      if (this.cy && this.dirtyNodes.size) {
+      this.renderNodeStates();
+      this.nodeList.schedule();
+      this.timeline.setCount(this.attempts.length);
+      this.log.setCount(this.filtered.length);
+      $("log-count").textContent = String(this.events.length);
+      this.renderHeader();
+      if (this.selectedNode) this.renderNode();
+      if (this.asOf === null) this.renderVars(this.vars);
+    }
+
+    renderNodeStates() {
+      if (!this.dirtyNodes.size) return;
+      if (this.cy) {
         this.cy.batch(() => {
           this.dirtyNodes.forEach((id) => {
             const node = this.nodes.get(id);
@@ -450,16 +471,14 @@
             item.data("label", id + this.progressText(node) + "\n" + node.type + retry);
           });
         });
+      } else if (Date.now() - (this.aggregatedAt || 0) > 250) {
+        this.aggregatedAt = Date.now();   // O(nodes): at most 4 times a second on a big graph
+        this.renderAggregate();
+      } else {
+        if (!this.later) this.later = setTimeout(() => { this.later = null; this.scheduleRender(); }, 260);
+        return;
       }
-      if (!this.cy && this.dirtyNodes.size) this.renderAggregate();
       this.dirtyNodes.clear();
-      this.nodeList.schedule();
-      this.timeline.setCount(this.attempts.length);
-      this.log.setCount(this.filtered.length);
-      $("log-count").textContent = String(this.events.length);
-      this.renderHeader();
-      if (this.selectedNode) this.renderNode();
-      if (this.asOf === null) this.renderVars(this.vars);
     }
 
     renderHeader() {
@@ -607,7 +626,7 @@
       const ev = this.events[this.filtered[i]];
       const meta = ev.meta || {};
       let detail = "";
-      if (ev.type === "variable.changed") detail = (meta.name !== undefined ? meta.name + " = " + short(meta.value, 60) : short(meta.changes, 80));
+      if (ev.type === "variable.changed") detail = meta.name + " = " + short(meta.value, 60);
       else if (ev.error) detail = (ev.error.type || "") + ": " + short(ev.error.message, 80);
       else if (ev.type === "loop.iteration") detail = "index " + meta.index;
       else if (ev.type === "progress.update") detail = Math.round(meta.percent) + "%";
