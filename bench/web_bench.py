@@ -4,9 +4,12 @@
 
 Per rep, on one embedded coordinator with 2 local workers and an N-node fan-out:
 
-- ``none``: the run with no gateway (the reactor's dispatch rate, nodes/s);
-- ``gateway``: the same run with a gateway process attached and one SSE client reading the
-  execution's stream (the cost of the gateway to the engine, paired with ``none``);
+- ``none``: the run with no gateway (the reactor's dispatch rate, nodes/s, and the reactor
+  thread's CPU time per node);
+- ``gateway``: the same run with a gateway process attached (caught up) and one SSE client
+  reading the execution's stream: the cost of the gateway to the engine, paired with
+  ``none`` in alternating order. Wall-clock rates on a shared 2-core machine swing by tens
+  of percent between runs; the reactor's CPU time per node does not depend on other load;
 - for each client count K: K SSE clients (one separate process, asyncio) connected before
   the run read it live; events/s per client and in all, and lossless = every client got
   exactly the execution's events (its last eseq), ending with the terminal event;
@@ -99,14 +102,20 @@ def collect(proc: subprocess.Popen, timeout: float = 600) -> list[dict]:
 
 
 # -- one measured run --------------------------------------------------------------------
-def run_fanout(rt, workflow, eid: str | None = None) -> float:
-    """One run to its end (it must complete); its wall time."""
-    start = time.perf_counter()
+def reactor_cpu(rt) -> float:
+    """CPU seconds the coordinator's reactor thread has used (immune to other processes'
+    load, unlike wall time on a shared machine)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(rt.coordinator._thread.ident))
+
+
+def run_fanout(rt, workflow, eid: str | None = None) -> tuple[float, float]:
+    """One run to its end (it must complete): its wall time and the reactor's CPU time."""
+    start, cpu = time.perf_counter(), reactor_cpu(rt)
     _, future = rt.coordinator.submit(workflow, {}, execution_id=eid or uuid.uuid4().hex)
     status = future.result(timeout=600)["status"]
     if status != "completed":
         raise RuntimeError(f"the benchmark run {status}")
-    return time.perf_counter() - start
+    return time.perf_counter() - start, reactor_cpu(rt) - cpu
 
 
 def wait_caught_up(rt, port: int, timeout: float = 120.0) -> None:
@@ -159,7 +168,8 @@ def cmd_gateway(a) -> dict:
             order = ["none", "gateway"] if r % 2 == 0 else ["gateway", "none"]
             for mode in order:
                 if mode == "none":
-                    rep["none_nodes_per_s"] = a.n / run_fanout(rt, workflow)
+                    wall, cpu = run_fanout(rt, workflow)
+                    rep["none_nodes_per_s"], rep["none_reactor_us_per_node"] = a.n / wall, 1e6 * cpu / a.n
                     continue
                 port = free_port()
                 gateway = GatewayProcess(f"127.0.0.1:{port}", rt.events_tcp, rt.control_tcp)
@@ -168,11 +178,13 @@ def cmd_gateway(a) -> dict:
                     wait_caught_up(rt, port)
                     eid = uuid.uuid4().hex
                     clients = spawn_clients(port, 1, f"execution={eid}")
-                    rep["gateway_nodes_per_s"] = a.n / run_fanout(rt, workflow, eid)
+                    wall, cpu = run_fanout(rt, workflow, eid)
+                    rep["gateway_nodes_per_s"], rep["gateway_reactor_us_per_node"] = a.n / wall, 1e6 * cpu / a.n
                     collect(clients)
                 finally:
                     gateway.stop()
             rep["cost_pct"] = 100 * (1 - rep["gateway_nodes_per_s"] / rep["none_nodes_per_s"])
+            rep["reactor_cpu_cost_pct"] = 100 * (rep["gateway_reactor_us_per_node"] / rep["none_reactor_us_per_node"] - 1)
             port = free_port()
             gateway = GatewayProcess(f"127.0.0.1:{port}", rt.events_tcp, rt.control_tcp)
             gateway.start()

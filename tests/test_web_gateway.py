@@ -270,6 +270,9 @@ def test_hub_cuts_off_an_overtaken_reader_and_resumes_it_by_id():
         assert hub.position_after(("e1", 90)) == 90          # the next event after e1:90 is e2:1
         assert hub.position_after(("gone", 7)) == 90        # an unknown epoch: the current one's start
         assert hub.entry(hub.oldest_pos - 1) is None
+        idle = hub.follow(EventFilter(), hub.next_pos, heartbeat_s=0.01)   # nothing new: a comment, no event
+        assert await idle.__anext__() == b": heartbeat\n\n"
+        await idle.aclose()
 
     async def reader_once(hub: Hub, start: int) -> bytes:
         gen = hub.follow(EventFilter(), start)

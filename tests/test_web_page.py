@@ -73,6 +73,7 @@ RESULT_FLOW = """
 name: web-result
 variables:
   - {name: hostile, type: string}
+  - {name: api_key, type: string, secret: true}
 nodes:
   - {id: start, type: start}
   - {id: copy, type: python, call: "flowlib:echo", args: ["${hostile}"], output: echoed}
@@ -221,8 +222,9 @@ def test_live_run_with_loop_retry_and_failure_then_a_result(runtime, gateways, f
 
     # a second execution completes: its result is shown, as text
     rid = uuid.uuid4().hex
-    _, done = runtime.coordinator.submit(load(write_flow(RESULT_FLOW, "result.yaml")), {"hostile": HOSTILE},
-                                         execution_id=rid)
+    secret = "sk-" + uuid.uuid4().hex
+    _, done = runtime.coordinator.submit(load(write_flow(RESULT_FLOW, "result.yaml")),
+                                         {"hostile": HOSTILE, "api_key": secret}, execution_id=rid)
     assert done.result(timeout=60)["status"] == "completed"
     page.goto(f"http://127.0.0.1:{port}/#/")                # same document: only the hash changes
     page.wait_for_selector(f'#exec-rows tr[data-execution="{rid}"][data-status="completed"]', timeout=WAIT_MS)
@@ -230,6 +232,9 @@ def test_live_run_with_loop_retry_and_failure_then_a_result(runtime, gateways, f
     page.click(f'#exec-rows tr[data-execution="{rid}"] a')
     page.wait_for_selector("#ex-outcome.completed:not([hidden])", timeout=WAIT_MS)
     assert page.inner_text("#ex-result") == HOSTILE
+    page.wait_for_selector('#vars-rows tr[data-var="api_key"]', timeout=WAIT_MS)
+    assert page.locator('#vars-rows tr[data-var="api_key"] pre').inner_text() == "***"   # masked as in events
+    assert secret not in page.content()
     assert page.evaluate("window.__sameDocument") is True    # never reloaded
     assert page.evaluate("window.pwned") is None
     assert page.locator("#main img, #main script").count() == 0
@@ -251,6 +256,30 @@ def test_executions_list_updates_live(runtime, gateways, free_ports, write_flow,
     page.click("#nav-workers")
     page.wait_for_selector("#worker-rows tr", timeout=WAIT_MS)
     assert page.locator("#worker-rows tr").count() == 2
+
+
+def test_a_big_run_is_aggregated_and_renders_only_visible_rows(runtime, gateways, free_ports, write_flow, page):
+    (port,) = free_ports(1)
+    gateways(port, runtime.events_tcp, runtime.control_tcp)
+    n = 1500
+    text = "name: big\nnodes:\n  - {id: start, type: start}\n  - {id: end, type: end}\n" + "".join(
+        f'  - {{id: n{i}, type: python, call: "flowlib:noop"}}\n' for i in range(n)) + "edges:\n" + "".join(
+        f"  - {{from: start, to: n{i}}}\n  - {{from: n{i}, to: end}}\n" for i in range(n))
+    eid = uuid.uuid4().hex
+    _, future = runtime.coordinator.submit(load(write_flow(text, "big.yaml")), {}, execution_id=eid)
+    page.goto(f"http://127.0.0.1:{port}/#/e/{eid}")
+    page.wait_for_selector("#ex-outcome.completed:not([hidden])", timeout=WAIT_MS)
+    assert future.result(timeout=60)["status"] == "completed"
+    assert page.is_hidden("#graph") and page.is_visible("#aggregate")      # no 1,500-node drawing
+    page.wait_for_selector(f'#aggregate .cell:has-text("completed {n + 2}")', timeout=WAIT_MS)
+    assert 0 < page.locator("#node-list .row").count() < 40                  # visible rows only
+    assert 0 < page.locator("#log .row").count() < 40
+    total = len(page.evaluate("window.goflowDashboard.view().events"))
+    assert page.inner_text("#log-count") == str(total) and total > 2 * n
+    page.focus("#node-list")                                                 # keyboard: End, Enter
+    page.keyboard.press("End")
+    page.keyboard.press("Enter")
+    assert page.inner_text("#nd-id") == f"n{n - 1}"
 
 
 def test_gateway_killed_mid_run_page_resumes_with_the_exact_stream(runtime, gateways, free_ports, write_flow,

@@ -491,7 +491,7 @@ class EventStream:
         elif request.query_params.get("since") == "now":
             start = hub.next_pos
         else:
-            start = hub.oldest_pos
+            start = hub.start_position(filt.executions)
         await send({"type": "http.response.start", "status": 200, "headers": [
             (b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
             (b"x-accel-buffering", b"no")]})

@@ -37,6 +37,11 @@ BATCH = 500
 #: Seconds without events after which the subscriber thread re-subscribes (and sees stop()).
 IDLE_S = 1.0
 MAX_EPOCHS = 64
+#: Executions whose first ring position is remembered (a new reader of one starts there).
+MAX_FIRSTS = 10_000
+#: A reader of "everything held" starts this fraction of the ring after its oldest event, so
+#: that the next append to a full ring does not overtake it at once.
+START_SLACK = 0.01
 
 
 def _json_default(value: Any) -> Any:
@@ -94,6 +99,8 @@ class Hub:
         #: epoch -> (position and seq of its first event in the ring)
         self._epochs: dict[str, tuple[int, int]] = {}
         self.epoch: str | None = None
+        #: execution id -> ring position of its first event held (insertion-ordered, bounded)
+        self._firsts: dict[str, int] = {}
         self.stats = {"events": 0, "clients": 0, "cut_off": 0, "served": 0}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -165,6 +172,10 @@ class Hub:
             self._epochs[ev.epoch] = (pos, ev.seq)
             while len(self._epochs) > MAX_EPOCHS:   # coordinator restarts; oldest first
                 del self._epochs[next(iter(self._epochs))]
+        if ev.execution_id is not None and ev.execution_id not in self._firsts:
+            self._firsts[ev.execution_id] = pos
+            if len(self._firsts) > MAX_FIRSTS:
+                del self._firsts[next(iter(self._firsts))]
         self._ring[pos % self.capacity] = Entry(pos, ev.epoch, ev.seq, ev.type, ev.execution_id, ev.node_id, frame)
         self.next_pos = pos + 1
         self.stats["events"] += 1
@@ -194,6 +205,20 @@ class Hub:
         """The entry at ``pos``, or None once the ring has overwritten it."""
         item = self._ring[pos % self.capacity]
         return item if item is not None and item.pos == pos else None
+
+    def start_position(self, executions: tuple[str, ...] | None) -> int:
+        """Where a reader without an id starts: the first event held of the executions it
+        follows, else (everything held) a little after the oldest event (``START_SLACK``)."""
+        oldest = self.oldest_pos
+        if executions:
+            firsts = [self._firsts.get(eid) for eid in executions]
+            if all(first is not None for first in firsts):
+                return max(oldest, min(firsts))   # type: ignore[type-var]
+            if not any(first is not None for first in firsts):
+                return self.next_pos   # none seen yet: they start after now
+        if self.next_pos - oldest < self.capacity:
+            return oldest
+        return min(self.next_pos, oldest + int(self.capacity * START_SLACK))
 
     def position_after(self, last: tuple[str, int] | None) -> int:
         """The ring position of the first event after SSE id ``last`` (``(epoch, seq)``).
@@ -265,6 +290,7 @@ class Hub:
                     yield b"".join(chunk)
                     continue
                 if pos < self.next_pos:
+                    await asyncio.sleep(0)   # a long scan of other executions' events: let others run
                     continue
                 try:
                     await asyncio.wait_for(changed.wait(), heartbeat_s)
