@@ -278,3 +278,37 @@ def test_ternary_conditions_and_contains_are_type_checked(expression):
 def test_literal_type_errors_fail_at_parse_time(expression):
     with pytest.raises(ExpressionError, match="invalid operation"):
         parse_condition(expression)
+
+
+# properties -----------------------------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+INTS = st.lists(st.integers(min_value=-1000, max_value=1000), max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(xs=INTS, k=st.integers(min_value=-5, max_value=5))
+def test_closures_agree_with_their_definitions(xs, k):
+    v = {"xs": xs, "k": k}
+    assert run("map(xs, # * k)", v) == [x * k for x in xs]
+    assert run("filter(xs, # > k)", v) == [x for x in xs if x > k]
+    assert run("count(xs, # > k)", v) == sum(1 for x in xs if x > k)
+    assert run("all(xs, # > k)", v) is all(x > k for x in xs)
+    assert run("any(xs, # > k)", v) is any(x > k for x in xs)
+    assert run("none(xs, # > k)", v) is (not any(x > k for x in xs))
+    assert run("one(xs, # > k)", v) is (sum(1 for x in xs if x > k) == 1)
+    assert run("sum(xs)", v) == sum(xs)
+    assert run("reduce(xs, #acc + #, 0)", v) == sum(xs)
+    assert run("findIndex(xs, # == k)", v) == (xs.index(k) if k in xs else -1)
+    assert run("findLastIndex(xs, # == k)", v) == (len(xs) - 1 - xs[::-1].index(k) if k in xs else -1)
+    assert run("sortBy(map(xs, {{'v': #}}), .v)", v) == [{"v": x} for x in sorted(xs)]
+    assert run("xs | filter(# % 2 == 0) | map(# + 1)", v) == [x + 1 for x in xs if x % 2 == 0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(x=st.floats(min_value=-1e15, max_value=1e15, allow_nan=False))
+def test_round_is_half_away_from_zero(x):
+    from decimal import ROUND_HALF_UP, Decimal
+    # Decimal(x) is the float's exact value; ROUND_HALF_UP rounds halves away from zero.
+    assert run("round(x)", {"x": x}) == float(Decimal(x).to_integral_value(rounding=ROUND_HALF_UP))
