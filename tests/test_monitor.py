@@ -44,8 +44,8 @@ class Consumer(threading.Thread):
         except BaseException as exc:  # noqa: BLE001
             self.error = exc
 
-    def result(self, timeout=30):
-        self.join(timeout)
+    def result(self, timeout=100):
+        self.join(timeout)  # a generous bound (a loaded machine), within pytest-timeout
         assert not self.is_alive(), "consumer did not finish"
         if self.error:
             raise self.error
@@ -137,7 +137,7 @@ def test_late_joiner_since_start_gets_whole_history_then_live(harness):
     harness.call(lambda p: emit_execution(p, "E1", 300, close=False))
     mon = Monitor(harness.events_ep, harness.control_ep)
     filt = EventFilter(executions=["E1"])
-    c = Consumer(mon, filter=filt, since="start", until=terminal, timeout=20)
+    c = Consumer(mon, filter=filt, since="start", until=terminal, timeout=60)
     harness.wait_subscriptions(n_prefixes(filt))
     harness.call(lambda p: emit_execution(p, "E1", 200, start=False))
     events = c.result()
@@ -145,7 +145,7 @@ def test_late_joiner_since_start_gets_whole_history_then_live(harness):
     assert mon.stats["replayed"] >= 301 and mon.stats["lost"] == 0
     # a finished execution, joined late: the whole history, then the terminal event stops it
     mon2 = Monitor(harness.events_ep, harness.control_ep)
-    events2 = list(mon2.subscribe(filt, since="start", until=terminal, timeout=5))
+    events2 = list(mon2.subscribe(filt, since="start", until=terminal, timeout=60))
     assert [e.eseq for e in events2] == list(range(1, 503))
     assert events2[0].topic == "execution.started/E1/"
     mon.close()
