@@ -12,7 +12,7 @@ NODE_STAMP := node_modules/.installed
 # The browser the dashboard tests drive (Debian's package; Playwright never downloads one).
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: test run bench bench-quick clean venv lock vendor
+.PHONY: test run bench bench-quick clean venv lock soak vendor
 
 venv: $(STAMP)
 
@@ -62,6 +62,11 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python bench/run.py --quick
+
+# Chaos soak (not part of `make test`): `make soak SOAK_SECONDS=600`; see docs/reliability.md.
+SOAK_SECONDS ?= 180
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py --duration $(SOAK_SECONDS)
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache node_modules
