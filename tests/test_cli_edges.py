@@ -122,3 +122,34 @@ def test_history_json_says_execution_id_and_times_share_one_format(write_flow):
 
     table = goflow("executions").stdout
     assert time_text(listed[0]["started_at"]) in table
+
+
+def test_submit_watch_prints_each_event_once_across_idle_spells(write_flow, tmp_path):
+    """A node that runs longer than the 2 s idle check: the history is not printed again."""
+    import signal
+
+    from tests.test_daemon import Daemon, WorkerGroup, child_env
+
+    daemon = Daemon(tmp_path).start()
+    group = WorkerGroup(tmp_path, daemon.workers)
+    try:
+        path = write_flow("""
+            name: slowish
+            nodes:
+              - {id: start, type: start}
+              - {id: nap, type: python, call: "flowlib:timed", args: [4.5]}
+              - {id: end, type: end}
+            edges:
+              - {from: start, to: nap}
+              - {from: nap, to: end}
+        """)
+        done = goflow("submit", str(path), "--watch", "--coordinator", daemon.control, "--events", daemon.events,
+                      env=child_env())
+    finally:
+        group.stop()
+        daemon.stop(signal.SIGKILL)
+    assert done.returncode == 0, done.stderr
+    lines = [line.split() for line in done.stdout.splitlines() if "node." in line or "execution." in line]
+    kinds = [(words[1], words[2]) for words in lines if len(words) > 2]
+    assert kinds.count(("node.started", "nap")) == 1 and kinds.count(("node.completed", "nap")) == 1
+    assert kinds.count(("execution.started", "-")) == 1

@@ -166,3 +166,23 @@ def test_the_preflight_phase_is_visible_before_the_first_node(write_flow):
     assert "preflight: checking MCP server(s) testsrv" in before[1] and "pre " in before[1]
     assert "preflight" in before[1].splitlines()[0]
     assert "preflight:" not in first_node[1]
+
+
+def test_goflow_watch_on_a_terminal_follows_a_published_run_to_its_summary(write_flow, tmp_path):
+    from tests.conftest import pick_free_ports
+
+    path = write_flow(FLOW % (tmp_path / "counter"))
+    events_port, control_port = pick_free_ports(2)
+    events, control = f"tcp://127.0.0.1:{events_port}", f"tcp://127.0.0.1:{control_port}"
+    run = subprocess.Popen([sys.executable, "-m", "goflow", "run", str(path), "--json", "--workers", "2",
+                            "--publish", events, "--control", control, "--execution-id", "watched-run-1",
+                            "--await-subscribers", "1", "--linger", "60"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    code, rows = run_in_pty("watch", events, "--control", control, "--execution", "watched-run-1",
+                            "--exit-on-finish")
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert code == 0, "\n".join(rows)
+    assert row_of(rows, "flaky")[1:4] == ["python", "completed", "3"]
+    assert "3/3" in row_of(rows, "each")
+    assert any(line.startswith("✓ ptyflow watched-: completed") for line in rows), "\n".join(rows)
