@@ -208,9 +208,13 @@ class Soak:
                 for eid in list(in_flight):
                     try:
                         status = client.request("status", execution_id=eid).get("status")
+                    except ControlError as exc:
+                        status = exc.type  # e.g. not_found: accepted, then lost (checked at the end)
                     except Exception:
+                        client.close()
+                        client = ControlClient(self.control, timeout=3.0)
                         break
-                    if status in TERMINAL:
+                    if status in TERMINAL or status == "not_found":
                         in_flight.discard(eid)
                 while len(in_flight) < self.args.concurrency and not self.stop.is_set():
                     serial += 1
@@ -358,7 +362,8 @@ class Soak:
         while True:
             statuses = self.statuses()
             unfinished = {eid: s for eid, s in statuses.items() if s not in TERMINAL}
-            if not unfinished or time.monotonic() > deadline:
+            if all(s == "not_found" for s in unfinished.values()) or time.monotonic() > deadline:
+                # not_found is settled too: an accepted execution the coordinator lost (a violation)
                 self.final = statuses
                 return unfinished
             time.sleep(1.0)
