@@ -13,6 +13,7 @@ import pytest
 import zmq
 
 from goflow.events.filter import EventFilter
+from goflow.events.meta import undeclared
 from goflow.language.loader import load
 from goflow.events.monitor import Monitor
 from goflow.coordinator.embedded import EmbeddedRuntime
@@ -128,6 +129,7 @@ def test_every_type_is_emitted_with_documented_fields(runtime, write_flow, tmp_p
 
     for topic, event in mine:
         assert set(event) == PAYLOAD_KEYS, set(event) ^ PAYLOAD_KEYS
+        assert not undeclared(event["type"], event["meta"]), (event["type"], undeclared(event["type"], event["meta"]))
         assert event["v"] == 2 and event["workflow"] == "everything" and event["epoch"]
         assert isinstance(event["ts"], float)
         expected = f"{event['type']}/{execution_id}/" + (f"{event['node_id']}/" if event["node_id"] else "")
