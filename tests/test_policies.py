@@ -176,7 +176,7 @@ def test_stopping_never_waits_for_workers_that_never_joined(tmp_path):
     """Workers still starting (never registered, so never told to shut down) get SIGTERM at once."""
     pool = LocalWorkerPool(f"ipc://{tmp_path}/nobody-listens", 2)
     pool.start()
-    processes = list(pool.processes.values())
+    processes = [child.process for child in pool.children]
     pool.stop(grace=600)   # bounded by the test's timeout, not by the grace
     assert all(proc.returncode in (0, -signal.SIGTERM) for proc in processes)
 

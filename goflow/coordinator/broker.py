@@ -76,7 +76,6 @@ class WorkerBroker:
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
         self.dispatching = True
-        self.closing = False
         self.local_pool: "LocalWorkerPool | None" = None
         self.workers = WorkerTable()
         self.lost_names: deque[str] = deque(maxlen=1000)
@@ -121,7 +120,6 @@ class WorkerBroker:
 
     def shutdown_workers(self) -> None:
         """Tell every worker to stop; a local pool stops replacing the ones that exit."""
-        self.closing = True
         if self.local_pool is not None:
             self.local_pool.closing = True
         for worker in list(self.workers.workers.values()):
@@ -368,12 +366,10 @@ class WorkerBroker:
     def _check_liveness(self) -> None:
         now = time.monotonic()
         if self.local_pool is not None:
-            for name, code in self.local_pool.reap():
+            for name, code in self.local_pool.poll():   # it restarts them, with backoff
                 worker = self.workers.by_name(name)
                 if worker is not None:
                     self._worker_lost(worker, f"process exited with code {code}")
-                if not self.local_pool.closing and not self.closing:
-                    self.local_pool.spawn()
         for worker in list(self.workers.workers.values()):
             if now - worker.last_seen > self.worker_liveness:
                 self._worker_lost(worker, f"silent for {now - worker.last_seen:.1f}s")

@@ -24,15 +24,13 @@ import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-EXIT_COORDINATOR_LOST = 75
-BACKOFF_BASE = 0.5
-STABLE_AFTER = 60.0
+from goflow.supervisor import WorkerProcesses
+
 
 log = logging.getLogger("goflow.worker")
 
@@ -116,35 +114,21 @@ def run_single(args: argparse.Namespace) -> int:
 
 
 # -- supervisor -------------------------------------------------------------------------------
-class Child:
-    __slots__ = ("index", "generation", "process", "started", "failures", "restart_at", "name")
-
-    def __init__(self, index: int):
-        self.index = index
-        self.generation = 0
-        self.process: subprocess.Popen | None = None
-        self.started = 0.0
-        self.failures = 0
-        self.restart_at = 0.0
-        self.name = ""
-
-
 class Supervisor:
-    """Keep ``count`` worker processes running; restart with backoff; stop them on request."""
+    """``goflow-worker``: keep ``count`` worker processes running until SIGTERM/SIGINT."""
 
     def __init__(self, args: argparse.Namespace, count: int):
         self.args = args
         self.count = count
-        self.prefix = args.name or socket.gethostname()
-        self.children = [Child(i + 1) for i in range(count)]
+        self.processes = WorkerProcesses(count, self.command, prefix=args.name or socket.gethostname(),
+                                         max_backoff=args.max_backoff, log=log)
         self.stopping = False
         self.stop_signal: int | None = None
-        self.restarts = 0
 
-    def command(self, child: Child) -> list[str]:
+    def command(self, name: str) -> list[str]:
         args = self.args
         command = [sys.executable, "-m", "goflow.workers", "--single", "--connect", args.connect,
-                   "--name", child.name, "--credits", str(args.credits),
+                   "--name", name, "--credits", str(args.credits),
                    "--heartbeat-interval", str(args.heartbeat_interval),
                    "--coordinator-liveness", str(args.coordinator_liveness)]
         if args.labels:
@@ -155,51 +139,22 @@ class Supervisor:
             command += ["--curve-server-key", os.path.abspath(server), "--curve-secret-key", os.path.abspath(secret)]
         return command
 
-    def spawn(self, child: Child) -> None:
-        child.generation += 1
-        # A fresh identity per start: the coordinator may still hold the previous connection.
-        child.name = f"{self.prefix}-{child.index}" + (f".{child.generation}" if child.generation > 1 else "")
-        child.process = subprocess.Popen(self.command(child), stdin=subprocess.DEVNULL)
-        child.started = time.monotonic()
-        log.info("started worker %s (pid %d)", child.name, child.process.pid,
-                 extra={"fields": {"worker": child.name, "pid": child.process.pid}})
-
-    def on_exit(self, child: Child, code: int) -> None:
-        uptime = time.monotonic() - child.started
-        child.process = None
-        if self.stopping:
-            return
-        if uptime >= STABLE_AFTER:
-            child.failures = 0
-        if code == EXIT_COORDINATOR_LOST:
-            delay = 0.0 if child.failures == 0 else min(self.args.max_backoff, BACKOFF_BASE * 2 ** (child.failures - 1))
-            why = "lost the coordinator; reconnecting"
-        else:
-            delay = min(self.args.max_backoff, BACKOFF_BASE * 2 ** child.failures)
-            why = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
-        child.failures += 1
-        child.restart_at = time.monotonic() + delay
-        self.restarts += 1
-        log.warning("worker %s %s after %.1fs; restarting in %.1fs", child.name, why, uptime, delay,
-                    extra={"fields": {"worker": child.name, "code": code, "uptime_s": round(uptime, 3),
-                                      "restart_in_s": delay}})
-
     def _signal(self, signum: int, frame: Any) -> None:
         if not self.stopping:
             self.stopping = True
             self.stop_signal = signum
         else:  # a second signal: stop waiting
-            for child in self.children:
-                if child.process is not None and child.process.poll() is None:
-                    child.process.kill()
+            self.processes.kill()
 
     def write_status(self) -> None:
         path = self.args.status_file
         if not path:
             return
-        status = {"pid": os.getpid(), "ts": time.time(), "connect": self.args.connect, "restarts": self.restarts,
+        status = {"pid": os.getpid(), "ts": time.time(), "connect": self.args.connect,
+                  "restarts": self.processes.restarts,
                   "children": [{"name": c.name, "pid": c.process.pid if c.process else None,
-                                "alive": bool(c.process and c.process.poll() is None)} for c in self.children]}
+                                "alive": bool(c.process and c.process.poll() is None)}
+                               for c in self.processes.children]}
         tmp = f"{path}.tmp"
         try:
             Path(tmp).write_text(json.dumps(status))
@@ -212,16 +167,11 @@ class Supervisor:
         signal.signal(signal.SIGINT, self._signal)
         log.info("supervising %d worker process(es) connected to %s", self.count, self.args.connect,
                  extra={"fields": {"concurrency": self.count, "connect": self.args.connect}})
+        self.processes.start()
         next_status = 0.0
         while not self.stopping:
+            self.processes.poll()
             now = time.monotonic()
-            for child in self.children:
-                if child.process is not None:
-                    code = child.process.poll()
-                    if code is not None:
-                        self.on_exit(child, code)
-                if child.process is None and not self.stopping and now >= child.restart_at:
-                    self.spawn(child)
             if now >= next_status:
                 self.write_status()
                 next_status = now + 1.0
@@ -230,21 +180,9 @@ class Supervisor:
 
     def shutdown(self) -> int:
         name = signal.Signals(self.stop_signal).name if self.stop_signal else "stop"
-        alive = [c for c in self.children if c.process is not None and c.process.poll() is None]
-        log.info("%s: stopping %d worker process(es) (grace %gs)", name, len(alive), self.args.stop_grace)
-        for child in alive:
-            try:
-                child.process.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        deadline = time.monotonic() + self.args.stop_grace
-        for child in alive:
-            try:
-                child.process.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                log.warning("worker %s did not stop within the grace period; killing it", child.name)
-                child.process.kill()
-                child.process.wait()
+        log.info("%s: stopping %d worker process(es) (grace %gs)", name, len(self.processes.alive()),
+                 self.args.stop_grace)
+        self.processes.stop(self.args.stop_grace)
         if self.args.status_file:
             try:
                 os.unlink(self.args.status_file)

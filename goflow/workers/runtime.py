@@ -29,12 +29,12 @@ import zmq
 from goflow import protocol
 from goflow.workers.capture import CAPTURE
 from goflow.workers.control_lane import CONTROL_LOST, ControlLane
+from goflow.supervisor import EXIT_COORDINATOR_LOST
 from goflow.workers.lifetime import die_with_parent
 from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
 
 RESULT_BATCH_S = 0.002
 """The longest a finished task's result waits to travel with the next ones."""
-EXIT_COORDINATOR_LOST = 75
 
 
 class Worker:
