@@ -164,7 +164,19 @@ def test_multihost_worker_killed_and_link_cut(tmp_path):
         submit = subprocess.Popen([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow", "submit",
                                    str(flow), "--coordinator", d.control, "--wait", "--json"],
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env())
-        time.sleep(1.5)
+        # Kill host A once it has finished some of the work (not after a fixed time: on a loaded
+        # machine the submission may not even have started), so the work spans both hosts.
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            listing = subprocess.run([*hosts.exec(coordinator_host), PYTHON, "-m", "goflow", "workers",
+                                      "--coordinator", d.control, "--json"], capture_output=True, text=True,
+                                     env=child_env(), timeout=30)
+            workers = json.loads(listing.stdout) if listing.returncode == 0 else []
+            if any(w["worker_id"].startswith("hostA") and w["completed"] >= 1 for w in workers):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"host A never completed a node: {listing.stdout} {listing.stderr}")
         killed = hosts.kill_all(worker_host_a)  # host A: every process SIGKILLed mid-run
         assert killed
         time.sleep(0.5)
