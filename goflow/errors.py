@@ -57,6 +57,7 @@ class ErrorKind(str, Enum):
 
     # a node's own failure, reported by a worker
     PYTHON_ERROR = "python_error"
+    IMPORT_ERROR = "import_error"
     TRANSFORM_ERROR = "transform_error"
     TOOL_ERROR = "tool_error"
     TOOL_NOT_FOUND = "tool_not_found"
@@ -64,6 +65,7 @@ class ErrorKind(str, Enum):
     CONNECTION = "connection"
     SERVER_LOST = "server_lost"
     SERIALIZATION = "serialization"
+    RESULT_TOO_LARGE = "result_too_large"
     WORKER_ERROR = "worker_error"
     # decided by the coordinator
     TIMEOUT = "timeout"
@@ -81,6 +83,9 @@ class ErrorKind(str, Enum):
     INVALID_WORKFLOW = "invalid_workflow"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
+    # HTTP gateway replies
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
 
     def __str__(self) -> str:
         return self.value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+from goflow.errors import ErrorKind
 from goflow.events.meta import CONTEXT_FIELDS, META_FIELDS, undeclared
 from goflow.events.types import EVENT_TYPES
 
@@ -39,3 +40,9 @@ def test_context_fields_are_documented():
 def test_undeclared_keys_are_found():
     assert undeclared("node.skipped", {"reason": "x", "index": 1}) == set()
     assert undeclared("node.skipped", {"reason": "x", "surprise": 1}) == {"surprise"}
+
+
+def test_every_error_kind_is_documented():
+    text = (REPO_ROOT / "docs" / "events.md").read_text()
+    table = text[text.index("**Errors.**"):text.index("`meta` is type-specific")]
+    assert [kind.value for kind in ErrorKind if f"`{kind.value}`" not in table] == []
