@@ -35,7 +35,7 @@ $(STAMP): $(LOCK) pyproject.toml
 lock:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
-	printf 'setuptools>=68\nwheel\npip\n' | $(BIN)/uv pip compile pyproject.toml - \
+	printf 'setuptools>=77\nwheel\npip\n' | $(BIN)/uv pip compile pyproject.toml - \
 	    --extra test --generate-hashes --python-version 3.11 \
 	    --custom-compile-command 'make lock' -o $(LOCK)
 
