@@ -319,6 +319,9 @@ def sec_gateway(cfg, peers) -> dict:
     s["none_reactor_us_per_node"] = spread([r["none_reactor_us_per_node"] for r in reps])
     s["gateway_reactor_us_per_node"] = spread([r["gateway_reactor_us_per_node"] for r in reps])
     s["reactor_cpu_cost_pct"] = spread([r["reactor_cpu_cost_pct"] for r in reps])
+    s["raw_nodes_per_s"] = spread([r["raw_nodes_per_s"] for r in reps])
+    s["raw_reactor_us_per_node"] = spread([r["raw_reactor_us_per_node"] for r in reps])
+    s["reactor_cpu_cost_vs_raw_pct"] = spread([r["reactor_cpu_cost_vs_raw_pct"] for r in reps])
     for key in ("live_1", "live_100", "replay_1", "replay_100"):
         s[key] = {m: spread([r[key][m] for r in reps]) for m in ("per_client_events_per_s", "all_clients_events_per_s")}
         s[key]["lossless"] = all(r[key]["lossless"] for r in reps)
@@ -515,12 +518,13 @@ def table(results) -> str:
         s = gw["summary"]
         L.append("")
         L.append(f"## Web gateway: {gw['n']:,}-node fan-out, SSE clients in one separate process")
-        L.append("| measure | no gateway | gateway + 1 SSE client | cost % (paired runs) |")
-        L.append("|---|---|---|---|")
-        L.append(f"| engine nodes/s (wall) | {sp(s['none_nodes_per_s'])} | {sp(s['gateway_nodes_per_s'])} | "
-                 f"{sp(s['cost_pct'])} |")
+        L.append("| measure | no subscriber | 1 raw SUB | gateway + 1 SSE client | gateway cost % vs none | vs raw SUB |")
+        L.append("|---|---|---|---|---|---|")
+        L.append(f"| engine nodes/s (wall) | {sp(s['none_nodes_per_s'])} | {sp(s['raw_nodes_per_s'])} | "
+                 f"{sp(s['gateway_nodes_per_s'])} | {sp(s['cost_pct'])} | |")
         L.append(f"| reactor thread CPU us per node | {sp(s['none_reactor_us_per_node'])} | "
-                 f"{sp(s['gateway_reactor_us_per_node'])} | {sp(s['reactor_cpu_cost_pct'])} |")
+                 f"{sp(s['raw_reactor_us_per_node'])} | {sp(s['gateway_reactor_us_per_node'])} | "
+                 f"{sp(s['reactor_cpu_cost_pct'])} | {sp(s['reactor_cpu_cost_vs_raw_pct'])} |")
         L.append("")
         L.append("| SSE clients | events per client | lossless | events/s per client | events/s all clients |")
         L.append("|---|---|---|---|---|")

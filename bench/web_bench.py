@@ -6,6 +6,8 @@ Per rep, on one embedded coordinator with 2 local workers and an N-node fan-out:
 
 - ``none``: the run with no gateway (the reactor's dispatch rate, nodes/s, and the reactor
   thread's CPU time per node);
+- ``raw``: the same run with one plain SUB process draining everything (what any
+  subscriber costs the publisher, which the gateway cannot avoid being);
 - ``gateway``: the same run with a gateway process attached (caught up) and one SSE client
   reading the execution's stream: the cost of the gateway to the engine, paired with
   ``none`` in alternating order. Wall-clock rates on a shared 2-core machine swing by tens
@@ -105,7 +107,11 @@ def collect(proc: subprocess.Popen, timeout: float = 600) -> list[dict]:
 def reactor_cpu(rt) -> float:
     """CPU seconds the coordinator's reactor thread has used (immune to other processes'
     load, unlike wall time on a shared machine)."""
-    return time.clock_gettime(time.pthread_getcpuclockid(rt.coordinator._thread.ident))
+    if not hasattr(rt, "reactor_ident"):   # ask the reactor thread who it is
+        import threading
+
+        rt.reactor_ident = rt.coordinator.call(threading.get_ident)
+    return time.clock_gettime(time.pthread_getcpuclockid(rt.reactor_ident))
 
 
 def run_fanout(rt, workflow, eid: str | None = None) -> tuple[float, float]:
@@ -116,6 +122,20 @@ def run_fanout(rt, workflow, eid: str | None = None) -> tuple[float, float]:
     if status != "completed":
         raise RuntimeError(f"the benchmark run {status}")
     return time.perf_counter() - start, reactor_cpu(rt) - cpu
+
+
+#: A plain subscriber of everything (niced, draining): what any subscriber costs the publisher.
+RAW_SUB = ("import os, sys, zmq\nos.nice(10)\ns = zmq.Context().socket(zmq.SUB)\ns.setsockopt(zmq.RCVHWM, 0)\n"
+           "s.setsockopt(zmq.SUBSCRIBE, b'')\ns.connect(sys.argv[1])\nprint('ready', flush=True)\n"
+           "while True:\n    s.recv_multipart()\n")
+
+
+def wait_subscribed(rt, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while rt.coordinator.call(lambda: rt.coordinator.publisher.subscription_count) < 1:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the subscriber did not subscribe")
+        time.sleep(0.02)
 
 
 def wait_caught_up(rt, port: int, timeout: float = 120.0) -> None:
@@ -165,11 +185,24 @@ def cmd_gateway(a) -> dict:
         run_fanout(rt, workflow)   # warm-up: imports, worker start
         for r in range(a.reps):
             rep: dict = {}
-            order = ["none", "gateway"] if r % 2 == 0 else ["gateway", "none"]
+            order = ["none", "raw", "gateway"]
+            order = order[r % 3:] + order[:r % 3]
             for mode in order:
                 if mode == "none":
                     wall, cpu = run_fanout(rt, workflow)
                     rep["none_nodes_per_s"], rep["none_reactor_us_per_node"] = a.n / wall, 1e6 * cpu / a.n
+                    continue
+                if mode == "raw":
+                    sub = subprocess.Popen([sys.executable, "-c", RAW_SUB, rt.events_tcp], stdout=subprocess.PIPE,
+                                           text=True)
+                    try:
+                        assert sub.stdout is not None and sub.stdout.readline().strip() == "ready"
+                        wait_subscribed(rt)
+                        wall, cpu = run_fanout(rt, workflow)
+                    finally:
+                        sub.kill()
+                        sub.wait()
+                    rep["raw_nodes_per_s"], rep["raw_reactor_us_per_node"] = a.n / wall, 1e6 * cpu / a.n
                     continue
                 port = free_port()
                 gateway = GatewayProcess(f"127.0.0.1:{port}", rt.events_tcp, rt.control_tcp)
@@ -185,6 +218,8 @@ def cmd_gateway(a) -> dict:
                     gateway.stop()
             rep["cost_pct"] = 100 * (1 - rep["gateway_nodes_per_s"] / rep["none_nodes_per_s"])
             rep["reactor_cpu_cost_pct"] = 100 * (rep["gateway_reactor_us_per_node"] / rep["none_reactor_us_per_node"] - 1)
+            rep["reactor_cpu_cost_vs_raw_pct"] = 100 * (rep["gateway_reactor_us_per_node"]
+                                                        / rep["raw_reactor_us_per_node"] - 1)
             port = free_port()
             gateway = GatewayProcess(f"127.0.0.1:{port}", rt.events_tcp, rt.control_tcp)
             gateway.start()
