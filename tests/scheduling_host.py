@@ -70,9 +70,13 @@ class TestHost:
         raise KeyError(server_id)
 
     # -- driving -----------------------------------------------------------------------------
-    def run(self, workflow: Workflow, variables: dict | None = None) -> Execution:
-        """Run ``workflow`` to its end and return the finished execution."""
+    def run(self, workflow: Workflow, variables: dict | None = None,
+            prepare: Callable[[Execution], None] | None = None) -> Execution:
+        """Run ``workflow`` to its end and return the finished execution (``prepare`` sees it
+        before it starts)."""
         execution = Execution("test", compile_plan(workflow), initial_variables(workflow, variables or {}), self)
+        if prepare is not None:
+            prepare(execution)
         execution.start()
         while execution.active and (self.tasks or self.timers):
             if self.tasks:

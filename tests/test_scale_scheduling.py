@@ -12,7 +12,9 @@ import sys
 
 import pytest
 
-from goflow.coordinator.execution import STEPS_PER_TURN
+from collections import deque
+
+from goflow.coordinator.execution import EDGES_PER_STEP, STEPS_PER_TURN
 from goflow.language.model import Workflow
 from tests.scheduling_host import TestHost
 
@@ -49,6 +51,61 @@ def test_skips_propagate_down_a_100k_chain_without_recursion():
     assert execution.status == "completed", execution.error
     assert execution.counts["skipped"] == BIG + 1  # the chain and end
     assert host.events["node.skipped"] == BIG + 1
+
+
+class CountingAgenda(deque):
+    """An execution's agenda that records, per step run, how many steps that step queued."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued_by_step: list[int] = [0]
+
+    def append(self, item) -> None:
+        self.queued_by_step[-1] += 1
+        super().append(item)
+
+    def popleft(self):
+        self.queued_by_step.append(0)
+        return super().popleft()
+
+
+def fan_out(n: int, *, gate: str | None = None) -> Workflow:
+    """start [-> condition gate] -> n passthrough nodes -> end (the gate's "true" edges lead to them)."""
+    nodes = [{"id": "start", "type": "start"}, {"id": "end", "type": "end"}]
+    nodes += [{"id": f"n{i}", "type": "passthrough"} for i in range(n)]
+    head, label = "start", {}
+    if gate is not None:
+        nodes.append({"id": "gate", "type": "condition", "condition": gate})
+        head, label = "gate", {"condition": "true"}
+        edges = [{"from": "start", "to": "gate"}, {"from": "gate", "to": "end", "condition": "false"}]
+    else:
+        edges = []
+    edges += [{"from": head, "to": f"n{i}", **label} for i in range(n)]
+    edges += [{"from": f"n{i}", "to": "end"} for i in range(n)]
+    return Workflow.model_validate({"name": "fan-out", "nodes": nodes, "edges": edges})
+
+
+@pytest.mark.parametrize("gate", [None, "true", "false"])
+def test_no_agenda_step_resolves_a_whole_fan_out(gate):
+    # A node with 20k successors resolves its edges EDGES_PER_STEP at a time, one agenda step
+    # each: no single step queues more than that many successors (plus its own continuation),
+    # so the reactor gets its turns (heartbeats) while a huge fan-out starts or is skipped.
+    n = 200 * EDGES_PER_STEP
+    agenda = CountingAgenda()
+    host = TestHost()
+
+    def prepare(execution):
+        execution._agenda = agenda
+
+    execution = host.run(fan_out(n, gate=gate), prepare=prepare)
+    assert execution.status == "completed", execution.error
+    assert max(agenda.queued_by_step) <= EDGES_PER_STEP + 1
+    if gate == "false":
+        assert execution.counts["skipped"] == n
+        assert host.events["node.skipped"] == n
+    else:
+        assert execution.counts["completed"] == n + 2 + (gate is not None)
+    assert sum(agenda.queued_by_step) >= n  # every successor went through the agenda
 
 
 def loop(n: int, max_parallel: int) -> Workflow:

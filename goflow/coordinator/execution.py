@@ -47,6 +47,8 @@ MAX_RECORDS = 10_000
 """Attempt records kept in memory per execution (the history store keeps all of them)."""
 STEPS_PER_TURN = 1_000
 """Scheduling steps an execution runs before the host's loop gets a turn (see Execution.soon)."""
+EDGES_PER_STEP = 100
+"""Outgoing edges one scheduling step resolves (see Frame.resolve_edges)."""
 RUNNING_SHOWN = 50
 """How many running node ids a progress event lists (the count is always exact)."""
 
@@ -124,10 +126,20 @@ class Frame:
         for node_id in self.graph.entries:
             self.execution.soon(self.execution.ready, self, node_id)
 
-    def resolve_edges(self, node_id: str, chosen: bool | None, *, skipped: bool = False) -> None:
+    def resolve_edges(self, node_id: str, chosen: bool | None, *, skipped: bool = False, start: int = 0) -> None:
         """Resolve ``node_id``'s outgoing edges: none taken (``skipped``), all taken (``chosen``
-        None), or per a condition's result."""
-        for target, label in self.graph.outgoing.get(node_id, ()):
+        None), or per a condition's result.
+
+        At most EDGES_PER_STEP edges are resolved in one call; the rest continue as a later
+        agenda step, so no single step is O(fan-out) (a start node with 100k successors would
+        otherwise hold the reactor for seconds and lose the workers' heartbeats). The frame
+        cannot finish meanwhile: the targets still waiting count as unresolved nodes.
+        """
+        edges = self.graph.outgoing.get(node_id, ())
+        stop = min(len(edges), start + EDGES_PER_STEP)
+        pending, taken_by, execution = self.pending, self.taken, self.execution
+        for index in range(start, stop):
+            target, label = edges[index]
             if skipped:
                 taken = False
             elif chosen is None:
@@ -136,13 +148,18 @@ class Frame:
                 taken = chosen  # inside a sequence, a false condition skips the rest of it
             else:
                 taken = label == ("true" if chosen else "false")
-            self.pending[target] -= 1
-            self.taken[target] = self.taken.get(target, False) or taken
-            if self.pending[target] == 0 and self.state == "running":
-                if self.taken[target]:
-                    self.execution.soon(self.execution.ready, self, target)
+            pending[target] -= 1
+            taken_by[target] = taken_by.get(target, False) or taken
+            if pending[target] == 0 and self.state == "running":
+                if taken_by[target]:
+                    execution.soon(execution.ready, self, target)
                 else:
-                    self.execution.soon(self.execution.skip, self, target, "no incoming edge was taken")
+                    execution.soon(execution.skip, self, target, "no incoming edge was taken")
+        if stop < len(edges) and self.state == "running":
+            execution.soon(self._resolve_rest, node_id, chosen, skipped, stop)
+
+    def _resolve_rest(self, node_id: str, chosen: bool | None, skipped: bool, start: int) -> None:
+        self.resolve_edges(node_id, chosen, skipped=skipped, start=start)
 
     def node_resolved(self) -> None:
         self.unresolved -= 1
