@@ -1,68 +1,22 @@
 """Every ``node.started`` has exactly one attempt-ending event (``node.completed``,
 ``node.failed``, ``node.retrying`` or ``node.cancelled``), whatever the outcomes of the
-tasks and however the execution ends: a property checked in-process against a test host
-(scheduling semantics only), then end to end on real workers for each way a running node
-stops being wanted (Ctrl-C/cancel, a losing ``wait_any`` branch, the execution timeout).
+tasks and however the execution ends: a property checked in-process against
+:class:`tests.scheduling_host.TestHost` (scheduling semantics only; the test decides each
+outcome), then end to end on real workers for each way a running node stops being wanted (Ctrl-C/cancel, a losing ``wait_any`` branch, the execution timeout).
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
-from typing import Any, Callable
+from dataclasses import asdict
 
 import goflow
 from hypothesis import given, settings, strategies as st
 
-from goflow.coordinator.execution import Execution, Task
-from goflow.coordinator.plan import compile_plan, initial_variables
 from goflow.events.types import NODE_ATTEMPT_END_TYPES, TERMINAL_TYPES
 from goflow.language.loader import parse, check
-
-
-class _Timer:
-    def __init__(self, callback: Callable[[], None]):
-        self.callback = callback
-        self.cancelled = False
-
-    def cancel(self) -> None:
-        self.cancelled = True
-
-
-class RecordingHost:
-    """An execution.Host that records events and lets the test decide every outcome."""
-
-    max_value_bytes = 4096
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-        self.tasks: list[Task] = []
-        self.timers: list[_Timer] = []
-        self.finished = False
-
-    def dispatch(self, task: Task) -> None:
-        self.tasks.append(task)
-
-    def cancel_task(self, task: Task) -> None:
-        task.done = True
-        self.tasks = [t for t in self.tasks if t is not task]
-
-    def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
-        timer = _Timer(callback)
-        self.timers.append(timer)
-        return timer
-
-    def emit(self, execution: Execution, type: str, *, run: Any = None, **fields: Any) -> None:
-        self.events.append({"type": type, "node_id": run.node.id if run else None,
-                            "attempt": run.attempt if run else None, **fields})
-
-    def progress(self, execution: Execution, force: bool) -> None:
-        pass
-
-    def execution_finished(self, execution: Execution) -> None:
-        self.finished = True
-
-    def server_spec(self, execution: Execution, server_id: str) -> dict:
-        return {}
+from tests.scheduling_host import TestHost
 
 
 def _workflow(strategy: str, branches: int, items: int, max_parallel: int, attempts: int):
@@ -123,30 +77,25 @@ def assert_one_end_per_start(events: list[dict]) -> None:
 def test_every_started_attempt_ends_exactly_once(strategy, branches, items, max_parallel, attempts,
                                                   actions, ending):
     workflow = _workflow(strategy, branches, items, max_parallel, attempts)
-    host = RecordingHost()
-    execution = Execution("E", compile_plan(workflow), initial_variables(workflow, {}), host, timeout=60)
-    execution.start()
+    host = TestHost(durations={node: math.inf for node in ("work", *(f"b{i}" for i in range(branches)))})
+    execution = host.start(workflow, timeout=60)
     for kind, pick in actions:
         if host.finished:
             break
+        running = host.pending()
         if kind == "timer":
-            live = [t for t in host.timers if not t.cancelled and t.callback != execution.timed_out]
-            if live:
-                timer = live[pick % len(live)]
-                host.timers.remove(timer)
-                timer.callback()
-        elif host.tasks:
-            task = host.tasks.pop(pick % len(host.tasks))
-            task.done = True
-            task.deliver(task, {"ok": True, "value": pick} if kind == "ok" else
-                                  {"ok": False, "error": {"type": "python_error", "message": "no"}})
+            host.step()  # the earliest timer: a retry's backoff, a scheduler turn, the timeout
+        elif running:
+            host.answer(running[pick % len(running)],
+                        {"ok": True, "value": pick} if kind == "ok" else
+                        {"ok": False, "error": {"type": "python_error", "message": "no"}})
     if not host.finished:
         execution.cancel("interrupted") if ending == "cancel" else execution.timed_out()
     assert host.finished
-    assert_one_end_per_start(host.events)
-    cancelled = [e for e in host.events if e["type"] == "node.cancelled"]
-    assert all(e["error"]["type"] == "cancelled" and e["meta"]["reason"] for e in cancelled)
-    assert host.events[-1]["type"] in TERMINAL_TYPES
+    assert_one_end_per_start([asdict(event) for event in host.events])
+    cancelled = host.of("node.cancelled")
+    assert all(e.error["type"] == "cancelled" and e.meta["reason"] for e in cancelled)
+    assert host.events[-1].type in TERMINAL_TYPES
     assert execution.counts["running"] == 0 and not execution.running_nodes
 
 

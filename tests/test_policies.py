@@ -100,29 +100,6 @@ def test_secret_masked_in_errors(write_flow):
     assert TOKEN not in json.dumps([result.to_dict(), result.records], default=str)
 
 
-def test_non_retryable_errors_win(write_flow):
-    """``non_retryable_errors: [python_error]`` fails after one attempt (it retried 3 times)."""
-    path = write_flow("""
-        version: "1.0"
-        name: no-retry
-        nodes:
-          - id: start
-            type: start
-          - id: boom
-            type: python
-            call: "flowlib:fail"
-            retry: {max_attempts: 3, initial_delay: 0, non_retryable_errors: [python_error]}
-          - id: end
-            type: end
-        edges:
-          - {from: start, to: boom}
-          - {from: boom, to: end}
-    """)
-    result = goflow.run(path, workers=1)
-    assert result.status == "failed"
-    assert [r["attempt"] for r in result.records if r["node_id"] == "boom"] == [1]
-
-
 @pytest.mark.parametrize("policy, error, attempt, retried", [
     (None, {"type": "worker_lost"}, 1, True),
     (None, {"type": "worker_lost"}, 3, False),

@@ -226,8 +226,7 @@ class WorkerBroker:
         if task.done:
             return
         self.cancel_task(task)
-        task.deliver(task, {"ok": False, "error": {
-            "type": "timeout", "message": f"node '{task.node_id}' exceeded its timeout of {task.timeout:g}s"}})
+        task.deliver(task, task.timed_out())
 
     # -- worker messages -------------------------------------------------------------------
     def _on_socket(self) -> None:

@@ -41,6 +41,11 @@ class Task:
     progress_pending: dict | None = None
     progress_timer: bool = False
 
+    def timed_out(self) -> dict:
+        """The result a task gets when it outruns its ``timeout`` (whichever host enforces it)."""
+        return {"ok": False, "error": {
+            "type": "timeout", "message": f"node '{self.node_id}' exceeded its timeout of {self.timeout:g}s"}}
+
     @property
     def profile(self) -> tuple:
         """What tasks of the same expected duration share (for the dispatch estimate)."""

@@ -31,7 +31,7 @@ from goflow.workers.capture import CAPTURE
 from goflow.workers.control_lane import CONTROL_LOST, ControlLane
 from goflow.supervisor import EXIT_COORDINATOR_LOST
 from goflow.workers.lifetime import die_with_parent
-from goflow.workers.executors import ExecutorOutput, ExecutorRegistry, TaskCancelled, TaskError
+from goflow.workers.executors import ExecutorRegistry, TaskCancelled
 
 RESULT_BATCH_S = 0.002
 """The longest a finished task's result waits to travel with the next ones."""
@@ -126,18 +126,9 @@ class Worker:
         try:
             if task.get("id") in self.cancelled:
                 raise TaskCancelled()
-            output = self.executors.get(task.get("kind", ""))(task.get("spec") or {})
-            if isinstance(output, ExecutorOutput):
-                result["value"], result["meta"] = output.value, output.meta
-            else:
-                result["value"] = output
-            result["ok"] = True
+            result.update(self.executors.run(task.get("kind", ""), task.get("spec") or {}))
         except TaskCancelled:
             result.update(ok=False, error={"type": "cancelled", "message": "cancelled by the coordinator"})
-        except TaskError as exc:
-            result.update(ok=False, error={"type": exc.error_type, "message": exc.message, **exc.detail})
-        except Exception as exc:  # an executor bug must not kill the worker
-            result.update(ok=False, error={"type": "worker_error", "message": f"{type(exc).__name__}: {exc}"})
         finally:
             logs = CAPTURE.end()
             if logs is not None:

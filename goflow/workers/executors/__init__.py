@@ -29,6 +29,20 @@ class ExecutorRegistry:
             executor = self._executors[kind] = _create(kind)
         return executor
 
+    def run(self, kind: str, spec: dict) -> dict:
+        """Run one task: the result fields a worker reports, ``{"ok": True, "value", "meta"?}``
+        or ``{"ok": False, "error": {"type", "message", ...detail}}``. :class:`TaskCancelled`
+        propagates (the caller knows what a cancellation reports)."""
+        try:
+            output = self.get(kind)(spec)
+        except TaskError as exc:
+            return {"ok": False, "error": {"type": exc.error_type, "message": exc.message, **exc.detail}}
+        except Exception as exc:  # an executor bug fails its task, never the worker
+            return {"ok": False, "error": {"type": "worker_error", "message": f"{type(exc).__name__}: {exc}"}}
+        if isinstance(output, ExecutorOutput):
+            return {"ok": True, "value": output.value, "meta": output.meta}
+        return {"ok": True, "value": output}
+
     def cancel(self, kind: str) -> bool:
         """Ask the executor of ``kind`` to cancel its running call; False if it cannot."""
         executor = self._executors.get("mcp_tool" if kind == "mcp_tools" else kind)
