@@ -411,6 +411,64 @@ def test_flush_and_close_drain_the_queue(tmp_path):
     reader.close()
 
 
+def test_one_batch_writes_the_rows_one_event_per_batch_writes(tmp_path):
+    # The writer inserts a batch's attempt and variable rows together at its end, and completes
+    # an attempt started in the same batch without an UPDATE: the tables must be exactly what
+    # one statement per event made (same ids, same values), through retries, loop iterations
+    # that overlap, skips, an attempt whose node.started was lost, and a resumed epoch.
+    events: list[tuple] = []
+    first = Publisher(lambda eid, topic, payload: events.append((eid, topic, payload)))
+    try:
+        eid = first.run(finish=False)
+        first.pub.emit("node.started", eid, node_id="end", node_type="python", status="running", attempt=1,
+                       meta={})
+    finally:
+        first.close()
+    second = Publisher(lambda eid, topic, payload: events.append((eid, topic, payload)))
+    try:
+        p = second.pub
+        p.open_execution(eid, "demo")
+        p.emit("execution.resumed", eid, status="running", meta={"completed_nodes": ["fetch"]})
+        p.emit("node.started", eid, node_id="fetch", node_type="python", status="running", attempt=1, meta={})
+        p.emit("node.completed", eid, node_id="fetch", node_type="python", status="completed", attempt=1,
+               meta={"resumed": True, "output": [1, 2], "duration_s": 0.0})
+        p.emit("node.started", eid, node_id="lost", node_type="python", status="running", attempt=1, meta={})
+        p.emit("node.started", eid, node_id="end", node_type="python", status="running", attempt=1, meta={})
+        p.emit("node.completed", eid, node_id="lost", node_type="python", status="completed", attempt=1,
+               meta={"output": "x", "worker": "w-2"})
+        p.emit("variable.changed", eid, node_id="end", snapshot_change=True,
+               meta={"name": "y", "value": {"a": [1, "b"]}, "old": None, "scope": "node"})
+        p.emit("node.completed", eid, node_id="end", node_type="python", status="completed", attempt=1,
+               meta={"output": 7, "duration_s": 0.1, "worker": "w-new"})
+        p.emit("execution.completed", eid, status="completed", meta={"result": 7, "duration_s": 0.2})
+    finally:
+        second.close()
+    lost = next(i for i, (_, _, payload) in enumerate(events)
+                if msgpack.unpackb(payload)["type"] == "node.started" and msgpack.unpackb(payload)["node_id"] == "lost")
+    del events[lost]   # its completion finds no running row: the outcome is inserted instead
+
+    def tables(batch_size: int) -> tuple[list, list]:
+        path = tmp_path / f"batch-{batch_size}.db"
+        store = Store(path, batch_size=batch_size, flush_interval=3600.0)  # close() writes what is queued
+        for item in events:
+            store.sink(*item)
+        store.close()
+        conn = sqlite3.connect(path)
+        try:
+            return (conn.execute("SELECT * FROM node_executions ORDER BY id").fetchall(),
+                    conn.execute("SELECT * FROM variable_changes ORDER BY id").fetchall())
+        finally:
+            conn.close()
+
+    one_by_one, together = tables(1), tables(len(events) + 10)
+    assert together == one_by_one
+    attempts = [(row[2], row[4], row[5]) for row in together[0]]
+    assert ("lost", 1, "completed") in attempts and ("end", 1, "interrupted") in attempts
+    assert attempts.count(("fetch", 1, "failed")) == 1
+    assert attempts[-2:] == [("end", 1, "completed"), ("lost", 1, "completed")]  # inserted at its completion
+    assert len(together[1]) == 4
+
+
 def test_unwritable_path_degrades_to_memory(tmp_path, caplog):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a directory")

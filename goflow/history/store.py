@@ -310,11 +310,26 @@ def _json_default(obj: Any) -> Any:
 
 
 _ENCODE = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":")).encode
+try:   # the C encoder built once: JSONEncoder.encode builds one per call, ~3 us of the writer's time each
+    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
+
+    _C_ENCODE = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",", False, False, True)
+except (ImportError, TypeError):  # pragma: no cover - a Python without the C accelerator
+    _C_ENCODE = None
+_SCALAR_JSON: dict[type, Callable[[Any], str]] = {int: int.__repr__, bool: lambda v: "true" if v else "false",
+                                                  **({str: _encode_str} if _C_ENCODE is not None else {})}
 
 
 def _dumps(value: Any) -> str | None:
+    """``value`` as compact JSON (what ``_ENCODE`` makes, byte for byte; values decoded from
+    msgpack hold no cycles, so the C encoder runs without the circular-reference markers)."""
     if value is None:
         return None
+    scalar = _SCALAR_JSON.get(type(value))
+    if scalar is not None:
+        return scalar(value)
+    if _C_ENCODE is not None:
+        return "".join(_C_ENCODE(value, 0))
     return _ENCODE(value)
 
 
@@ -378,6 +393,61 @@ class Unfinished:
 
 
 # -- the store -------------------------------------------------------------------------------
+_ATTEMPT_INSERT = ("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, worker, "
+                   "inputs, output, error, started_at, finished_at, duration_s, context) "
+                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_STATUS, _WORKER, _OUTPUT, _ERROR, _STARTED_AT, _FINISHED_AT, _DURATION = 4, 5, 7, 8, 9, 10, 11
+"""Column positions in an ``_ATTEMPT_INSERT`` row."""
+
+
+class _BatchRows:
+    """The ``node_executions`` and ``variable_changes`` rows one write batch adds.
+
+    They are inserted with one ``executemany`` each when the batch ends (or before a statement
+    that reads what they would change), in event order, so row ids and contents are those that
+    one INSERT per event made. An attempt's end whose ``node.started`` is in the same batch
+    completes the pending row, as the UPDATE would have (no statement at all).
+    """
+
+    def __init__(self) -> None:
+        self.attempts: list[list] = []
+        self.running: dict[tuple, list[int]] = {}
+        """(execution, node, attempt, context) -> indexes of pending rows still 'running', oldest first."""
+        self.changes: list[tuple] = []
+
+    def started(self, row: list) -> None:
+        key = (row[0], row[1], row[3], row[12])
+        self.running.setdefault(key, []).append(len(self.attempts))
+        self.attempts.append(row)
+
+    def finish(self, key: tuple, status: str, worker: Any, output: Any, error: Any, ts: Any,
+               duration: Any) -> bool:
+        """Complete the newest pending running row of ``key``; False when there is none."""
+        waiting = self.running.get(key)
+        if not waiting:
+            return False
+        row = self.attempts[waiting.pop()]
+        if not waiting:
+            del self.running[key]
+        row[_STATUS], row[_OUTPUT], row[_ERROR], row[_FINISHED_AT] = status, output, error, ts
+        if worker is not None:
+            row[_WORKER] = worker
+        if duration is None and ts is not None and row[_STARTED_AT] is not None:
+            duration = ts - row[_STARTED_AT]
+        row[_DURATION] = duration
+        return True
+
+    def flush(self, conn: sqlite3.Connection) -> None:
+        if self.attempts:
+            conn.executemany(_ATTEMPT_INSERT, self.attempts)
+            self.attempts.clear()
+            self.running.clear()
+        if self.changes:
+            conn.executemany("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, "
+                             "node_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self.changes)
+            self.changes.clear()
+
+
 class Store:
     """SQLite execution history fed by :meth:`sink` (see module docstring).
 
@@ -751,6 +821,7 @@ class Store:
 
     def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable,
                      stored: dict[tuple[str, str | None], int]) -> None:
+        rows = _BatchRows()
         touched: dict[str, list] = {}   # execution id -> [epoch, last eseq, events, workflow]: one UPDATE each
         chunks: dict[tuple[str, str | None], list] = {}   # (execution, epoch) -> its events, in order
         for item in batch:
@@ -788,12 +859,13 @@ class Store:
                 chunks[key] = chunk = []
             chunk.append((topic_text, bytes(payload), eseq, etype, ev.get("node_id")))
             self.stats["events_written"] += 1
-            self._apply_event(conn, eid, etype, ev)
+            self._apply_event(conn, eid, etype, ev, rows)
             counters = touched.get(eid)
             if counters is None:
                 touched[eid] = [epoch, eseq, 1, ev.get("workflow")]
             else:
                 counters[0], counters[1], counters[2] = epoch, eseq, counters[2] + 1
+        rows.flush(conn)
         if chunks:
             conn.executemany(
                 "INSERT INTO event_chunks (execution_id, epoch, first_eseq, last_eseq, events, data) "
@@ -806,7 +878,7 @@ class Store:
                              "workflow = COALESCE(workflow, ?) WHERE id = ?",
                              [(*counters, eid) for eid, counters in touched.items()])
 
-    def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict) -> None:
+    def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict, rows: _BatchRows) -> None:
         ts = ev.get("ts")
         meta = ev.get("meta") or {}
         if eid not in self._known:
@@ -821,6 +893,7 @@ class Store:
             conn.execute("UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), "
                          "inputs = ? WHERE id = ?", (ts, _dumps(meta.get("inputs")), eid))
         elif etype == "execution.resumed":
+            rows.flush(conn)
             conn.execute("UPDATE executions SET status = 'running', finished_at = NULL WHERE id = ?", (eid,))
             # attempts in flight when the previous coordinator stopped will never report
             conn.execute("UPDATE node_executions SET status = 'interrupted', finished_at = ?, error = ? "
@@ -833,12 +906,11 @@ class Store:
                          (status, ts, meta.get("duration_s"), _dumps(meta.get("result")), _dumps(ev.get("error")),
                           _dumps(self._snapshots.pop(eid, {})), eid))
         elif etype == "node.started" and node_id is not None:
-            conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, "
-                         "inputs, started_at, context) VALUES (?, ?, ?, ?, 'running', ?, ?, ?)",
-                         (eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, _dumps(meta.get("inputs")),
-                          ts, _context(meta)))
+            rows.started([eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, "running", None,
+                          _dumps(meta.get("inputs")), None, None, ts, None, None, _context(meta)])
         elif etype == "node.completed" and node_id is not None and meta.get("resumed"):
             # a node restored from history after a restart: its real attempt is already stored
+            rows.flush(conn)
             conn.execute("DELETE FROM node_executions WHERE id = (SELECT id FROM node_executions WHERE "
                          "execution_id = ? AND node_id = ? AND context IS ? AND status = 'running' "
                          "ORDER BY id DESC LIMIT 1)", (eid, node_id, _context(meta)))
@@ -853,6 +925,10 @@ class Store:
             attempt = ev.get("attempt") or 1
             values = (status, meta.get("worker"), _dumps(output), _dumps(ev.get("error")), ts,
                       meta.get("duration_s"))
+            if rows.finish((eid, node_id, attempt, ctx), *values):
+                return   # its node.started is in this batch: the pending row is complete now
+            # A pending row of this batch never matches here (none is running for this key), so
+            # the UPDATE sees exactly the rows it would have seen.
             cur = conn.execute(
                 "UPDATE node_executions SET status = ?, worker = COALESCE(?, worker), output = ?, error = ?, "
                 "finished_at = ?, duration_s = COALESCE(?, ? - started_at) WHERE id = ("
@@ -860,23 +936,17 @@ class Store:
                 "AND context IS ? AND status = 'running' ORDER BY id DESC LIMIT 1)",
                 (*values[:5], values[5], ts, eid, node_id, attempt, ctx))
             if cur.rowcount == 0:   # its node.started is not in the store (e.g. dropped): keep the outcome
-                conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, "
-                             "worker, output, error, finished_at, duration_s, context) "
-                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                             (eid, node_id, ev.get("node_type"), attempt, *values, ctx))
+                rows.attempts.append([eid, node_id, ev.get("node_type"), attempt, status, values[1], None,
+                                      values[2], values[3], None, ts, values[5], ctx])
         elif etype == "node.skipped" and node_id is not None:
-            conn.execute("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, error, "
-                         "started_at, finished_at, duration_s, context) VALUES (?, ?, ?, ?, 'skipped', ?, ?, ?, 0, ?)",
-                         (eid, node_id, ev.get("node_type"), ev.get("attempt") or 1,
-                          _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None, ts, ts,
-                          _context(meta)))
+            rows.attempts.append([eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, "skipped", None, None,
+                                  None, _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None,
+                                  ts, ts, 0, _context(meta)])
         elif etype == "variable.changed":
             if ev.get("vseq") == ev.get("eseq"):   # it changed the execution's variables
                 self._snapshots.setdefault(eid, {})[str(meta.get("name"))] = meta.get("value")
-            conn.execute("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, node_id, ts) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),
-                          _dumps(meta.get("value")), meta.get("scope"), node_id, ts))
+            rows.changes.append((eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),
+                                 _dumps(meta.get("value")), meta.get("scope"), node_id, ts))
 
     def _bound_memory(self, conn: sqlite3.Connection) -> None:
         """In-memory mode: keep the last ``memory_events`` events and ``MEMORY_EXECUTIONS`` runs."""
