@@ -109,24 +109,25 @@ def test_file_is_wal_and_versioned(store, tmp_path):
     store.flush()
     conn = sqlite3.connect(tmp_path / "history.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert schema_version(conn) == SCHEMA_VERSION == 2
+    assert schema_version(conn) == SCHEMA_VERSION == 3
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-    assert {"executions", "node_executions", "variable_changes", "events", "event_chunks", "schema_version"} <= tables
+    assert {"executions", "node_executions", "variable_changes", "events", "event_chunks", "workflow_texts",
+            "schema_version"} <= tables
     conn.close()
 
 
 def test_migrations_apply_missing_steps_in_order(tmp_path):
     conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    assert migrate(conn) == 2
-    assert migrate(conn) == 2                       # idempotent
-    steps = [(1, "SELECT 1;"), (2, "SELECT 2;"), (3, "ALTER TABLE executions ADD COLUMN labels TEXT;"),
-             (4, "CREATE INDEX executions_labels ON executions(labels);")]
-    assert migrate(conn, steps) == 4
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4]
+    assert migrate(conn) == 3
+    assert migrate(conn) == 3                       # idempotent
+    steps = [(1, "SELECT 1;"), (2, "SELECT 2;"), (3, "SELECT 3;"), (4, "ALTER TABLE executions ADD COLUMN labels TEXT;"),
+             (5, "CREATE INDEX executions_labels ON executions(labels);")]
+    assert migrate(conn, steps) == 5
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
     assert "labels" in [r[1] for r in conn.execute("PRAGMA table_info(executions)")]
     with pytest.raises(sqlite3.Error):   # a failing step leaves the previous version
-        migrate(conn, steps + [(5, "ALTER TABLE nope ADD COLUMN x;")])
-    assert schema_version(conn) == 4
+        migrate(conn, steps + [(6, "ALTER TABLE nope ADD COLUMN x;")])
+    assert schema_version(conn) == 5
 
 
 def test_default_db_path(monkeypatch, tmp_path):
@@ -221,6 +222,34 @@ def test_a_v1_file_is_migrated_and_its_events_still_read(tmp_path):
         assert s.last_event(eid)["eseq"] == len(published)
     finally:
         s.close()
+
+
+def test_a_v2_file_keeps_its_workflow_texts_in_their_own_table(tmp_path):
+    from goflow.history.store import MIGRATIONS
+
+    path = tmp_path / "v2.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    migrate(conn, MIGRATIONS[:2])                  # before workflow_texts
+    conn.execute("INSERT INTO executions (id, workflow, workflow_text, status) VALUES "
+                 "('old-run', 'demo', 'name: demo\n', 'running')")
+    conn.close()
+    s = Store(path)
+    try:
+        s.record_submission("new-run", "demo", "name: new\n", {})
+        assert s.flush(5)
+        assert s.get_execution("old-run")["workflow_text"] == "name: demo\n"
+        assert s.get_execution("new-run")["workflow_text"] == "name: new\n"
+        assert {u.id: u.workflow_text for u in s.unfinished_executions()} == {"old-run": "name: demo\n",
+                                                                               "new-run": "name: new\n"}
+        assert "workflow_text" not in s.list_executions()[0]
+    finally:
+        s.close()
+    conn = sqlite3.connect(path)
+    try:   # the rows the writer updates per batch no longer carry the text
+        assert conn.execute("SELECT COUNT(*) FROM executions WHERE workflow_text IS NOT NULL").fetchone()[0] == 0
+        assert conn.execute("SELECT COUNT(*) FROM workflow_texts").fetchone()[0] == 2
+    finally:
+        conn.close()
 
 
 def test_duplicate_events_are_ignored(store, publisher):

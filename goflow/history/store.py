@@ -189,6 +189,19 @@ CREATE TABLE event_chunks (
 );
 CREATE INDEX event_chunks_execution ON event_chunks(execution_id, epoch, last_eseq);
 """),
+    (3, """
+-- The submitted text gets a table of its own: SQLite rewrites a whole row on UPDATE, and the
+-- writer updates an execution's counters once per batch, so a 10 MB workflow in its row cost
+-- 10 MB of page writes per batch. ``executions.workflow_text`` stays, always NULL (SQLite
+-- before 3.35 cannot drop a column).
+CREATE TABLE workflow_texts (
+    execution_id TEXT PRIMARY KEY,
+    text         TEXT NOT NULL
+);
+INSERT INTO workflow_texts (execution_id, text)
+    SELECT id, workflow_text FROM executions WHERE workflow_text IS NOT NULL;
+UPDATE executions SET workflow_text = NULL WHERE workflow_text IS NOT NULL;
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
@@ -829,12 +842,16 @@ class Store:
                 _, eid, name, text, variables_in, ts, _mono = item
                 digest = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
                 conn.execute(
-                    "INSERT INTO executions (id, workflow, workflow_hash, workflow_text, status, variables_in, "
-                    "submitted_at) VALUES (?, ?, ?, ?, 'submitted', ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                    "INSERT INTO executions (id, workflow, workflow_hash, status, variables_in, "
+                    "submitted_at) VALUES (?, ?, ?, 'submitted', ?, ?) ON CONFLICT(id) DO UPDATE SET "
                     "workflow = COALESCE(workflow, excluded.workflow), workflow_hash = excluded.workflow_hash, "
-                    "workflow_text = excluded.workflow_text, variables_in = excluded.variables_in, "
-                    "submitted_at = excluded.submitted_at",
-                    (eid, name, digest, text, _dumps(variables_in), ts))
+                    "variables_in = excluded.variables_in, submitted_at = excluded.submitted_at",
+                    (eid, name, digest, _dumps(variables_in), ts))
+                if text is None:
+                    conn.execute("DELETE FROM workflow_texts WHERE execution_id = ?", (eid,))
+                else:
+                    conn.execute("INSERT OR REPLACE INTO workflow_texts (execution_id, text) VALUES (?, ?)",
+                                 (eid, text))
                 self._known.add(eid)
                 self.stats["submissions"] += 1
                 continue
@@ -1084,7 +1101,11 @@ class Store:
         rows = self._query("SELECT * FROM executions WHERE id = ?", (eid,))
         if not rows:
             raise NotFound(f"no execution {eid!r}")
-        return self._execution_row(rows[0], full=full)
+        row = self._execution_row(rows[0], full=full)
+        if full:
+            text = self._query("SELECT text FROM workflow_texts WHERE execution_id = ?", (eid,))
+            row["workflow_text"] = text[0][0] if text else None
+        return row
 
     def get_execution(self, id_or_prefix: str) -> dict[str, Any]:
         """One execution (workflow text included) with ``nodes`` (every attempt) and ``variable_changes``."""
@@ -1173,8 +1194,9 @@ class Store:
     def unfinished_executions(self) -> list[Unfinished]:
         """Executions without a terminal event, oldest first, with their completed main-graph nodes."""
         placeholders = ",".join("?" * len(TERMINAL_STATUSES))
-        rows = self._query(f"SELECT id, workflow, workflow_text, variables_in, epoch, last_eseq FROM executions "
-                           f"WHERE status NOT IN ({placeholders}) ORDER BY COALESCE(started_at, submitted_at)",
+        rows = self._query(f"SELECT e.id, e.workflow, w.text AS workflow_text, e.variables_in, e.epoch, e.last_eseq "
+                           f"FROM executions e LEFT JOIN workflow_texts w ON w.execution_id = e.id "
+                           f"WHERE e.status NOT IN ({placeholders}) ORDER BY COALESCE(e.started_at, e.submitted_at)",
                            sorted(status.value for status in TERMINAL_STATUSES))
         out = []
         for r in rows:
@@ -1215,7 +1237,8 @@ class Store:
         marks = ",".join("?" * len(ids))
         for table, column in (("events", "execution_id"), ("event_chunks", "execution_id"),
                               ("node_executions", "execution_id"),
-                              ("variable_changes", "execution_id"), ("executions", "id")):
+                              ("variable_changes", "execution_id"), ("workflow_texts", "execution_id"),
+                              ("executions", "id")):
             conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
 
 
