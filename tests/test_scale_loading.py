@@ -222,3 +222,27 @@ def test_yaml_errors_keep_their_positions():
             load_yaml(text)
         assert (caught.value.line, caught.value.column) == position, text
         assert message in caught.value.message
+
+
+def test_loaded_models_with_the_same_keys_share_one_fields_set_until_assigned():
+    # Memory: every node and edge loaded with the same keys holds the same fields-set object
+    # (a distinct set per model cost ~90 MB at 100k nodes); assigning to one model gives it
+    # its own copy first, so no other model sees the change.
+    lines = ["name: shared-sets", "nodes:", "  - {id: start, type: start}", "  - {id: end, type: end}"]
+    lines += [f"  - {{id: n{i}, type: python, call: 'operator:add', args: [{i}, 1], output: o{i}}}"
+              for i in range(1000)]
+    lines += ["edges:"] + [f"  - {{from: start, to: n{i}}}" for i in range(1000)]
+    lines += [f"  - {{from: n{i}, to: end}}" for i in range(1000)]
+    loaded = check(parse("\n".join(lines) + "\n", "shared.yaml"))
+    assert not loaded.errors, loaded.errors[:3]
+    workflow = loaded.workflow
+    python_nodes = [node for node in workflow.nodes if node.type == "python"]
+    assert len({id(node.model_fields_set) for node in python_nodes}) == 1
+    assert len({id(edge.model_fields_set) for edge in workflow.edges}) == 1
+    first, second = python_nodes[0], python_nodes[1]
+    assert first.model_fields_set == {"id", "type", "call", "args", "output"}
+    first.timeout = 5.0
+    assert first.model_fields_set == {"id", "type", "call", "args", "output", "timeout"}
+    assert second.model_fields_set == {"id", "type", "call", "args", "output"}
+    assert second.model_dump(exclude_unset=True) == {"id": "n1", "type": "python", "call": "operator:add",
+                                                     "args": [1, 1], "output": "o1"}

@@ -25,6 +25,7 @@ from goflow.language.model import (
     Metadata,
     RetryPolicy,
     Server,
+    SharedFieldsSet,
     Variable,
     WorkerSelector,
     Workflow,
@@ -102,6 +103,16 @@ def _free_form(model: type[BaseModel]) -> bool:
 class _Loader:
     def __init__(self, loaded: LoadedWorkflow):
         self.loaded = loaded
+        self.fields_sets: dict[frozenset[str], SharedFieldsSet] = {}
+
+    def share_fields_set(self, model: BaseModel) -> None:
+        """Give ``model`` the shared fields-set equal to its own (memory: see SharedFieldsSet)."""
+        own = model.__pydantic_fields_set__
+        key = frozenset(own)
+        shared = self.fields_sets.get(key)
+        if shared is None:
+            shared = self.fields_sets[key] = SharedFieldsSet(own)
+        object.__setattr__(model, "__pydantic_fields_set__", shared)
 
     def check_keys(self, data: dict, model: type[BaseModel], path: Path, owner: Any, node_id: str | None) -> None:
         if _free_form(model):
@@ -129,7 +140,7 @@ class _Loader:
                 clean = dict(clean)
                 clean[key] = {k: v for k, v in value.items() if k in allowed_keys(nested)}
         try:
-            return model.model_validate(clean)
+            validated = model.model_validate(clean)
         except ValidationError as exc:
             for error in exc.errors():
                 location = tuple(error["loc"])
@@ -145,6 +156,8 @@ class _Loader:
                     message = f"invalid '{field_name}'{_where(path, data)}: {error['ctx']['error']}"
                 self.loaded.problem(path + location, message, node=node_id)
             return None
+        self.share_fields_set(validated)
+        return validated
 
     def node(self, raw: Any, index: int) -> Any:
         path: Path = ("nodes", index)
