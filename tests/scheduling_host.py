@@ -91,11 +91,11 @@ class TestHost:
         self._executors = ExecutorRegistry()
         self.events: list[Event] = []
         self.counts: Counter[str] = Counter()
-        self.dispatched: list[Task] = []
-        """Every task handed to the host, in order (a retry is a new task)."""
-        self.cancelled: list[Task] = []
-        """Tasks the execution cancelled before they returned (their functions never ran)."""
-        self.in_flight = 0
+        self.dispatched: list[str | None] = []
+        """The node id of every task handed to the host, in order (a retry is a new task)."""
+        self.cancelled: list[str | None] = []
+        """The node ids of tasks cancelled before they returned (their functions never ran)."""
+        self._pending: dict[int, Task] = {}
         self.max_in_flight = 0
         self.timers_fired = 0
         self.finished: list[Execution] = []
@@ -104,9 +104,9 @@ class TestHost:
     def dispatch(self, task: Task) -> None:
         task.spec = _wire(task.spec)
         task.started_at = self.now
-        self.dispatched.append(task)
-        self.in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        self.dispatched.append(task.node_id)
+        self._pending[id(task)] = task
+        self.max_in_flight = max(self.max_in_flight, len(self._pending))
         duration = self._duration(task)
         if duration != math.inf:
             self._at(self.now + duration, lambda: self._complete(task))
@@ -116,7 +116,7 @@ class TestHost:
     def cancel_task(self, task: Task) -> None:
         if not task.done:
             self._settle(task)
-            self.cancelled.append(task)
+            self.cancelled.append(task.node_id)
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> _Timer:
         timer = _Timer(callback)
@@ -187,7 +187,7 @@ class TestHost:
 
     def pending(self) -> list[Task]:
         """The dispatched tasks that have not returned, been cancelled or timed out."""
-        return [task for task in self.dispatched if not task.done]
+        return list(self._pending.values())
 
     def answer(self, task: Task, message: dict) -> None:
         """Return ``message`` (``{"ok": ..., ...}``) for the pending ``task`` now, instead of
@@ -211,7 +211,7 @@ class TestHost:
 
     def _settle(self, task: Task) -> None:
         task.done = True
-        self.in_flight -= 1
+        del self._pending[id(task)]
 
     def _complete(self, task: Task) -> None:
         if task.done:

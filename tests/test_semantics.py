@@ -91,7 +91,7 @@ def test_condition_skips_the_other_branch_and_skip_propagates():
     assert "big" not in execution.variables and "big2" not in execution.variables
     assert completed(execution, "join"), "a join with one taken input must run"
     assert [e.node_id for e in host.of("node.skipped")] == ["big1", "big2"]
-    assert [t.node_id for t in host.dispatched] == ["small"]
+    assert host.dispatched == ["small"]
 
 
 def test_a_false_guard_skips_its_node_and_what_only_it_leads_to():
@@ -119,7 +119,7 @@ def test_a_false_guard_skips_its_node_and_what_only_it_leads_to():
     assert guards == {"full": False, "quick": True}
     skipped = {e.node_id: e.meta["reason"] for e in host.of("node.skipped")}
     assert skipped == {"full": "its guard condition is false", "after_full": "no incoming edge was taken"}
-    assert [t.node_id for t in host.dispatched] == ["quick"]
+    assert host.dispatched == ["quick"]
 
 
 def test_loop_with_break_and_output_in_item_order():
@@ -210,7 +210,7 @@ def test_parallel_merge_strategies(strategy, expected):
         assert not host.cancelled
     else:
         assert "slow_out" not in execution.variables, "a cancelled branch's writes must not be merged"
-        assert [t.node_id for t in host.cancelled] == ["slow"]
+        assert host.cancelled == ["slow"]
         (cancelled,) = host.of("node.cancelled", "slow")
         assert "par" in cancelled.meta["reason"] and cancelled.meta["branch"] == 1
 
@@ -233,7 +233,7 @@ def test_parallel_wait_first_fails_when_first_finisher_fails():
     assert execution.error["type"] == "python_error"
     assert execution.error["exception"] == "ValueError"
     assert "nope" in execution.error["message"]
-    assert [t.node_id for t in host.cancelled] == ["slow"]
+    assert host.cancelled == ["slow"]
 
 
 def test_parallel_wait_any_fails_only_when_all_fail():
@@ -374,7 +374,7 @@ def test_node_timeout_cancels_the_work():
     assert execution.status == "failed"
     assert execution.error["type"] == "timeout"
     assert execution.error["node_id"] == "spin"
-    assert [t.node_id for t in host.cancelled] == ["spin"]
+    assert host.cancelled == ["spin"]
     assert host.of("node.failed", "spin")[0].time == pytest.approx(0.3)
 
 
@@ -419,7 +419,7 @@ def test_execution_timeout():
     assert ExecutionResult.from_summary(execution.outcome()).exit_code == 1
     (cancelled,) = host.of("node.cancelled", "slow")
     assert cancelled.meta["reason"] == "the execution timed out" and cancelled.time == 0.5
-    assert [t.node_id for t in host.cancelled] == ["slow"]
+    assert host.cancelled == ["slow"]
 
 
 def test_end_return_keeps_type_and_last_end_wins():
@@ -467,7 +467,7 @@ def test_a_variable_left_unset_by_a_skipped_branch_is_an_undefined_variable_erro
     assert execution.status == "failed"
     assert execution.error["type"] == "undefined_variable" and execution.error["node_id"] == "use"
     assert "big" in execution.error["message"]
-    assert not [t for t in host.dispatched if t.node_id == "use"], "inputs are resolved before dispatch"
+    assert "use" not in host.dispatched, "inputs are resolved before dispatch"
     assert [e.type for e in host.events if e.node_id == "use"] == ["node.started", "node.failed"]
 
 
