@@ -216,3 +216,29 @@ def test_keep_days_prunes_finished_executions_at_start(tmp_path):
         assert open_store(db).list_executions() == []
     finally:
         pruning.stop()
+
+
+def test_an_accepted_submission_survives_a_sigkill_right_after_the_reply(tmp_path):
+    """``submit`` answers only once the submission is committed to history: a SIGKILL the
+    moment the client is told cannot lose it (the soak lost 2 of 441 before)."""
+    db = tmp_path / "history.db"
+    flow = textwrap.dedent("""
+        name: survives
+        nodes:
+          - {id: start, type: start}
+          - {id: nap, type: python, call: "time:sleep", args: [30]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: nap}
+          - {from: nap, to: end}
+    """)
+    daemon = Daemon(db).start()
+    accepted = [daemon.request("submit", workflow=flow, name="survives.yaml")["execution_id"] for _ in range(5)]
+    daemon.kill()                     # at once: the writer's 50 ms batching window is open
+    restarted = Daemon(db).start()
+    try:
+        for execution_id in accepted:
+            assert restarted.request("status", execution_id=execution_id)["status"] in (
+                "running", "pending", "completed", "failed", "cancelled"), execution_id
+    finally:
+        restarted.stop()

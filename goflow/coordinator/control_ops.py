@@ -142,7 +142,9 @@ class ControlOps:
         ``error.details.problems``; a missing required variable with ``bad_request``.
         Parsing, validation and compiling run on the loader thread, never on the reactor,
         so a big submission does not stall heartbeats or other executions; the reply is
-        sent once the execution has started (or was refused).
+        sent once the execution has started (or was refused) and, with a history store,
+        once its submission is committed there: an accepted submission survives a
+        coordinator SIGKILL (recovery finds it), never lost after the client was told.
         """
         coordinator = self.coordinator
         if not coordinator.accepting:
@@ -162,7 +164,16 @@ class ControlOps:
             execution_id, _ = coordinator.start_execution(plan.workflow, variables, timeout=timeout, plan=plan,
                                                           execution_id=request.get("execution_id") or None,
                                                           source=text)
-            reply.set_result({"execution_id": execution_id, "workflow": plan.workflow.name})
+            accepted = {"execution_id": execution_id, "workflow": plan.workflow.name}
+            if coordinator.history is None:
+                reply.set_result(accepted)
+                return
+
+            def recorded(problem: str | None) -> None:   # the writer thread, once committed
+                reply.set_result({**accepted, "history": {"recorded": problem is None, "problem": problem}}
+                                 if problem else accepted)
+
+            coordinator.history.after_written(execution_id, recorded)
 
         def load() -> None:  # on the loader thread
             try:
