@@ -239,6 +239,10 @@ def test_loaded_models_with_the_same_keys_share_one_fields_set_until_assigned():
     python_nodes = [node for node in workflow.nodes if node.type == "python"]
     assert len({id(node.model_fields_set) for node in python_nodes}) == 1
     assert len({id(edge.model_fields_set) for edge in workflow.edges}) == 1
+    # and each distinct string is one object: an edge's ends are its nodes' own ids
+    ids = {node.id: node.id for node in workflow.nodes}
+    assert all(edge.source is ids[edge.source] and edge.target is ids[edge.target] for edge in workflow.edges)
+    assert len({id(node.call) for node in python_nodes}) == 1
     first, second = python_nodes[0], python_nodes[1]
     assert first.model_fields_set == {"id", "type", "call", "args", "output"}
     first.timeout = 5.0

@@ -245,6 +245,8 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
     get = loader.get_event
     resolve = loader.resolve
     plain_tags: dict[str, str] = {}
+    strings: dict[str, str] = {}
+    """Every distinct string once: a node id repeats in each of its edges (memory at 100k nodes)."""
     stack: list[list] = []
     """Open collections: ``[container, pending key or _NO_KEY, values counted at its start]``."""
     anchors: dict[str, tuple[Any, int]] = {}
@@ -267,7 +269,9 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
                     tag = _STR_TAG
             elif tag == "!":
                 tag = _STR_TAG
-            if tag != _STR_TAG:
+            if tag == _STR_TAG:
+                value = strings.setdefault(value, value)
+            else:
                 if tag == "tag:yaml.org,2002:merge":
                     raise _Unusual()
                 value = _scalar(loader.construct_object(
