@@ -163,6 +163,7 @@ class Soak:
         self.streams: list[dict[tuple[str, str], list[tuple]]] = []
         self.killed_epochs: set[str] = set()
         self.monitor_stats: list[dict] = []
+        self.monitor_losses: Counter = Counter()   # monitor.losses reasons (a failed replay, ...)
 
     # -- processes ---------------------------------------------------------------------------
     def start_daemon(self) -> None:
@@ -275,6 +276,8 @@ class Soak:
                 time.sleep(0.2)
             finally:
                 self.monitor_stats.append(dict(monitor.stats))
+                with self.lock:
+                    self.monitor_losses.update(loss["reason"] for loss in monitor.losses)
                 monitor.close()
             self.figures[f"subscriber {index} reconnects"] += 1
 
@@ -434,6 +437,8 @@ class Soak:
         figures["delivered_but_unwritten_at_a_kill"] = unwritten[:20]
         figures["monitor_lost"] = sum(s.get("lost", 0) for s in self.monitor_stats)
         figures["monitor_repaired"] = sum(s.get("repaired", 0) for s in self.monitor_stats)
+        figures["monitor_truncated"] = sum(s.get("truncated", 0) for s in self.monitor_stats)
+        figures["monitor_loss_reasons"] = dict(self.monitor_losses.most_common(10))
         # Memory of the last coordinator incarnation.
         last = [mb for inc, _, mb in self.rss if inc == self.incarnation]
         if len(last) >= 8:

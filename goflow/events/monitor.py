@@ -204,15 +204,21 @@ class _Reliable:
                     out += yield from self._repair_execution(eid, start, None, "replay failed",
                                                              counter="replayed")
         else:
+            start = None if since == "now" else 1 if since == "start" else max(1, int(since))
             try:
                 reply = yield ("replay_seq", {"from_seq": _FAR})
-            except ControlError:
+            except ControlError as exc:
+                if start is not None:
+                    # Resuming: the stream still starts at ``start``. The first live event
+                    # (or heartbeat) then repairs [start, its seq) or counts it lost; taking
+                    # it as the base would hide that hole.
+                    self.next_seq = start
+                    self.losses.append({"count": 0, "reason": f"replay_seq failed: {exc}"})
                 return out
             self.epoch = reply.get("epoch")
-            if since == "now":
+            if start is None:
                 self.next_seq = int(reply.get("last_seq") or 0) + 1
             else:
-                start = 1 if since == "start" else max(1, int(since))
                 out += yield from self._repair_global(start, int(reply.get("last_seq") or 0),
                                                       "replay failed", counter="replayed")
         return out
