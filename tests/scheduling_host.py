@@ -102,8 +102,6 @@ class TestHost:
 
     # -- Host protocol -----------------------------------------------------------------------
     def dispatch(self, task: Task) -> None:
-        if task.on_handed is not None:   # handed at once: this host has no worker queue
-            task.on_handed()
         task.spec = _wire(task.spec)
         task.started_at = self.now
         self.dispatched.append(task.node_id)

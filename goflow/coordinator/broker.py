@@ -194,9 +194,6 @@ class WorkerBroker:
         task.worker = worker.identity
         worker.in_hand.append(task)
         self.stats["tasks_dispatched"] += 1
-        handed, task.on_handed = task.on_handed, None
-        if handed is not None:
-            handed()
         message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,
                    "execution_id": task.execution_id, "node_id": task.node_id, "attempt": task.attempt}
         if self.trace_context and task.kind == "mcp_tool" and task.run is not None:

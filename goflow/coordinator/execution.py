@@ -709,9 +709,7 @@ class Execution:
                         labels=labels)
         inputs = {key: value for key, value in spec.items() if key not in ("server", "timeout", "template",
                                                                           "expression", "call", "tool")}
-        # node.started when a worker gets the task, not when it is queued: N ready nodes held
-        # by back-pressure (credits, the history writer) add no events until they run.
-        run.task.on_handed = lambda: self.attempt_started(run, inputs)
+        self.attempt_started(run, inputs)
         self.host.dispatch(run.task)
 
     # -- outcomes --------------------------------------------------------------------------

@@ -30,8 +30,6 @@ class Task:
     """The node attempt this task runs, whose live output (node.log/node.progress) it carries;
     None for the execution's own tasks (the MCP preflight)."""
     labels: dict[str, str] = field(default_factory=dict)
-    on_handed: Callable[[], None] | None = None
-    """Called once, when the task is first handed to a worker (a node's ``node.started``)."""
     id: int = 0
     worker: bytes | None = None
     started_at: float | None = None
