@@ -16,7 +16,7 @@ from goflow.events.monitor import Monitor
 from goflow.events.types import Event
 from goflow.language.loader import load
 from goflow.coordinator.embedded import EmbeddedRuntime
-from goflow.web.hub import Hub, event_id
+from goflow.web.hub import Hub, event_id, gap_frame
 from goflow.web.server import AddressError, GatewayProcess
 from webtools import get_json, read_sse, start_gateway, wait_for
 
@@ -39,6 +39,28 @@ nodes:
 edges:
   - {from: start, to: each}
   - {from: each, to: end}
+"""
+
+#: A loop, then a node that holds the run open until the test creates the file ``gate``.
+GATED_FLOW = """
+name: web-gated
+variables:
+  - {name: gate, type: string}
+  - {name: items, type: array, default: [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12]}
+nodes:
+  - {id: start, type: start}
+  - id: each
+    type: loop
+    collection: items
+    item: n
+    body: [step]
+  - {id: step, type: python, call: "flowlib:timed", args: [0.05, "${n}"], output: s}
+  - {id: hold, type: python, call: "flowlib:wait_for_file", args: ["${gate}"]}
+  - {id: end, type: end}
+edges:
+  - {from: start, to: each}
+  - {from: each, to: hold}
+  - {from: hold, to: end}
 """
 
 
@@ -73,18 +95,22 @@ def _replayed_seqs(runtime, execution_id: str) -> list[int]:
         return [ev.seq for ev in mon.replay(execution_id)]
 
 
-def test_sse_resumes_exactly_after_a_dropped_connection_and_a_gateway_kill(runtime, gateways, free_ports, write_flow):
+def test_sse_resumes_exactly_after_a_dropped_connection_and_a_gateway_kill(runtime, gateways, free_ports, write_flow,
+                                                                          tmp_path):
     (port,) = free_ports(1)
     gateway = gateways(port, runtime.events_tcp, runtime.control_tcp)
+    gate = tmp_path / "gate"
     eid = uuid.uuid4().hex
-    _, future = runtime.coordinator.submit(load(write_flow(LOOP_FLOW)), {}, execution_id=eid)
+    _, future = runtime.coordinator.submit(load(write_flow(GATED_FLOW)), {"gate": str(gate)}, execution_id=eid)
     url = f"http://127.0.0.1:{port}/api/events?execution={eid}"
 
     first, _ = read_sse(url, until=lambda evs: len(evs) >= 10)          # connection 1: dropped by us
     second, _ = read_sse(url, headers={"Last-Event-ID": first[-1].id}, until=lambda evs: len(evs) >= 10)
+    assert not future.done()                                            # held open by the gate:
     gateway.process.kill()                                              # the gateway dies mid-run
     gateway.process.wait()
-    gateways(port, runtime.events_tcp, runtime.control_tcp)              # and is started again
+    gateways(port, runtime.events_tcp, runtime.control_tcp)              # and is started again (its ring
+    gate.touch()                                                        # refills while the client resumes)
     rest, _ = read_sse(url, headers={"Last-Event-ID": second[-1].id},
                        until=lambda evs: bool(evs) and evs[-1].data["type"] == "execution.completed")
     assert future.result(timeout=60)["status"] == "completed"
@@ -261,10 +287,11 @@ def test_hub_cuts_off_an_overtaken_reader_and_resumes_it_by_id():
             hub.append(_event(seq))
         assert [chunk async for chunk in reader] == [] and hub.stats["cut_off"] == 1
         start = hub.position_after(("e1", 30))    # overwritten: resumes at the oldest held, and says so
-        assert start == hub.oldest_pos == 40 and hub.missed(("e1", 30), start) == 10
-        start = hub.position_after(("e1", 75))
-        assert hub.missed(("e1", 75), start) == 0
-        assert _ids(await reader_once(hub, start)) == list(range(76, 91))
+        assert start == hub.oldest_pos == 40
+        chunk = await reader_once(hub, start, ("e1", 30))
+        assert chunk.startswith(gap_frame(10)) and _ids(chunk) == list(range(41, 91))
+        chunk = await reader_once(hub, hub.position_after(("e1", 75)), ("e1", 75))
+        assert b"event: gap" not in chunk and _ids(chunk) == list(range(76, 91))
         for seq in range(1, 4):
             hub.append(_event(seq, epoch="e2"))
         assert hub.position_after(("e1", 90)) == 90          # the next event after e1:90 is e2:1
@@ -274,11 +301,46 @@ def test_hub_cuts_off_an_overtaken_reader_and_resumes_it_by_id():
         assert await idle.__anext__() == b": heartbeat\n\n"
         await idle.aclose()
 
-    async def reader_once(hub: Hub, start: int) -> bytes:
-        gen = hub.follow(EventFilter(), start)
-        chunk = await gen.__anext__()
-        await gen.aclose()
-        return chunk
+    asyncio.run(scenario())
+
+
+async def reader_once(hub: Hub, start: int, after: tuple[str, int] | None = None) -> bytes:
+    gen = hub.follow(EventFilter(), start, after=after)
+    chunk = await gen.__anext__()
+    await gen.aclose()
+    return chunk
+
+
+def test_hub_resumes_by_id_while_its_ring_is_still_filling():
+    """A restarted gateway serves before its ring holds the coordinator's replay: a client
+    resuming from e1:7 then must get e1:8 on, not the replay from e1:1 (the duplicates a
+    loaded machine showed), whether it came before any event or halfway through the refill;
+    a replay that no longer starts at its successor is announced as a gap."""
+    hub = Hub("ipc:///nonexistent", None, capacity=50)
+
+    async def scenario() -> None:
+        hub._loop = asyncio.get_running_loop()
+        hub._changed = asyncio.Event()
+        early = hub.follow(EventFilter(), hub.position_after(("e1", 7)), after=("e1", 7))   # empty ring
+        for seq in range(1, 5):
+            hub.append(_event(seq))
+        halfway = hub.follow(EventFilter(), hub.position_after(("e1", 7)), after=("e1", 7))
+        for seq in range(5, 13):
+            hub.append(_event(seq))
+        for reader in (early, halfway):
+            chunk = await reader.__anext__()
+            assert b"event: gap" not in chunk and _ids(chunk) == list(range(8, 13))
+            await reader.aclose()
+        assert _ids(await reader_once(hub, hub.position_after(("e0", 99)), ("e0", 99))) == list(range(1, 13))
+
+        evicted = Hub("ipc:///nonexistent", None, capacity=50)   # the coordinator retained only e1:20 on
+        evicted._loop, evicted._changed = hub._loop, asyncio.Event()
+        reader = evicted.follow(EventFilter(), evicted.position_after(("e1", 7)), after=("e1", 7))
+        for seq in range(20, 26):
+            evicted.append(_event(seq))
+        chunk = await reader.__anext__()
+        assert chunk.startswith(gap_frame(12)) and _ids(chunk) == list(range(20, 26))
+        await reader.aclose()
 
     asyncio.run(scenario())
 

@@ -499,11 +499,8 @@ class EventStream:
         async def stream() -> None:
             hello = {"epoch": hub.epoch, "oldest": hub.oldest_pos, "resumed": last is not None}
             frames = f"retry: 1000\nevent: hello\ndata: {json.dumps(hello)}\n\n"
-            missed = hub.missed(last, start)
-            if missed:   # evicted from the ring before this client came back: say so, never hide it
-                frames += f"event: gap\ndata: {json.dumps({'missed': missed})}\n\n"
             await self._send(send, frames.encode())
-            async for chunk in hub.follow(filt, start, heartbeat_s=self.config.heartbeat_s):
+            async for chunk in hub.follow(filt, start, after=last, heartbeat_s=self.config.heartbeat_s):
                 await self._send(send, chunk)
 
         async def disconnected() -> None:

@@ -62,6 +62,11 @@ def event_id(epoch: str, seq: int) -> str:
     return f"{epoch}:{seq}"
 
 
+def gap_frame(missed: int) -> bytes:
+    """The SSE message telling a resuming client that ``missed`` events after its id are gone."""
+    return f"event: gap\ndata: {json.dumps({'missed': missed})}\n\n".encode()
+
+
 def parse_event_id(text: str | None) -> tuple[str, int] | None:
     """``(epoch, seq)`` from an SSE id; None when absent or malformed."""
     if not text:
@@ -226,7 +231,8 @@ class Hub:
         No id: the oldest event held. An id of an epoch the ring no longer (or never) held:
         the first event of the current epoch (its events before ``seq`` belong to another
         coordinator incarnation). Within an epoch seq is increasing, so the position is found
-        directly, or by bisection when the subscriber recorded a loss.
+        directly, or by bisection when the subscriber recorded a loss. A ring still being
+        filled may not hold the id yet: :meth:`follow` (given the id) skips what the client has.
         """
         oldest = self.oldest_pos
         if last is None:
@@ -252,20 +258,19 @@ class Hub:
                 hi = mid
         return lo
 
-    def missed(self, last: tuple[str, int] | None, start: int) -> int:
-        """How many events after ``last`` the ring no longer holds (0 when it resumes exactly)."""
-        if last is None or start >= self.next_pos:
-            return 0
-        item = self.entry(start)
-        if item is None or item.epoch != last[0]:
-            return 0
-        return max(0, item.seq - last[1] - 1)
-
-    async def follow(self, filt: EventFilter, start: int, *, heartbeat_s: float = DEFAULT_HEARTBEAT_S
-                     ) -> AsyncIterator[bytes]:
+    async def follow(self, filt: EventFilter, start: int, *, after: tuple[str, int] | None = None,
+                     heartbeat_s: float = DEFAULT_HEARTBEAT_S) -> AsyncIterator[bytes]:
         """SSE bytes from ring position ``start`` on, forever: frames that match ``filt`` and
         a comment line after ``heartbeat_s`` of silence. Ends (the client is cut off) when the
-        ring has overwritten the reader's position."""
+        ring has overwritten the reader's position.
+
+        ``after`` is the id the client resumes from (``Last-Event-ID``). It is honoured here,
+        event by event, not only by ``start``: a gateway that has just (re)started may not
+        hold it yet, since its ring is still being filled from the coordinator's replay; the
+        leading events of that epoch up to its seq are then skipped as they arrive, so the
+        client gets neither a duplicate nor a gap. If the first event after it is not its
+        successor (the events between are no longer held), an ``event: gap`` frame says how
+        many were missed."""
         pos = start
         self.stats["clients"] += 1
         try:
@@ -283,6 +288,13 @@ class Hub:
                         self.stats["cut_off"] += 1
                         return
                     pos += 1
+                    if after is not None:
+                        if item.epoch == after[0]:
+                            if item.seq <= after[1]:
+                                continue   # the client has it already
+                            if item.seq > after[1] + 1:
+                                chunk.append(gap_frame(item.seq - after[1] - 1))
+                        after = None   # the first event after the client's id: resumed
                     if filt.matches(item):
                         chunk.append(item.frame)
                 if chunk:
