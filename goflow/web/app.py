@@ -317,6 +317,7 @@ def create_app(config: GatewayConfig) -> Any:
         except ValueError as exc:
             return _error(400, "bad_request", str(exc))
         status, workflow = request.query_params.get("status"), request.query_params.get("workflow")
+        last_event_id = gateway.hub.last_event_id()   # before the index: a stream resumed from it misses nothing
         merged = {item["execution_id"]: item for item in gateway.index.items()}
         if gateway.store is not None:
             for row in await gateway.history("list_executions", workflow=workflow, status=status,
@@ -329,7 +330,7 @@ def create_app(config: GatewayConfig) -> Any:
                  if (not status or item["status"] == status) and (not workflow or item["workflow"] == workflow)]
         items.sort(key=lambda item: (-(item["started_at"] or 0), item["execution_id"]))
         return _json({"executions": items[offset:offset + limit], "total": len(items), "offset": offset,
-                      "limit": limit})
+                      "limit": limit, "last_event_id": last_event_id})
 
     async def execution(request: Request) -> Response:
         eid = request.path_params["id"]

@@ -163,6 +163,15 @@ class Hub:
         last = self._ring[(self.next_pos - 1) % self.capacity]
         return last.seq if last is not None else None
 
+    def last_event_id(self) -> str | None:
+        """The SSE id of the newest event held (None before the first). Every event up to it
+        has been through ``on_event``: a view read after this call and a stream resumed from
+        this id together miss nothing."""
+        if self.next_pos == 0:
+            return None
+        last = self._ring[(self.next_pos - 1) % self.capacity]
+        return event_id(last.epoch, last.seq) if last is not None else None
+
     def append(self, ev: Event) -> None:
         """Add one delivered event (the subscriber thread; tests may call it directly)."""
         if self.on_event is not None:

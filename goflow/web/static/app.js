@@ -682,12 +682,21 @@
         [$("exec-next"), "click", () => { this.offset += this.limit; this.load(); }],
       ];
       this.listeners.forEach(([node, type, fn]) => node.addEventListener(type, fn));
-      this.stream = new Stream({ types: "execution.started,execution.resumed,execution.completed,execution.failed," +
-                                        "execution.cancelled,progress.update", since: "now" }, (ev) => this.onEvent(ev));
-      this.load();
+      this.stream = null;
+      this.closed = false;
+      /* The stream starts from the id the first list reply was read at (last_event_id), so an
+       * execution that ends between the two is not missed, whichever request the gateway serves first. */
+      this.load().then((lastId) => {
+        if (this.closed) return;
+        const params = { types: "execution.started,execution.resumed,execution.completed,execution.failed," +
+                                "execution.cancelled,progress.update" };
+        if (lastId) params.last_event_id = lastId;
+        this.stream = new Stream(params, (ev) => this.onEvent(ev));
+      });
     }
     close() {
-      this.stream.close();
+      this.closed = true;
+      if (this.stream) this.stream.close();
       this.listeners.forEach(([node, type, fn]) => node.removeEventListener(type, fn));
     }
     async load() {
@@ -695,10 +704,11 @@
       if ($("exec-status").value) query.set("status", $("exec-status").value);
       if ($("exec-workflow").value.trim()) query.set("workflow", $("exec-workflow").value.trim());
       let page;
-      try { page = await api("/api/executions?" + query.toString()); } catch (e) { return; }
+      try { page = await api("/api/executions?" + query.toString()); } catch (e) { return null; }
       this.items = new Map(page.executions.map((item) => [item.execution_id, item]));
       this.total = page.total;
       this.render();
+      return page.last_event_id;
     }
     onEvent(ev) {
       let item = this.items.get(ev.execution_id);
