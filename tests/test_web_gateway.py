@@ -18,7 +18,7 @@ from goflow.language.loader import load
 from goflow.coordinator.embedded import EmbeddedRuntime
 from goflow.web.hub import Hub, event_id, gap_frame
 from goflow.web.server import AddressError, GatewayProcess
-from webtools import get_json, read_sse, start_gateway, wait_for
+from webtools import gateways, get_json, published_runtime, read_sse, wait_for  # noqa: F401 (gateways: a fixture)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -66,28 +66,8 @@ edges:
 
 @pytest.fixture
 def runtime(tmp_path, free_ports):
-    events_port, control_port = free_ports(2)
-    rt = EmbeddedRuntime(workers=2, publish=[f"tcp://127.0.0.1:{events_port}"],
-                         control=[f"tcp://127.0.0.1:{control_port}"], db=tmp_path / "history.db")
-    with rt:
-        rt.wait_for_workers(2)
-        rt.events_tcp = f"tcp://127.0.0.1:{events_port}"
-        rt.control_tcp = f"tcp://127.0.0.1:{control_port}"
-        yield rt
+    yield from published_runtime(free_ports, db=tmp_path / "history.db")
 
-
-@pytest.fixture
-def gateways():
-    started: list[GatewayProcess] = []
-
-    def start(*args, **kwargs) -> GatewayProcess:
-        gateway = start_gateway(*args, **kwargs)
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 def _replayed_seqs(runtime, execution_id: str) -> list[int]:

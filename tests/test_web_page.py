@@ -12,11 +12,10 @@ import uuid
 
 import pytest
 
-from goflow.coordinator.embedded import EmbeddedRuntime
 from goflow.events.monitor import Monitor
 from goflow.language.loader import load
 from goflow.web.server import GatewayProcess
-from webtools import get_json, start_gateway
+from webtools import gateways, get_json, published_runtime  # noqa: F401 (gateways: a fixture)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -129,28 +128,8 @@ def page(browser_context):
 
 @pytest.fixture
 def runtime(free_ports):
-    events_port, control_port = free_ports(2)
-    rt = EmbeddedRuntime(workers=2, publish=[f"tcp://127.0.0.1:{events_port}"],
-                         control=[f"tcp://127.0.0.1:{control_port}"])
-    with rt:
-        rt.wait_for_workers(2)
-        rt.events_tcp = f"tcp://127.0.0.1:{events_port}"
-        rt.control_tcp = f"tcp://127.0.0.1:{control_port}"
-        yield rt
+    yield from published_runtime(free_ports)
 
-
-@pytest.fixture
-def gateways():
-    started: list[GatewayProcess] = []
-
-    def start(*args, **kwargs) -> GatewayProcess:
-        gateway = start_gateway(*args, **kwargs)
-        started.append(gateway)
-        return gateway
-
-    yield start
-    for gateway in started:
-        gateway.stop()
 
 
 def _node(page, node_id: str, status: str) -> None:

@@ -7,9 +7,12 @@ import json
 import socket
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+import pytest
+
+from goflow.coordinator.embedded import EmbeddedRuntime
 from goflow.web.server import GatewayProcess
 
 
@@ -86,3 +89,31 @@ def start_gateway(port: int, events: str, control: str | None, **kwargs) -> Gate
     gateway = GatewayProcess(f"127.0.0.1:{port}", events, control, **kwargs)
     gateway.start()
     return gateway
+
+
+def published_runtime(free_ports, **options) -> "Iterator[EmbeddedRuntime]":
+    """An embedded runtime with 2 workers that also publishes on tcp (``events_tcp``,
+    ``control_tcp``), as a gateway in another process reaches it; ``options`` go to it."""
+    events_port, control_port = free_ports(2)
+    rt = EmbeddedRuntime(workers=2, publish=[f"tcp://127.0.0.1:{events_port}"],
+                         control=[f"tcp://127.0.0.1:{control_port}"], **options)
+    with rt:
+        rt.wait_for_workers(2)
+        rt.events_tcp = f"tcp://127.0.0.1:{events_port}"
+        rt.control_tcp = f"tcp://127.0.0.1:{control_port}"
+        yield rt
+
+
+@pytest.fixture
+def gateways():
+    """Start gateways with :func:`start_gateway`; every one started is stopped at the end."""
+    started: list[GatewayProcess] = []
+
+    def start(*args, **kwargs) -> GatewayProcess:
+        gateway = start_gateway(*args, **kwargs)
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
