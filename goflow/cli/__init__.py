@@ -8,22 +8,33 @@ import sys
 from goflow import __version__
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from goflow.cli import dashboard, history, run, validate, watch
-    from goflow.cli.remote import add_parsers as add_remote_parsers
-    from goflow.cli.server_commands import add_parsers as add_server_parsers
+COMMAND_MODULES: dict[str, str] = {
+    "validate": "validate", "run": "run", "watch": "watch",
+    "server": "server_commands", "tools": "server_commands",
+    "submit": "remote", "status": "remote", "cancel": "remote", "ls": "remote", "workers": "remote",
+    "keys": "remote",
+    "executions": "history", "execution": "history", "logs": "history", "prune": "history",
+    "dashboard": "dashboard",
+}
+"""Each command's module in goflow.cli, in the order ``goflow --help`` lists them."""
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, or with ``command`` (a known one) of its module's only.
+
+    Startup is part of every run a user waits for: a command imports what it needs and
+    nothing else (``goflow run`` never imports the history viewer's event models).
+    """
+    import importlib
 
     parser = argparse.ArgumentParser(prog="goflow", description="Run GoFlow-compatible workflows on worker "
                                                                 "processes and watch every step live.")
     parser.add_argument("--version", action="version", version=f"goflow {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    validate.add_parser(subparsers)
-    run.add_parser(subparsers)
-    watch.add_parser(subparsers)
-    add_server_parsers(subparsers)
-    add_remote_parsers(subparsers)
-    history.add_parsers(subparsers)
-    dashboard.add_parser(subparsers)
+    wanted = [COMMAND_MODULES[command]] if command in COMMAND_MODULES else COMMAND_MODULES.values()
+    for name in dict.fromkeys(wanted):
+        module = importlib.import_module(f"goflow.cli.{name}")
+        (getattr(module, "add_parser", None) or module.add_parsers)(subparsers)
     return parser
 
 
@@ -58,8 +69,9 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = _parse(parser, sys.argv[1:] if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
+    args = _parse(parser, argv)
     if not getattr(args, "func", None):
         parser.print_help(sys.stderr)
         return 2

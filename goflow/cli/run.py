@@ -12,10 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from goflow.cli.common import parse_vars, print_problems, silence_stdout
-from goflow.cli.run_display import plain_line
 from goflow.errors import GoflowError
 from goflow.events import ids as execution_ids
-from goflow.events.filter import EventFilter
 from goflow.language.loader import check, read
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
 
@@ -91,24 +89,13 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    loaded = check(read(args.file))
-    if loaded.errors:
-        print_problems(loaded.problems, stream=sys.stderr)
-        if args.json:
-            errors = [p for p in loaded.problems if p.severity == "error"]
-            return _refuse(args, "invalid_workflow", f"{args.file}: {len(errors)} problem(s)", loaded.problems)
-        return 2
+    """Check the arguments, start the runtime, then load the workflow while the local
+    workers start (their imports overlap the parse: the load of a big workflow takes
+    seconds), run it and stop. A file that cannot be run stops the runtime at once."""
     try:
         variables = parse_vars(args.var, args.input)
     except ValueError as exc:
         return _refuse(args, "bad_request", f"goflow run: {exc}")
-    workflow = loaded.workflow
-    from goflow.coordinator.plan import initial_variables
-
-    try:
-        initial_variables(workflow, variables)
-    except ValueError as exc:
-        return _refuse(args, "bad_request", f"{args.file}: error: {exc}")
     if args.workers is not None and args.workers < 1:
         return _refuse(args, "bad_request", "goflow run: --workers must be at least 1")
     try:
@@ -116,6 +103,8 @@ def main(args: argparse.Namespace) -> int:
             execution_ids.checked(args.execution_id)
     except ValueError as exc:
         return _refuse(args, "bad_request", f"goflow run: --execution-id: {exc}")
+    if not Path(args.file).is_file():   # reported by the loader, before anything starts
+        return _invalid(args, check(read(args.file)))
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
@@ -128,19 +117,38 @@ def main(args: argparse.Namespace) -> int:
                                   progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes,
                                   otlp_endpoint=args.otlp_endpoint)
     except Exception as exc:  # e.g. the publish endpoint is in use
+        signal.signal(signal.SIGTERM, previous)
         return _refuse(args, "unavailable", f"goflow run: cannot start the coordinator: {exc}")
     try:
         with runtime:
+            loaded = check(read(args.file))
+            if loaded.errors:
+                return _invalid(args, loaded)
+            from goflow.coordinator.plan import initial_variables
+
+            try:
+                initial_variables(loaded.workflow, variables)
+            except ValueError as exc:
+                return _refuse(args, "bad_request", f"{args.file}: error: {exc}")
             gateway = _start_gateway(runtime, args)
             if gateway is False:
                 return 2
             try:
-                return _run(runtime, workflow, variables, args, loaded.text)
+                return _run(runtime, loaded.workflow, variables, args, loaded.text)
             finally:
                 if gateway is not None:
                     gateway.stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def _invalid(args: argparse.Namespace, loaded: Any) -> int:
+    """A workflow with problems: every problem on stderr (and in the --json object); exit 2."""
+    print_problems(loaded.problems, stream=sys.stderr)
+    if args.json:
+        errors = [p for p in loaded.problems if p.severity == "error"]
+        return _refuse(args, "invalid_workflow", f"{args.file}: {len(errors)} problem(s)", loaded.problems)
+    return 2
 
 
 def _start_gateway(runtime: EmbeddedRuntime, args: argparse.Namespace) -> Any:
@@ -297,10 +305,14 @@ class _Display:
 
     def _every_event(self, monitor: Any) -> Any:
         """This run's whole stream, from its first event, repaired (for lines and --watch)."""
+        from goflow.events.filter import EventFilter
+
         return monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
                                  until=lambda event: event.is_terminal)
 
     def _lines(self, monitor: Any, events: Any, started: float) -> None:
+        from goflow.cli.run_display import plain_line
+
         for event in events:
             if event.type == "execution.started":
                 started = event.ts
