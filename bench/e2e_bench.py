@@ -13,7 +13,9 @@ goflow run's RSS and the PSS summed over it and all its children; the history si
 database's files after exit.
 Pools: ProcessPoolExecutor(2) and multiprocessing.Pool(2) calling operator.add the same number
 of times in the same pattern (all at once / one after the other / at most 64 in flight),
-timed from pool creation to shutdown. Prints one JSON object on its last stdout line.
+timed from pool creation to shutdown. Both sides also report CPU seconds (user + system, the
+process tree's): on a shared machine the wall clock of one run varies 2x, CPU time much less.
+Prints one JSON object on its last stdout line.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,6 +54,17 @@ def workflow(shape: str, n: int) -> str:
         chain = ["start", *(f"n{i}" for i in range(n)), "end"]
         lines += [f"  - {{from: {a}, to: {b}}}" for a, b in zip(chain, chain[1:])]
     return "\n".join(lines) + "\n"
+
+
+def _children_cpu() -> float:
+    """User + system CPU seconds of every waited-for descendant (goflow run and its workers)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 # -- RSS of a process tree, from /proc --------------------------------------------------------------
@@ -106,6 +120,7 @@ def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
         if not history:
             cmd.append("--no-history")
         peak = [0, 0]
+        cpu0 = _children_cpu()
         t0 = time.perf_counter()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=home)
         done = threading.Event()
@@ -120,6 +135,7 @@ def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
         sampler.start()
         out, err = proc.communicate(timeout=1800)
         wall = time.perf_counter() - t0
+        cpu = _children_cpu() - cpu0
         done.set()
         sampler.join()
         lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
@@ -132,7 +148,7 @@ def run_goflow(shape: str, n: int, history: bool, profile: str | None) -> dict:
                 pstats.Stats(profile + ".prof", stream=fh).sort_stats("cumulative").print_stats(60)
                 pstats.Stats(profile + ".prof", stream=fh).sort_stats("tottime").print_stats(40)
         return {"shape": shape, "n": n, "history": history, "status": outcome.get("status"),
-                "exit": proc.returncode, "wall_s": wall, "nodes_per_s": n / wall,
+                "exit": proc.returncode, "wall_s": wall, "cpu_s": cpu, "nodes_per_s": n / wall,
                 "peak_tree_pss_mib": peak[0] / 1024, "peak_rss_cli_mib": peak[1] / 1024,
                 "history_bytes": db, "stderr_tail": err.decode(errors="replace")[-500:] if proc.returncode else ""}
     finally:
@@ -171,15 +187,16 @@ def run_pools(shape: str, n: int) -> dict:
     import operator
     from concurrent.futures import ProcessPoolExecutor
 
-    t0 = time.perf_counter()
+    cpu0, t0 = _own_cpu() + _children_cpu(), time.perf_counter()
     with ProcessPoolExecutor(2) as ex:
         _calls(lambda i: ex.submit(operator.add, i, 1), shape, n)
     ppe = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    cpu1, t0 = _own_cpu() + _children_cpu(), time.perf_counter()
     with multiprocessing.Pool(2) as pool:
         _calls(lambda i: _Async(pool.apply_async(operator.add, (i, 1))), shape, n)
     mp = time.perf_counter() - t0
-    return {"shape": shape, "n": n, "ppe_s": ppe, "mp_s": mp}
+    cpu2 = _own_cpu() + _children_cpu()
+    return {"shape": shape, "n": n, "ppe_s": ppe, "mp_s": mp, "ppe_cpu_s": cpu1 - cpu0, "mp_cpu_s": cpu2 - cpu1}
 
 
 def main() -> None:
