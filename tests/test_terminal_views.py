@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import struct
 import subprocess
 import sys
 import termios
 import threading
+import time
 
 import pyte
 import pytest
@@ -48,27 +50,57 @@ edges:
 """
 
 
+class PtyRun:
+    """``goflow ARGS`` on a pseudo-terminal of COLUMNS x LINES in a session of its own (so a
+    signal to its process group is what the terminal's Ctrl-C sends); a thread feeds the
+    output to a pyte screen."""
+
+    def __init__(self, *args: str):
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
+        env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(LINES)}
+        env.pop("NO_COLOR", None)
+        self.proc = subprocess.Popen([sys.executable, "-m", "goflow", *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=env, close_fds=True, start_new_session=True)
+        os.close(slave)
+        self.master = master
+        self.screen = pyte.Screen(COLUMNS, LINES)
+        self.lock = threading.Lock()
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        stream = pyte.ByteStream(self.screen)
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:   # EIO: every writer closed the terminal
+                break
+            if not chunk:
+                break
+            with self.lock:
+                stream.feed(chunk)
+        os.close(self.master)
+
+    def rows(self) -> list[str]:
+        with self.lock:
+            return [line.rstrip() for line in self.screen.display]
+
+    def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while not predicate(self.rows()):
+            assert time.monotonic() < deadline, f"never saw {what}:\n" + "\n".join(self.rows())
+            time.sleep(0.05)
+
+    def finish(self) -> tuple[int, list[str]]:
+        """Wait for the end of the output; the exit code and the final screen's rows."""
+        self.reader.join(60)
+        return self.proc.wait(30), self.rows()
+
+
 def run_in_pty(*args: str) -> tuple[int, list[str]]:
-    """Run ``goflow ARGS`` on a pseudo-terminal of COLUMNS x LINES; the final screen's rows."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", LINES, COLUMNS, 0, 0))
-    env = {**os.environ, "TERM": "xterm-256color", "COLUMNS": str(COLUMNS), "LINES": str(LINES)}
-    env.pop("NO_COLOR", None)
-    proc = subprocess.Popen([sys.executable, "-m", "goflow", *args], stdin=slave, stdout=slave, stderr=slave,
-                            env=env, close_fds=True)
-    os.close(slave)
-    screen = pyte.Screen(COLUMNS, LINES)
-    stream = pyte.ByteStream(screen)
-    while True:
-        try:
-            chunk = os.read(master, 65536)
-        except OSError:   # EIO: every writer closed the terminal
-            break
-        if not chunk:
-            break
-        stream.feed(chunk)
-    os.close(master)
-    return proc.wait(30), [line.rstrip() for line in screen.display]
+    """Run ``goflow ARGS`` on a pseudo-terminal to its end; the final screen's rows."""
+    return PtyRun(*args).finish()
 
 
 def row_of(rows: list[str], node: str) -> list[str]:
@@ -186,3 +218,83 @@ def test_goflow_watch_on_a_terminal_follows_a_published_run_to_its_summary(write
     assert row_of(rows, "flaky")[1:4] == ["python", "completed", "3"]
     assert "3/3" in row_of(rows, "each")
     assert any(line.startswith("✓ ptyflow watched-: completed") for line in rows), "\n".join(rows)
+
+
+GATED_FLOW = """
+name: gated
+nodes:
+  - {id: start, type: start}
+  - {id: gate, type: python, call: "flowlib:wait_for_file", args: ["%s"]}
+  - {id: end, type: end}
+edges:
+  - {from: start, to: gate}
+  - {from: gate, to: end}
+"""
+
+
+def _gate_running(rows: list[str]) -> bool:
+    return any(line.split()[:3] == ["gate", "python", "running"] for line in rows)
+
+
+def _display_children(parent: int) -> list[int]:
+    """The pids of ``parent``'s event display processes (python -m goflow.cli.run_display)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as fh:
+                command = fh.read().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == parent and b"goflow.cli.run_display" in command:
+            found.append(int(entry))
+    return found
+
+
+def test_ctrl_c_on_a_terminal_cancels_the_run_and_the_view_shows_it_to_its_end(write_flow, tmp_path):
+    """The view is drawn by a child process that ignores Ctrl-C: the parent cancels the run,
+    and the view still shows the cancelled node and the run's end before the summary."""
+    run = PtyRun("run", str(write_flow(GATED_FLOW % (tmp_path / "never"))), "--workers", "1", "--no-history")
+    try:
+        run.wait_for(_gate_running, "the gate node running")
+        assert len(_display_children(run.proc.pid)) == 1
+        os.killpg(run.proc.pid, signal.SIGINT)
+        code, rows = run.finish()
+    finally:
+        _kill_group(run.proc.pid)
+    assert code == 130, "\n".join(rows)
+    assert row_of(rows, "gate")[1:3] == ["python", "cancelled"], "\n".join(rows)
+    assert any(line.startswith("■ gated: cancelled") for line in rows), "\n".join(rows)
+
+
+def test_the_view_process_ends_when_goflow_run_is_killed(write_flow, tmp_path):
+    run = PtyRun("run", str(write_flow(GATED_FLOW % (tmp_path / "never"))), "--workers", "1", "--no-history")
+    try:
+        run.wait_for(_gate_running, "the gate node running")
+        (display,) = _display_children(run.proc.pid)
+        os.kill(run.proc.pid, signal.SIGKILL)
+        run.proc.wait(30)
+        deadline = time.monotonic() + 30
+        while os.path.exists(f"/proc/{display}") and _state(display) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not os.path.exists(f"/proc/{display}") or _state(display) == "Z", "the display outlived goflow run"
+    finally:
+        _kill_group(run.proc.pid)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass

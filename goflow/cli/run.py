@@ -6,13 +6,12 @@ import argparse
 import json
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from goflow.cli.common import parse_vars, print_problems, silence_stdout
-from goflow.errors import GoflowError
+from goflow.cli.common import parse_vars, print_problems
+from goflow.cli.run_display import DisplayProcess
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, read
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
@@ -218,7 +217,8 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
     execution_id = execution_ids.given_or_new(args.execution_id)
     if args.publish or args.control:
         print(f"goflow run: execution {execution_id}", file=sys.stderr, flush=True)
-    display = None if args.json else _Display(runtime, workflow.name, execution_id, args.watch)
+    display = None if args.json else DisplayProcess(runtime.events_endpoint, runtime.control_endpoint,
+                                                    execution_id, full=args.watch)
     if display is not None:
         display.start()
     future = runtime.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id,
@@ -264,67 +264,3 @@ def _summary(result: ExecutionResult) -> None:
         if stream.isatty() and len(text) > 600:
             text = text[:600] + f"… ({len(text)} characters; --json prints all of it)"
         print("  result: " + text, file=stream)
-
-
-class _Display:
-    """Follows this run's events (reliably, from the first) on a background thread."""
-
-    def __init__(self, runtime: EmbeddedRuntime, workflow: str, execution_id: str, full: bool):
-        self.runtime = runtime
-        self.workflow = workflow
-        self.execution_id = execution_id
-        self.full = full
-        self.tty = sys.stdout.isatty()
-        self.finished = threading.Event()
-        self.thread = threading.Thread(target=self._follow, name="goflow-display", daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Wait (briefly) for the display to show the terminal event."""
-        self.finished.set()
-        self.thread.join(timeout=5)
-
-    def _follow(self) -> None:
-        from goflow.events.monitor import Monitor
-
-        monitor = Monitor(self.runtime.events_endpoint, self.runtime.control_endpoint)
-        started = time.time()
-        try:
-            if self.tty:
-                self._live(monitor, self._every_event(monitor))
-            else:
-                self._lines(monitor, self._every_event(monitor), started)
-        except GoflowError as exc:
-            print(f"goflow run: event display stopped: {exc}", file=sys.stderr)
-        except BrokenPipeError:  # e.g. `goflow run ... | head`: the reader is gone, the run goes on
-            silence_stdout()
-        finally:
-            monitor.close()
-
-    def _every_event(self, monitor: Any) -> Any:
-        """This run's whole stream, from its first event, repaired (for lines and --watch)."""
-        from goflow.events.filter import EventFilter
-
-        return monitor.subscribe(EventFilter(executions=[self.execution_id]), reliable=True, since="start",
-                                 until=lambda event: event.is_terminal)
-
-    def _lines(self, monitor: Any, events: Any, started: float) -> None:
-        from goflow.cli.run_display import plain_line
-
-        for event in events:
-            if event.type == "execution.started":
-                started = event.ts
-            line = plain_line(event, started)
-            if line:
-                print(line, flush=True)
-
-    def _live(self, monitor: Any, events: Any) -> None:
-        """The live view (:mod:`goflow.cli.run_view`); with --watch, the recent events too."""
-        from goflow.cli.run_view import LiveDisplay, RunView
-
-        view = RunView(recent_events=12 if self.full else 0, stats=lambda: dict(monitor.stats))
-        with LiveDisplay(view, sys.stdout) as display:
-            for event in events:
-                display.put(event)

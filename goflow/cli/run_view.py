@@ -349,7 +349,7 @@ class LiveDisplay:
     """A :class:`RunView` on a terminal. :meth:`put` is the reader's only entry (thread-safe);
     the view is fed and rendered by rich alone, under its lock."""
 
-    def __init__(self, view: RunView, stream: IO[str], *, refresh_per_second: float = 8):
+    def __init__(self, view: RunView, stream: IO[str], *, refresh_per_second: float = 4):
         self.view = view
         self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
         self.live = Live(console=Console(file=stream), get_renderable=self._renderable,
