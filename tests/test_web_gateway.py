@@ -5,6 +5,7 @@ gateway processes and HTTP; the browser tests are in test_web_page.py."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import subprocess
 import sys
 import uuid
@@ -327,3 +328,45 @@ def test_hub_resumes_by_id_while_its_ring_is_still_filling():
 
 def _ids(frames: bytes) -> list[int]:
     return [int(line.rsplit(":", 1)[1]) for line in frames.decode().splitlines() if line.startswith("id:")]
+
+
+def _fan_out_of_big_outputs(count: int, size: int) -> str:
+    nodes = "\n".join(f"  - {{id: n{i}, type: python, call: 'flowlib:big_text', args: [{size}], output: o{i}}}"
+                      for i in range(count))
+    edges = "\n".join(f"  - {{from: start, to: n{i}}}\n  - {{from: n{i}, to: end}}" for i in range(count))
+    return (f"name: bulky\nnodes:\n  - {{id: start, type: start}}\n  - {{id: end, type: end}}\n{nodes}\n"
+            f"edges:\n{edges}\n")
+
+
+def test_a_stalled_browser_is_cut_off_and_the_others_are_served_in_full(runtime, gateways, free_ports, write_flow,
+                                                                       capfd):
+    """A client that stops reading (a tiny receive window, nothing read) is cut off once its
+    socket accepts nothing for the stall timeout: its connection is closed after what was
+    already buffered, and a reading client of the same gateway gets the whole run meanwhile."""
+    (port,) = free_ports(1)
+    gateway = gateways(port, runtime.events_tcp, runtime.control_tcp, stall_timeout=1.0)
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", port))
+    stalled.sendall(f"GET /api/events?since=now HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+    # ~8 MB of events (each output 2 KB, in node.completed and in variable.changed): far more
+    # than the two sockets' buffers hold
+    wait_for(lambda: get_json(gateway.url + "api/metrics")[1]["gateway"]["clients"] >= 1, what="the client")
+    execution_id = f"bulky-{uuid.uuid4().hex[:8]}"
+    future = runtime.submit(load(write_flow(_fan_out_of_big_outputs(1000, 2000))), execution_id=execution_id)
+    events, _ = read_sse(gateway.url + f"api/events?execution={execution_id}&since=start",
+                         until=lambda got: bool(got) and got[-1].data["type"] == "execution.completed", timeout=60)
+    assert future.result(timeout=60)["status"] == "completed"
+    eseqs = [event.data["eseq"] for event in events]
+    assert eseqs == list(range(1, len(eseqs) + 1)) and len(eseqs) > 3000
+    wait_for(lambda: get_json(gateway.url + "api/metrics")[1]["gateway"]["cut_off"] >= 1, timeout=60,
+             what="the stalled client cut off")
+    stalled.settimeout(30)
+    received = b""
+    while chunk := stalled.recv(65536):   # what the sockets held, then the end of the connection
+        received += chunk
+    stalled.close()
+    assert received.startswith(b"HTTP/1.1 200")
+    assert 0 < received.count(b"event: goflow\n") < len(eseqs)
+    wait_for(lambda: get_json(gateway.url + "api/metrics")[1]["gateway"]["clients"] == 0, what="no client left")
+    assert "ASGI callable" not in capfd.readouterr().err   # a deliberate cut-off is not an error

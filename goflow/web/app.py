@@ -515,8 +515,11 @@ class EventStream:
         finally:
             for task in (streaming, watching):
                 task.cancel()
+        # Overtaken by the ring: end the response, the browser reconnects by id. Stalled: return
+        # without ending it (a socket that accepts nothing cannot take the last chunk either),
+        # and uvicorn closes the connection; the browser reconnects by id as well.
         if streaming in done and not streaming.cancelled() and streaming.exception() is None:
-            try:   # cut off (lag) or stalled: end the response; the browser reconnects by id
+            try:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except Exception:
                 pass

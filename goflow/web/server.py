@@ -79,6 +79,16 @@ def allowed_hosts(host: str, port: int, token: str | None) -> tuple[str, ...]:
 
 
 # -- serving -----------------------------------------------------------------------------
+INCOMPLETE_RESPONSE = "ASGI callable returned without completing response."
+
+
+def _quiet_cut_off(record: logging.LogRecord) -> bool:
+    """Drop uvicorn's error line for a response left incomplete: the one such response is the
+    event stream of a stalled browser, which the gateway cuts off on purpose (counted in
+    ``cut_off``), and every browser's cut-off would otherwise print an ERROR."""
+    return record.getMessage() != INCOMPLETE_RESPONSE
+
+
 def serve(config: Any, host: str, port: int, *, stop: threading.Event | None = None) -> int:
     """Serve until SIGINT/SIGTERM (or ``stop``); prints the ready line with the bound URL."""
     import uvicorn
@@ -86,6 +96,7 @@ def serve(config: Any, host: str, port: int, *, stop: threading.Event | None = N
     from goflow.web.app import create_app
 
     app = create_app(config)
+    logging.getLogger("uvicorn.error").addFilter(_quiet_cut_off)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
                                            access_log=False, timeout_graceful_shutdown=1,
                                            proxy_headers=False, server_header=False))
@@ -129,6 +140,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--curve-secret-key", metavar="FILE", help="this client's key pair (CURVE)")
     parser.add_argument("--buffer", type=int, default=None, metavar="EVENTS",
                         help="events the gateway holds for browsers that resume (default 100000)")
+    parser.add_argument("--stall-timeout", type=float, default=None, metavar="SECONDS",
+                        help="a browser whose connection accepts nothing for SECONDS is cut off; it resumes "
+                             "by its last event id (default 10)")
     parser.add_argument("--exit-with-stdin", action="store_true", help=argparse.SUPPRESS)
 
 
@@ -158,7 +172,8 @@ def run_from_args(args: argparse.Namespace) -> int:
         return 2
     config = GatewayConfig(events=args.events, control=args.control, curve=curve, token=token, db=args.db,
                            allow_control=args.allow_control, allowed_hosts=allowed_hosts(host, port, token),
-                           capacity=args.buffer)
+                           capacity=args.buffer,
+                           **({"stall_s": args.stall_timeout} if args.stall_timeout is not None else {}))
     stop = threading.Event()
     if args.exit_with_stdin:   # a child of goflow-coordinator / goflow run: end with the parent,
         try:                   # and yield the CPU to the engine it observes (an observer must not slow it)
@@ -188,7 +203,8 @@ class GatewayProcess:
     """
 
     def __init__(self, http: str, events: str, control: str | None, *, token: str | None = None,
-                 db: str | None = None, allow_control: bool = False, curve_secret_key: str | None = None):
+                 db: str | None = None, allow_control: bool = False, curve_secret_key: str | None = None,
+                 stall_timeout: float | None = None):
         host, _ = parse_address(http)
         check_exposure(host, token)
         self.http = http
@@ -199,6 +215,8 @@ class GatewayProcess:
             command += ["--db", db]
         if allow_control:
             command.append("--allow-control")
+        if stall_timeout is not None:
+            command += ["--stall-timeout", str(stall_timeout)]
         if curve_secret_key:   # the coordinator's own key pair, as its local workers use it
             command += ["--curve-server-key", curve_secret_key, "--curve-secret-key", curve_secret_key]
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}
