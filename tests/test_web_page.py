@@ -307,3 +307,33 @@ def test_page_needs_the_token_off_loopback(runtime, free_ports, page):
     finally:
         gateway.stop()
         page.context.clear_cookies()
+
+
+def test_a_run_whose_first_events_left_the_ring_shows_its_variables_from_the_base(runtime, gateways, free_ports,
+                                                                                 write_flow, page):
+    """A gateway holding 200 events, a run of ~500: the page's stream starts mid-run, so it
+    takes the variables op's snapshot as its base (docs/events.md §1) and shows every
+    variable, those set by events it never saw included; it says which past snapshots it
+    cannot know."""
+    (port,) = free_ports(1)
+    gateways(port, runtime.events_tcp, runtime.control_tcp, buffer=200)
+    n = 120
+    chain = ["start", *(f"n{i}" for i in range(n)), "end"]
+    text = "name: long\nnodes:\n  - {id: start, type: start}\n  - {id: end, type: end}\n" + "".join(
+        f'  - {{id: n{i}, type: python, call: "flowlib:echo", args: [{i}], output: v{i}}}\n' for i in range(n)) + \
+        "edges:\n" + "".join(f"  - {{from: {a}, to: {b}}}\n" for a, b in zip(chain, chain[1:]))
+    eid = uuid.uuid4().hex
+    _, future = runtime.coordinator.submit(load(write_flow(text, "long.yaml")), {}, execution_id=eid)
+    assert future.result(timeout=120)["status"] == "completed"
+    page.goto(f"http://127.0.0.1:{port}/#/e/{eid}")
+    page.wait_for_selector("#ex-outcome.completed:not([hidden])", timeout=WAIT_MS)
+    first = page.evaluate("window.goflowDashboard.view().events[0].eseq")
+    assert first > n                   # the ring no longer held the run's first ~n/3 changes
+    page.wait_for_selector(f'#vars-rows tr[data-var="v{n - 1}"]', timeout=WAIT_MS)
+    shown = {row.get_attribute("data-var"): row.inner_text().split()[-1]
+             for row in page.locator("#vars-rows tr").all()}
+    assert shown == {f"v{i}": str(i) for i in range(n)}
+    page.locator("#log .row").first.click()            # an event from before the base
+    assert "not known here" in page.inner_text("#vars-asof")
+    assert page.locator("#vars-rows tr").count() == 0
+    assert not page.errors

@@ -338,7 +338,10 @@ def create_app(config: GatewayConfig) -> Any:
             detail = await gateway.request("execution", execution_id=eid)
             eid = detail["execution_id"]
             detail["graph"] = await gateway.request("graph", execution_id=eid)
-            detail["variables"] = (await gateway.request("variables", execution_id=eid)).get("variables")
+            base = await gateway.request("variables", execution_id=eid)
+            # the snapshot and its version: the page's base when the execution's first
+            # events have left the ring (docs/events.md §1 "Variables")
+            detail["variables"], detail["variables_vseq"] = base.get("variables"), base.get("vseq")
             detail["source"] = "coordinator"
             return _json(detail)
         except ControlError as exc:

@@ -204,7 +204,7 @@ class GatewayProcess:
 
     def __init__(self, http: str, events: str, control: str | None, *, token: str | None = None,
                  db: str | None = None, allow_control: bool = False, curve_secret_key: str | None = None,
-                 stall_timeout: float | None = None):
+                 stall_timeout: float | None = None, buffer: int | None = None):
         host, _ = parse_address(http)
         check_exposure(host, token)
         self.http = http
@@ -217,6 +217,8 @@ class GatewayProcess:
             command.append("--allow-control")
         if stall_timeout is not None:
             command += ["--stall-timeout", str(stall_timeout)]
+        if buffer is not None:
+            command += ["--buffer", str(buffer)]
         if curve_secret_key:   # the coordinator's own key pair, as its local workers use it
             command += ["--curve-server-key", curve_secret_key, "--curve-secret-key", curve_secret_key]
         env = {k: v for k, v in os.environ.items() if k != TOKEN_ENV}

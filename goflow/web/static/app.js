@@ -214,6 +214,22 @@
     if (meta.name !== undefined) vars[meta.name] = meta.value;
   }
 
+  /* When the stream starts after eseq 1 (the gateway's ring no longer holds the
+   * execution's first events), the base is the `variables` op's snapshot and its version
+   * (vseq), and only later changes apply. An event from before the base has no exact
+   * snapshot here (null). */
+  function variablesAt(events, upto, base) {
+    if (!base) {
+      const vars = {};
+      for (let i = 0; i <= upto; i++) applyChanges(vars, events[i]);
+      return vars;
+    }
+    if ((events[upto].vseq || 0) < base.vseq) return null;
+    const vars = Object.assign({}, base.vars);
+    for (let i = 0; i <= upto; i++) if (events[i].eseq > base.vseq) applyChanges(vars, events[i]);
+    return vars;
+  }
+
   // -- the execution view ---------------------------------------------------------------
   let current = null;   // the open view: {close()}
 
@@ -233,6 +249,8 @@
       this.events = [];
       this.filtered = [];
       this.vars = {};
+      this.snapshot = null;   // {vars, vseq}: the variables op's answer, from the detail
+      this.base = null;       // the snapshot, once the stream turned out to start after eseq 1
       this.attempts = [];
       this.openAttempts = new Map();
       this.status = null;
@@ -299,6 +317,9 @@
       }
       if (current !== this) return;
       $("ex-workflow").textContent = detail.workflow || "";
+      if (detail.variables && typeof detail.variables_vseq === "number") {
+        this.snapshot = { vars: detail.variables, vseq: detail.variables_vseq };
+      }
       this.setGraph(detail.graph || { nodes: [], edges: [] });
       api("/api/metrics").then((m) => { this.control = m.control; this.renderHeader(); }).catch(() => {});
       if (detail.source === "history") {
@@ -367,6 +388,7 @@
 
     // -- events ------------------------------------------------------------------------
     onEvent(ev) {
+      if (!this.events.length && ev.eseq > 1) this.startAfterTheFirstEvents(ev);
       this.events.push(ev);
       if (this.matchesLog(ev)) this.filtered.push(this.events.length - 1);
       const node = ev.node_id ? this.nodes.get(ev.node_id) : null;
@@ -380,11 +402,29 @@
         this.outcome = ev;
       } else if (ev.type === "progress.update") {
         this.progress = meta;
-      } else if (ev.type === "variable.changed") {
+      } else if (ev.type === "variable.changed" && (!this.base || ev.eseq > this.base.vseq)) {
         applyChanges(this.vars, ev);
       }
       if (this.startTs === null) this.startTs = ev.ts;
       if (node) this.onNodeEvent(node, ev, meta);
+      this.dirty = true;
+      this.scheduleRender();
+    }
+
+    /* The first event received is not the execution's first: fold onto the snapshot. One
+     * taken before this event's variables version would miss changes: fetch a newer one. */
+    startAfterTheFirstEvents(first) {
+      this.base = this.snapshot || { vars: {}, vseq: 0 };
+      this.vars = Object.assign({}, this.base.vars);
+      if ((first.vseq || 0) > this.base.vseq) this.rebase();
+    }
+
+    async rebase() {
+      let detail;
+      try { detail = await api("/api/executions/" + encodeURIComponent(this.id)); } catch (e) { return; }
+      if (current !== this || typeof detail.variables_vseq !== "number") return;
+      this.base = { vars: detail.variables || {}, vseq: detail.variables_vseq };
+      this.vars = variablesAt(this.events, this.events.length - 1, this.base) || Object.assign({}, this.base.vars);
       this.dirty = true;
       this.scheduleRender();
     }
@@ -646,12 +686,12 @@
         this.renderVars(this.vars);
         return;
       }
-      const vars = {};
-      for (let i = 0; i <= this.asOf; i++) applyChanges(vars, this.events[i]);
+      const vars = variablesAt(this.events, this.asOf, this.base);
       const ev = this.events[this.asOf];
-      $("vars-asof").textContent = "as of #" + ev.eseq + " " + ev.type + (ev.node_id ? " " + ev.node_id : "");
+      $("vars-asof").textContent = "as of #" + ev.eseq + " " + ev.type + (ev.node_id ? " " + ev.node_id : "") +
+        (vars ? "" : ": not known here (the gateway no longer holds the events before #" + this.events[0].eseq + ")");
       show($("vars-now"), true);
-      this.renderVars(vars);
+      this.renderVars(vars || {});
       if (ev.node_id && this.nodes.has(ev.node_id)) this.selectNode(ev.node_id);
     }
 
