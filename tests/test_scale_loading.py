@@ -187,6 +187,9 @@ SHAPES = [
     "? [1, 2]\n: complex key\n",  # a collection as a key: the composing path
     "a: 1\na: 2\n",  # a duplicate key
     "1: int key\ntrue: bool key\n",
+    "null: a null key\n0: zero\n010: octal\n1_000: underscores\n-7: negative\n0x1F: hex\n"
+    "12345678901234567890: big\n",
+    "plain: [007, 08, 0, 10, +3, 1:20, .5, 1e3, 1.0e+3, .inf, 2026-01-02 10:00:00, '10', \"0\", !!str 5, =x]\n",
     "tagged: !!str 123\nset: !!set {a, b}\n",
 ]
 

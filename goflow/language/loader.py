@@ -95,6 +95,15 @@ def _where(path: Path, raw: Any) -> str:
 
 
 @functools.cache
+def _plain_keys(model: type[BaseModel]) -> frozenset[str]:
+    """Keys with which ``data`` needs no key check before ``model`` validates it: ``model``'s own,
+    less those holding a nested model whose keys are checked too (none for a free-form model)."""
+    if _free_form(model):
+        return frozenset()
+    return allowed_keys(model).difference(key for key, _ in _nested_fields(model))
+
+
+@functools.cache
 def _free_form(model: type[BaseModel]) -> bool:
     """A model that takes any key (``metadata:``): only its documented keys are typed."""
     return model.model_config.get("extra") == "allow"
@@ -125,6 +134,14 @@ class _Loader:
 
     def validate_model(self, model: type[BaseModel], data: Any, path: Path, node_id: str | None) -> Any:
         """``model.model_validate(data)``, or None after reporting each error at its own line."""
+        if type(data) is dict and _plain_keys(model).issuperset(data):  # the common case: one call
+            try:
+                validated = model.__pydantic_validator__.validate_python(data)
+            except ValidationError:
+                pass  # validated again below, to report each error
+            else:
+                self.share_fields_set(validated)
+                return validated
         if not isinstance(data, dict):
             self.loaded.problem(path, f"expected a mapping{_where(path, data)}, got {type(data).__name__}", node=node_id)
             return None

@@ -17,7 +17,7 @@ from collections import defaultdict
 from typing import TYPE_CHECKING, Any, Iterable
 
 from goflow.errors import ExpressionError
-from goflow.language.expr import compile_transform, interpolation_references, parse_condition, check_interpolation
+from goflow.language.expr import compile_transform, interpolation_references, parse_condition
 from goflow.language.model import (
     ID_PATTERN,
     VARIABLE_PATTERN,
@@ -97,9 +97,8 @@ class _Validator:
     def check_ids(self) -> None:
         seen: dict[str, int] = {}
         for index, node in enumerate(self.workflow.nodes):
-            path = self.node_path(node.id, "id")
             if not ID_PATTERN.match(node.id):
-                self.error(path, f"invalid node id '{node.id}': use letters, digits, '_' and '-', "
+                self.error(self.node_path(node.id, "id"), f"invalid node id '{node.id}': use letters, digits, '_' and '-', "
                                  f"starting with a letter or '_'", node.id)
             if node.id in seen:
                 self.error(("nodes", index, "id"), f"duplicate node id '{node.id}'; node ids must be unique", node.id)
@@ -136,7 +135,8 @@ class _Validator:
         seen: set[tuple[str, str]] = set()
         nodes = self.nodes
         for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
-            if edge.source not in nodes or edge.target not in nodes:  # the rare case: say which end
+            source = nodes.get(edge.source)
+            if source is None or edge.target not in nodes:  # the rare case: say which end
                 for end, key in ((edge.source, "from"), (edge.target, "to")):
                     if not self.known(end):
                         self.error(path + (key,), f"edge {edge.source} -> {edge.target}: no node '{end}'"
@@ -147,11 +147,12 @@ class _Validator:
             if pair in seen:
                 self.error(path, f"duplicate edge {edge.source} -> {edge.target}", edge.source)
             seen.add(pair)
-            source = nodes.get(edge.source)
-            if source is not None and source.type == "end":
+            if source is None:
+                continue
+            if source.type == "end":
                 self.error(path, f"edge leaves end node '{edge.source}'; an end node finishes its path", edge.source,
                            severity="warning")
-            if edge.condition is not None and source is not None and not isinstance(source, ConditionNode):
+            if edge.condition is not None and not isinstance(source, ConditionNode):
                 self.error(path + ("condition",), f"edge {edge.source} -> {edge.target} has a condition but "
                                                   f"'{edge.source}' is not a condition node; it is ignored",
                            edge.source, severity="warning")
@@ -163,12 +164,14 @@ class _Validator:
         return f"; did you mean '{close[0]}'?" if close else ""
 
     def check_conditions(self) -> None:
-        outgoing: dict[str, list[tuple]] = defaultdict(list)
+        conditions = [node for node in self.workflow.nodes if isinstance(node, ConditionNode)]
+        if not conditions:
+            return
+        outgoing: dict[str, list[tuple]] = {node.id: [] for node in conditions}
         for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
-            outgoing[edge.source].append((edge, path))
-        for node in self.workflow.nodes:
-            if not isinstance(node, ConditionNode):
-                continue
+            if edge.source in outgoing:
+                outgoing[edge.source].append((edge, path))
+        for node in conditions:
             labels = [edge.condition for edge, _ in outgoing[node.id]]
             for edge, path in outgoing[node.id]:
                 if edge.condition not in ("true", "false"):
@@ -182,6 +185,8 @@ class _Validator:
                                                         f"edge, found {count}", node.id)
 
     def check_containers(self) -> None:
+        if not any(isinstance(node, (LoopNode, ParallelNode)) for node in self.workflow.nodes):
+            return
         with_edges = {e.source for e in self.workflow.edges} | {e.target for e in self.workflow.edges}
         owner: dict[str, str] = {}
         for node in self.workflow.nodes:
@@ -348,11 +353,14 @@ class _Validator:
             if node.output_variable:
                 global_names.add(node.output_variable)
         owner = containers(self.workflow.nodes)
+        no_names: frozenset[str] = frozenset()
 
-        def loop_names(node_id: str) -> set[str]:
+        def loop_names(node_id: str) -> set[str] | frozenset[str]:
             """The item names of the loops around ``node_id`` (a few; never the global names)."""
-            names: set[str] = set()
             current, hops = owner.get(node_id), 0
+            if current is None:  # most nodes
+                return no_names
+            names: set[str] = set()
             while current is not None and hops < 1000:
                 container = self.nodes.get(current)
                 if isinstance(container, LoopNode):
@@ -365,6 +373,8 @@ class _Validator:
             for field, names, error in self._node_references(node):
                 if error is not None:
                     self.error(self.node_path(node.id, field), f"node '{node.id}': invalid {field}: {error}", node.id)
+                    continue
+                if not names:
                     continue
                 undefined = [name for name in names if name not in global_names and name not in local]
                 for name in sorted(undefined):
@@ -383,8 +393,7 @@ class _Validator:
 
         def interpolation(field: str, value: Any):
             try:
-                _check_all(value)
-                return field, set(interpolation_references(value)), None
+                return field, interpolation_references(value), None
             except ExpressionError as exc:
                 return field, set(), exc.message
 
@@ -423,17 +432,6 @@ class _Validator:
             return field, {reference_root(text)}, None
         except ExpressionError as exc:
             return field, set(), exc.message
-
-
-def _check_all(value: Any) -> None:
-    if isinstance(value, str):
-        check_interpolation(value)
-    elif isinstance(value, list):
-        for item in value:
-            _check_all(item)
-    elif isinstance(value, dict):
-        for item in value.values():
-            _check_all(item)
 
 
 def _hint(name: str, scope: set[str]) -> str:

@@ -116,6 +116,18 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|Tr
 
 
 _STR_TAG = "tag:yaml.org,2002:str"
+_WILDCARD_RESOLVERS = tuple(_Loader.yaml_implicit_resolvers.get(None, ()))
+_RESOLVERS_BY_FIRST = {first: tuple(resolvers) + _WILDCARD_RESOLVERS
+                       for first, resolvers in _Loader.yaml_implicit_resolvers.items() if first is not None}
+
+
+def _plain_tag(text: str) -> str:
+    """The tag ``_Loader.resolve`` gives plain scalar ``text`` (it has no path resolvers), without its
+    call chain: each distinct plain text of a document is resolved once, 300k of them at 100k nodes."""
+    for tag, regexp in _RESOLVERS_BY_FIRST.get(text[:1], _WILDCARD_RESOLVERS):
+        if regexp.match(text):
+            return tag
+    return _STR_TAG
 
 
 def _position(mark: yaml.Mark) -> tuple[int, int]:
@@ -231,7 +243,42 @@ class _Unusual(Exception):
 
 _MAP_TAG = "tag:yaml.org,2002:map"
 _SEQ_TAG = "tag:yaml.org,2002:seq"
-_PLAIN = (None, "!")
+_INT_TAG = "tag:yaml.org,2002:int"
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+_KEY_WANTED = object()
+"""In :func:`_stream`: the open mapping's next value is a key."""
+_IN_LIST = object()
+"""In :func:`_stream`: the open collection is a sequence."""
+_TOP = object()
+"""In :func:`_stream`: no collection is open (the next value is the document's)."""
+_MISSING = object()
+
+
+def _plain_value(loader: _Loader, event: yaml.ScalarEvent, strings: dict[str, str]) -> Any:
+    """The value of a plain scalar, by its text alone (memoised per document by the caller)."""
+    text = event.value
+    if text.isdigit() and text.isascii() and (text[0] != "0" or len(text) == 1):
+        return int(text)  # what the int resolver and constructor give for decimal digits
+    tag = _plain_tag(text)
+    if tag == _STR_TAG:
+        return strings.setdefault(text, text)
+    return _constructed(loader, event, tag)
+
+
+def _quoted_value(loader: _Loader, event: yaml.ScalarEvent, strings: dict[str, str]) -> Any:
+    """The value of a quoted or explicitly tagged scalar."""
+    tag = event.tag
+    if tag is None or tag == "!" or tag == _STR_TAG:
+        return strings.setdefault(event.value, event.value)
+    return _constructed(loader, event, tag)
+
+
+def _constructed(loader: _Loader, event: yaml.ScalarEvent, tag: str) -> Any:
+    if tag == _MERGE_TAG:
+        raise _Unusual()
+    return _scalar(loader.construct_object(
+        yaml.ScalarNode(tag, event.value, event.start_mark, event.end_mark, event.style), deep=True))
 
 
 def _stream(loader: _Loader) -> tuple[Any, bool]:
@@ -241,14 +288,28 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
     composing path's memory at 100k nodes), limits are checked as values arrive (an alias
     adds the size recorded for its anchor, so a "billion laughs" file is refused before
     anything is expanded). Raises :class:`_Unusual` for what it leaves to :func:`_compose`.
+
+    The loop is the cost of loading (one turn per event, ~16 events per node): the open
+    collection lives in locals, and a plain scalar's value is memoised by its text, so a
+    repeated ``type: python`` or ``to: end`` costs one dict lookup.
     """
     get = loader.get_event
-    resolve = loader.resolve
-    plain_tags: dict[str, str] = {}
+    scalar_event, mapping_start, sequence_start = yaml.ScalarEvent, yaml.MappingStartEvent, yaml.SequenceStartEvent
+    mapping_end, sequence_end, alias_event = yaml.MappingEndEvent, yaml.SequenceEndEvent, yaml.AliasEvent
+    plain: dict[str, Any] = {}
+    """Plain scalar text -> its value (str, int, float, bool or None: immutable, so shared)."""
     strings: dict[str, str] = {}
     """Every distinct string once: a node id repeats in each of its edges (memory at 100k nodes)."""
-    stack: list[list] = []
-    """Open collections: ``[container, pending key or _NO_KEY, values counted at its start]``."""
+    stack: list[tuple[Any, Any, int, str | None]] = []
+    """The enclosing collections' states, each ``(container, key, first, anchor)`` as below."""
+    container: Any = None
+    """The open collection (a dict or a list), None at the top level."""
+    key: Any = _TOP
+    """_KEY_WANTED / the pending key in a mapping, _IN_LIST in a sequence, _TOP at the top level."""
+    first = 0
+    """Values counted when the open collection started (its size is ``counted - first`` at its end)."""
+    anchor: str | None = None
+    """The open collection's anchor."""
     anchors: dict[str, tuple[Any, int]] = {}
     counted = added = 0
     duplicates = False
@@ -257,47 +318,40 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
     while True:
         event = get()
         kind = event.__class__
-        size = 1
-        if kind is yaml.ScalarEvent:
-            tag, value = event.tag, event.value
-            if tag is None:
-                if event.implicit[0]:  # plain: resolved by its text alone, memoised per document
-                    tag = plain_tags.get(value)
-                    if tag is None:
-                        tag = plain_tags[value] = resolve(yaml.ScalarNode, value, event.implicit)
-                else:  # quoted
-                    tag = _STR_TAG
-            elif tag == "!":
-                tag = _STR_TAG
-            if tag == _STR_TAG:
-                value = strings.setdefault(value, value)
+        if kind is scalar_event:
+            if event.tag is None and event.implicit[0]:  # plain: its value depends on its text alone
+                value = plain.get(event.value, _MISSING)
+                if value is _MISSING:
+                    value = plain[event.value] = _plain_value(loader, event, strings)
             else:
-                if tag == "tag:yaml.org,2002:merge":
-                    raise _Unusual()
-                value = _scalar(loader.construct_object(
-                    yaml.ScalarNode(tag, value, event.start_mark, event.end_mark, event.style), deep=True))
+                value = _quoted_value(loader, event, strings)
             counted += 1
             if event.anchor is not None:
                 anchors[event.anchor] = (value, 1)
-        elif kind is yaml.MappingStartEvent or kind is yaml.SequenceStartEvent:
-            if event.tag not in _PLAIN and event.tag != (_MAP_TAG if kind is yaml.MappingStartEvent else _SEQ_TAG):
+        elif kind is mapping_start or kind is sequence_start:
+            tag = event.tag
+            if tag is not None and tag != "!" and tag != (_MAP_TAG if kind is mapping_start else _SEQ_TAG):
                 raise _Unusual()
-            if stack and stack[-1][1] is _KEY_WANTED:
+            if key is _KEY_WANTED:
                 raise _Unusual()  # a collection as a mapping key
             if len(stack) >= MAX_DEPTH:
                 raise _too_deep(event)
-            container: Any = {} if kind is yaml.MappingStartEvent else []
-            if event.anchor is not None:
-                anchors[event.anchor] = (container, 0)  # open: an alias to it now would be recursive
-            stack.append([container, _KEY_WANTED if kind is yaml.MappingStartEvent else None, counted, event.anchor])
+            stack.append((container, key, first, anchor))
+            if kind is mapping_start:
+                container, key = {}, _KEY_WANTED
+            else:
+                container, key = [], _IN_LIST
+            first, anchor = counted, event.anchor
+            if anchor is not None:
+                anchors[anchor] = (container, 0)  # open: an alias to it now would be recursive
             counted += 1
             continue
-        elif kind is yaml.MappingEndEvent or kind is yaml.SequenceEndEvent:
-            value, _, first, anchor = stack.pop()
-            size = counted - first
+        elif kind is mapping_end or kind is sequence_end:
+            value = container
             if anchor is not None:
-                anchors[anchor] = (value, size)
-        elif kind is yaml.AliasEvent:
+                anchors[anchor] = (value, counted - first)
+            container, key, first, anchor = stack.pop()
+        elif kind is alias_event:
             if event.anchor not in anchors:
                 line, column = _position(event.start_mark)
                 raise YamlSyntaxError(f"found undefined alias '{event.anchor}'", line, column)
@@ -306,7 +360,7 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
                 line, column = _position(event.start_mark)
                 raise YamlLimitError(f"alias '*{event.anchor}' is inside the value it names; recursive YAML "
                                      f"cannot be a workflow", line, column)
-            if stack and stack[-1][1] is _KEY_WANTED and isinstance(value, (dict, list)):
+            if key is _KEY_WANTED and isinstance(value, (dict, list)):
                 raise _Unusual()
             added += size
             counted += size
@@ -323,23 +377,18 @@ def _stream(loader: _Loader) -> tuple[Any, bool]:
             return root, duplicates
         else:  # stream start, document end
             continue
-        if not stack:
+        # `value` is complete: place it in the open collection.
+        if key is _KEY_WANTED:
+            key = value  # a scalar: a collection as a key went to _compose
+        elif key is _IN_LIST:
+            container.append(value)
+        elif key is _TOP:
             root = value
-            continue
-        top = stack[-1]
-        if top[1] is None:  # a sequence
-            top[0].append(value)
-        elif top[1] is _KEY_WANTED:
-            top[1] = str(value) if isinstance(value, (dict, list)) else value
         else:
-            if top[1] in top[0]:
+            if key in container:
                 duplicates = True
-            top[0][top[1]] = value
-            top[1] = _KEY_WANTED
-
-
-_KEY_WANTED = object()
-"""In :func:`_stream`'s stack: the open mapping's next event is a key."""
+            container[key] = value
+            key = _KEY_WANTED
 
 
 def _too_many_aliases(event: Any) -> "YamlLimitError":

@@ -28,7 +28,7 @@ from typing import Any
 
 from goflow.errors import ExpressionError
 from goflow.language.expr.paths import parse_path, resolve_path, type_name
-from goflow.language.expr.scanner import scan
+from goflow.language.expr.scanner import MAX_TEXT_LENGTH, scan
 from goflow.language.expr.text import to_text
 
 __all__ = ["interpolate", "interpolation_references", "check_interpolation", "render_text"]
@@ -103,23 +103,33 @@ def interpolate(value: Any, variables: Mapping[str, Any], _depth: int = 0) -> An
     return value
 
 
-def interpolation_references(value: Any, _depth: int = 0) -> set[str]:
+def interpolation_references(value: Any) -> set[str]:
     """Root variable names referenced anywhere in ``value`` (deep; dict keys ignored).
 
-    Raises ExpressionError on malformed references.
+    Raises ExpressionError on the first string (in order) that :func:`check_interpolation`
+    refuses, so one walk both checks a value and lists its references.
     """
     names: set[str] = set()
-    if _depth > _MAX_DEPTH:
+    _collect_references(value, names, 0)
+    return names
+
+
+def _collect_references(value: Any, names: set[str], depth: int) -> None:
+    if depth > _MAX_DEPTH:
         raise ExpressionError(f"value nested too deeply (more than {_MAX_DEPTH} levels)")
     if isinstance(value, str):
-        if "${" in value:
+        if "${" in value or len(value) > MAX_TEXT_LENGTH:  # other text has no references and is valid
             for p in _compile(value):
                 if not isinstance(p, str):
                     names.add(p[0][0])
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            names |= interpolation_references(v, _depth + 1)
+    elif type(value) in _SCALARS:  # the common leaves, before the slower Mapping check
+        return
     elif isinstance(value, (list, tuple)):
         for v in value:
-            names |= interpolation_references(v, _depth + 1)
-    return names
+            _collect_references(v, names, depth + 1)
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            _collect_references(v, names, depth + 1)
+
+
+_SCALARS = frozenset({int, float, bool, type(None)})
