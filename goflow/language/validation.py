@@ -235,7 +235,39 @@ class _Validator:
                 graph[node.id].extend(members(node))
         return graph
 
+    @functools.cached_property
+    def reached(self) -> tuple[set[str], bool] | None:
+        """``(ids reachable from the start node, whether a path from it meets a cycle)``, by one
+        depth-first walk; None unless there is exactly one start node."""
+        starts = [n.id for n in self.workflow.nodes if n.type == "start"]
+        if len(starts) != 1:
+            return None
+        graph = self.graph
+        start = starts[0]
+        seen = {start}
+        on_path = {start}
+        path = [start]
+        work = [iter(graph.get(start, ()))]
+        cyclic = False
+        while work:
+            for child in work[-1]:
+                if child in on_path:
+                    cyclic = True
+                elif child not in seen:
+                    seen.add(child)
+                    on_path.add(child)
+                    path.append(child)
+                    work.append(iter(graph.get(child, ())))
+                    break
+            else:
+                work.pop()
+                on_path.discard(path.pop())
+        return seen, cyclic
+
     def check_cycles(self) -> None:
+        reached = self.reached
+        if reached is not None and not reached[1] and self.nodes.keys() <= reached[0]:
+            return  # the walk from the start covered every node and edge and met no cycle
         graph = self.graph
         # Tarjan's strongly connected components: each cycle is reported once.
         index: dict[str, int] = {}
@@ -292,17 +324,9 @@ class _Validator:
                                               f"workflows must be acyclic (use a loop node to repeat work)", first)
 
     def check_reachability(self) -> None:
-        starts = [n.id for n in self.workflow.nodes if n.type == "start"]
-        if len(starts) != 1:
+        if self.reached is None:
             return
-        graph = self.graph
-        seen = {starts[0]}
-        frontier = [starts[0]]
-        while frontier:
-            for child in graph.get(frontier.pop(), ()):
-                if child not in seen:
-                    seen.add(child)
-                    frontier.append(child)
+        seen = self.reached[0]
         for node in self.workflow.nodes:
             if node.id not in seen:
                 self.error(self.node_path(node.id), f"node '{node.id}' is unreachable from the start node; "
@@ -340,18 +364,18 @@ class _Validator:
             if isinstance(node, LoopNode) and not VARIABLE_PATTERN.match(node.item):
                 self.error(self.node_path(node.id, "item"), f"loop '{node.id}': item name '{node.item}' is not a "
                                                             f"valid variable name", node.id)
-            for name in ("output",):
-                value = getattr(node, name, None)
-                if value is not None and not VARIABLE_PATTERN.match(value):
-                    self.error(self.node_path(node.id, name), f"node '{node.id}': output '{value}' is not a valid "
+            value = getattr(node, "output", None)
+            if value is not None and not VARIABLE_PATTERN.match(value):
+                self.error(self.node_path(node.id, "output"), f"node '{node.id}': output '{value}' is not a valid "
                                                               f"variable name", node.id)
 
     # -- references ------------------------------------------------------------------------
     def check_references(self) -> None:
         global_names = {v.name for v in self.workflow.variables}
         for node in self.workflow.nodes:
-            if node.output_variable:
-                global_names.add(node.output_variable)
+            output = node.output_variable
+            if output:
+                global_names.add(output)
         owner = containers(self.workflow.nodes)
         no_names: frozenset[str] = frozenset()
 
