@@ -28,27 +28,30 @@ pytestmark = pytest.mark.timeout(240)
 TESTS_DIR = Path(__file__).resolve().parent
 
 
-class SlowStore(Store):
-    """A real Store on a real file whose SQLite connection is slowed down: a progress
-    handler (run by SQLite every few thousand VM steps) waits for ``gate`` and sleeps
-    ``pause``. Nothing of the store's own logic is replaced."""
+class FileGate:
+    """A gate the writer process can see: open once its file exists."""
 
-    def __init__(self, *args, gate: threading.Event, pause: float = 0.0, **kwargs):
+    def __init__(self, path: Path):
+        self.path = path
+
+    def set(self) -> None:
+        self.path.touch()
+
+
+class SlowStore(Store):
+    """A real Store on a real file whose writer process is the real one with its SQLite
+    connection slowed down (``tests/slow_history_writer.py``: a progress handler, run by
+    SQLite every few thousand VM steps, waits for ``gate`` and sleeps ``pause``). Nothing of
+    the store's or the writer's own logic is replaced."""
+
+    def __init__(self, *args, gate: FileGate, pause: float = 0.0, **kwargs):
         self.gate = gate
         self.pause = pause
         super().__init__(*args, **kwargs)
 
-    def _open_writer(self, target, *, uri):
-        conn = super()._open_writer(target, uri=uri)
-
-        def slow() -> int:
-            self.gate.wait()
-            if self.pause:
-                time.sleep(self.pause)
-            return 0
-
-        conn.set_progress_handler(slow, 5000)
-        return conn
+    def _writer_command(self) -> list[str]:
+        return [sys.executable, str(TESTS_DIR / "slow_history_writer.py"), str(self.gate.path), str(self.pause),
+                self.path]
 
 
 def fan_out_with_outputs(count: int) -> str:
@@ -70,7 +73,7 @@ def wait_for(predicate, what: str, bound: float = 120.0) -> None:
 
 def test_a_5k_node_run_is_recorded_completely_with_a_slowed_writer(tmp_path):
     count = 5000
-    gate = threading.Event()
+    gate = FileGate(tmp_path / "gate")
     store = SlowStore(tmp_path / "history.db", gate=gate, pause=0.001, high_watermark=1000)
     workflow = load("fan.yaml", text=fan_out_with_outputs(count))
     try:
@@ -102,7 +105,7 @@ def test_a_5k_node_run_is_recorded_completely_with_a_slowed_writer(tmp_path):
 
 
 def test_close_waits_for_a_blocked_writer_and_writes_everything(tmp_path):
-    gate = threading.Event()
+    gate = FileGate(tmp_path / "gate")
     store = SlowStore(tmp_path / "history.db", gate=gate, flush_interval=3600.0)
     publisher = Publisher(store.sink)
     try:
@@ -371,3 +374,101 @@ def test_submit_wait_on_a_daemon_with_a_full_disk_exits_4_and_status_says_why(ti
         assert status.returncode == 0 and "history incomplete" in status.stdout, status.stdout + status.stderr
     finally:
         daemon.stop()
+
+
+# -- the writer process ---------------------------------------------------------------------------
+def _writer_processes(parent: int) -> list[int]:
+    """Pids of the history writer processes whose parent is ``parent``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == parent and b"goflow.history.writer" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _exited(pid: int) -> bool:
+    """The process is gone (or a zombie: it exited, nobody reaped it yet)."""
+    try:
+        return (Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]) == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def test_the_writer_process_dying_mid_run_is_told_to_the_client_and_history_goes_on_in_memory(tmp_path):
+    import signal
+
+    release, log = tmp_path / "release", tmp_path / "ran.log"
+    workflow = load("held.yaml", text=textwrap.dedent(f"""
+        name: held
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: first, type: python, call: "flowlib:add", args: [1, 2], output: a}}
+          - {{id: held, type: python, call: "flowlib:append_when", args: ["{log}", held, "{release}"], output: b}}
+          - {{id: end, type: end, return: "${{a}}"}}
+        edges:
+          - {{from: start, to: first}}
+          - {{from: first, to: held}}
+          - {{from: held, to: end}}
+    """))
+    db = tmp_path / "history.db"
+    store = Store(db)
+    try:
+        assert store.writer_pid in _writer_processes(os.getpid())
+        with EmbeddedWithSink(store.sink, history=store) as rt:
+            eid, future = rt.coordinator.submit(workflow, {})
+            wait_for(lambda: any(n["node_id"] == "first" and n["status"] == "completed"
+                                 for n in store.node_attempts(eid)), "first recorded in the file")
+            writer = store.writer_pid
+            os.kill(writer, signal.SIGKILL)
+            release.touch()
+            summary = future.result(60)
+        assert summary["status"] == "completed" and summary["result"] == 3     # the run itself is fine...
+        assert summary["history"]["recorded"] is False                        # ...and its client is told
+        assert f"pid {writer}" in summary["history"]["problem"]
+        assert not store.healthy and store.writer_pid is None and store.in_memory
+        events = [msgpack.unpackb(p) for p in store.events(eid)]               # what followed, in memory
+        assert events[-1]["type"] == "execution.completed"
+        assert store.execution_row(eid)["status"] == "completed"
+    finally:
+        store.close()
+    assert "writer process" in (tmp_path / "history.db.state").read_text(errors="replace")
+    reader = Store(db)      # the next coordinator is told; the file has the beginning, intact
+    try:
+        assert f"pid {writer}" in reader.previous_failure
+        assert reader.execution_status(eid) == "running"
+    finally:
+        reader.close()
+
+
+def test_the_writer_process_exits_with_a_sigkilled_coordinator_and_keeps_what_it_committed(tmp_path):
+    from tests.test_recovery import Daemon
+
+    db = tmp_path / "history.db"
+    daemon = Daemon(db).start()
+    try:
+        writers = _writer_processes(daemon.proc.pid)
+        assert len(writers) == 1
+        execution_id = daemon.request("submit", workflow="name: tiny\nnodes:\n  - {id: start, type: start}\n"
+                                      "  - {id: end, type: end}\nedges:\n  - {from: start, to: end}\n",
+                                      name="tiny.yaml")["execution_id"]
+        daemon.kill()
+        wait_for(lambda: _exited(writers[0]), "the writer process to exit after its coordinator")
+    finally:
+        daemon.stop()
+    reader = open_store(db)
+    try:    # the submission was committed before the reply, and nothing is damaged
+        assert reader.execution_row(execution_id)["workflow"] == "tiny"
+    finally:
+        reader.close()
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()

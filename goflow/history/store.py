@@ -2,25 +2,41 @@
 
 The coordinator's :class:`~goflow.events.publisher.EventPublisher` calls
 ``sink(execution_id, topic, payload)`` for every event, on the reactor thread.
-:meth:`Store.sink` only appends to an in-memory queue (it never blocks, never raises);
-a writer thread decodes the events and writes them in batches (every ``flush_interval``
-seconds or ``batch_size`` events, one transaction per batch) to a WAL-mode SQLite file.
+:meth:`Store.sink` only appends to an in-memory queue (it never blocks, never raises); the
+store's ``goflow-history`` thread cuts the queue into batches (every ``flush_interval``
+seconds or ``batch_size`` items) and, for a file, ships each batch as it is (the published
+bytes, one msgpack frame) to a **writer process** (:mod:`goflow.history.writer`) that
+decodes it and writes it as one transaction to the WAL-mode SQLite file, then acknowledges
+it; the ``goflow-history-acks`` thread takes the acknowledgements. *Why a process:* the
+decoding and row building took the coordinator's GIL (about 20 us per event, 1.3 s of a
+20k-node run), time taken from the reactor; in the writer process they run on the other
+core. An in-memory store (``":memory:"``), and a store after its file failed, write on the
+``goflow-history`` thread instead (small, bounded, and queries must reach that database
+from this process). Queries run in this process on their own connections (WAL: a reader
+never blocks the other process's writer).
 
 Contracts (see ``docs/history.md``):
 
 * **Nothing is dropped while the coordinator cooperates.** When more than
-  ``high_watermark`` events wait, :meth:`backlogged` is True and the coordinator stops
-  handing tasks to workers (the publisher is never slowed); the writer calls the relief
-  callback once the queue is back under half of that. Only beyond ``queue_capacity``
+  ``high_watermark`` events wait (queued, or sent to the writer process and not yet
+  acknowledged), :meth:`backlogged` is True and the coordinator stops handing tasks to
+  workers (the publisher is never slowed); the store calls the relief callback once that
+  count is back under half of that. Only beyond ``queue_capacity``
   (a bound the coordinator's back-pressure keeps the queue far from) is an event dropped,
   and its execution is then marked history-incomplete.
-* **Closing drains.** :meth:`close` returns once every queued item is written; the writer
-  thread owns its connection and closes it itself, so no connection is closed under it.
+* **Closing drains.** :meth:`close` returns once every queued item is written: it ends the
+  writer process's input and waits for its last acknowledgement and its exit. The writer
+  owns its connection and closes it itself, so no connection is closed under it.
+* **The writer process dies with the coordinator and never loses a committed batch.** It
+  exits at the end of its input, so also when the coordinator is SIGKILLed (after
+  committing every batch it had read). A store keeps each batch until it is acknowledged:
+  if the process ends early, that is a write failure (below), and the unacknowledged
+  batches are written in memory.
 * **Completion is reported after it is recorded.** :meth:`after_written` queues a barrier:
   its callback runs once everything queued before it is committed, with the execution's
   :meth:`history_problem` (None when its history is complete in the file).
 * **A failing disk is reported, never raised.** When the file cannot be written (disk full,
-  read-only path, ...) the failure is reported once (``store.healthy`` False,
+  read-only path, the writer process died, ...) the failure is reported once (``store.healthy`` False,
   ``store.last_error``, one log record), recent history continues in an in-memory
   database, every execution with events since then is history-incomplete, and a small
   marker file next to the database (``<db>.state``, overwritten in place so it needs no
@@ -31,12 +47,12 @@ Contracts (see ``docs/history.md``):
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import itertools
-import json
 import logging
 import os
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 import zlib
@@ -46,31 +62,24 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import msgpack
+from goflow.history.schema import (MIGRATIONS, SCHEMA_VERSION, connect as _connect, create_private,  # noqa: F401
+                                   delete_executions, dumps as _dumps, loads as _loads, migrate, open_writer,
+                                   schema_version)
+from goflow.history.writer import BARRIER, EVENT, FAILED, SUBMISSION, Writer, read_frame, write_frame
 from goflow.redaction import SECRET_MASK
-from goflow.states import TERMINAL_EVENT_TYPES, TERMINAL_STATUSES
+from goflow.states import TERMINAL_STATUSES
 
 log = logging.getLogger("goflow.history.store")
-
-NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
-"""As in goflow.events.types (repeated so the store does not import pydantic)."""
-INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
-                     "node_id": None}
 
 DEFAULT_QUEUE_CAPACITY = 200_000
 DEFAULT_HIGH_WATERMARK = 20_000
 DEFAULT_BATCH_SIZE = 2000
 DEFAULT_FLUSH_INTERVAL = 0.05
 DEFAULT_MEMORY_EVENTS = 50_000
-MEMORY_EXECUTIONS = 1000
 
-_SUBMISSION = 1
-_EVENT = 0
-_BARRIER = 2
 STATE_SIZE = 512
 """Bytes of the ``<db>.state`` marker; always rewritten whole, in place."""
 _memory_ids = itertools.count(1)
-CHUNK_COMPRESSION = 1
-"""zlib level for event chunks: level 1 is within 6% of level 6's size here, 3x faster."""
 
 
 class HistoryError(Exception):
@@ -99,145 +108,6 @@ def default_db_path() -> Path:
     xdg = os.environ.get("XDG_DATA_HOME")
     base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
     return base / "goflow" / "history.db"
-
-
-# -- schema ----------------------------------------------------------------------------------
-MIGRATIONS: list[tuple[int, str]] = [
-    (1, """
-CREATE TABLE executions (
-    id            TEXT PRIMARY KEY,
-    workflow      TEXT,
-    workflow_hash TEXT,              -- sha256 of workflow_text
-    workflow_text TEXT,              -- as submitted (YAML), for crash recovery and `goflow execution`
-    status        TEXT NOT NULL,     -- submitted, running, completed, failed, cancelled, timed_out
-    variables_in  TEXT,              -- JSON: the variables supplied at submit (secrets '***')
-    inputs        TEXT,              -- JSON: execution.started meta.inputs (defaults included, bounded)
-    variables_out TEXT,              -- JSON: the terminal event's variables snapshot (bounded, redacted)
-    result        TEXT,              -- JSON: execution.completed meta.result
-    error         TEXT,              -- JSON: {type, message, node_id, ...}
-    submitted_at  REAL,
-    started_at    REAL,
-    finished_at   REAL,
-    duration_s    REAL,
-    epoch         TEXT,              -- coordinator incarnation of the latest event
-    last_eseq     INTEGER,
-    events        INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX executions_started_at ON executions(started_at);
-CREATE INDEX executions_workflow ON executions(workflow, started_at);
-CREATE INDEX executions_status ON executions(status, started_at);
-CREATE INDEX executions_finished_at ON executions(finished_at);
-
-CREATE TABLE node_executions (     -- one row per attempt
-    id           INTEGER PRIMARY KEY,
-    execution_id TEXT NOT NULL,
-    node_id      TEXT NOT NULL,
-    node_type    TEXT,
-    attempt      INTEGER NOT NULL,
-    status       TEXT NOT NULL,     -- running, completed, failed, skipped
-    worker       TEXT,
-    inputs       TEXT,              -- JSON; only when node.started carries meta.inputs
-    output       TEXT,              -- JSON (bounded like every event value)
-    error        TEXT,              -- JSON
-    started_at   REAL,
-    finished_at  REAL,
-    duration_s   REAL,
-    context      TEXT               -- JSON {loop, index} / {parallel, branch}; NULL in the main graph
-);
-CREATE INDEX node_executions_run ON node_executions(execution_id, node_id, attempt);
-
-CREATE TABLE variable_changes (
-    id           INTEGER PRIMARY KEY,
-    execution_id TEXT NOT NULL,
-    seq          INTEGER,           -- the event's publisher-wide seq
-    eseq         INTEGER,           -- the event's per-execution seq
-    name         TEXT NOT NULL,
-    old          TEXT,              -- JSON
-    new          TEXT,              -- JSON
-    scope        TEXT,
-    node_id      TEXT,
-    ts           REAL
-);
-CREATE INDEX variable_changes_execution ON variable_changes(execution_id, id);
-
-CREATE TABLE events (
-    id           INTEGER PRIMARY KEY,   -- arrival order
-    execution_id TEXT NOT NULL,
-    epoch        TEXT,
-    eseq         INTEGER,
-    seq          INTEGER,
-    type         TEXT NOT NULL,
-    node_id      TEXT,
-    ts           REAL,
-    topic        TEXT NOT NULL,
-    payload      BLOB NOT NULL,         -- exactly as published
-    UNIQUE (execution_id, epoch, eseq)
-);
-"""),
-    (2, """
--- Events are stored in chunks: all of one execution's events of one write batch, compressed
--- together (similar msgpack payloads compress about 12x). Rows of the v1 ``events`` table
--- (files written before) are still read, before the chunks.
-CREATE TABLE event_chunks (
-    id           INTEGER PRIMARY KEY,   -- arrival order
-    execution_id TEXT NOT NULL,
-    epoch        TEXT,
-    first_eseq   INTEGER,
-    last_eseq    INTEGER,
-    events       INTEGER NOT NULL,
-    data         BLOB NOT NULL          -- zlib(msgpack([[topic, payload, eseq, type, node_id], ...]))
-);
-CREATE INDEX event_chunks_execution ON event_chunks(execution_id, epoch, last_eseq);
-"""),
-    (3, """
--- The submitted text gets a table of its own: SQLite rewrites a whole row on UPDATE, and the
--- writer updates an execution's counters once per batch, so a 10 MB workflow in its row cost
--- 10 MB of page writes per batch. ``executions.workflow_text`` stays, always NULL (SQLite
--- before 3.35 cannot drop a column).
-CREATE TABLE workflow_texts (
-    execution_id TEXT PRIMARY KEY,
-    text         TEXT NOT NULL
-);
-INSERT INTO workflow_texts (execution_id, text)
-    SELECT id, workflow_text FROM executions WHERE workflow_text IS NOT NULL;
-UPDATE executions SET workflow_text = NULL WHERE workflow_text IS NOT NULL;
-"""),
-]
-SCHEMA_VERSION = MIGRATIONS[-1][0]
-
-
-def schema_version(conn: sqlite3.Connection) -> int:
-    conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER PRIMARY KEY, applied_at REAL)")
-    row = conn.execute("SELECT MAX(version) FROM schema_version").fetchone()
-    return int(row[0] or 0)
-
-
-def migrate(conn: sqlite3.Connection, migrations: list[tuple[int, str]] | None = None) -> int:
-    """Apply the missing migration steps in order (each in its own transaction). Returns the version."""
-    steps = MIGRATIONS if migrations is None else migrations
-    current = schema_version(conn)
-    for version, script in steps:
-        if version <= current:
-            continue
-        # executescript commits first; wrap each step so a failure leaves the previous version.
-        conn.executescript(f"BEGIN;\n{script}\nINSERT INTO schema_version VALUES ({int(version)}, {time.time()!r});\n"
-                           f"COMMIT;")
-        current = version
-    return current
-
-
-def create_private(path: Path) -> None:
-    """Create ``path``'s directory (0700) and the empty file (0600) unless they exist.
-
-    An existing directory or file keeps its mode (the operator chose it). SQLite gives its
-    ``-wal`` and ``-shm`` files the database file's mode.
-    """
-    parent = path.parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
-        os.chmod(parent, 0o700)
-    if not path.exists():
-        os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
 
 
 class StateMarker:
@@ -303,61 +173,6 @@ class StateMarker:
             self._fd = None
 
 
-def _connect(target: str, *, uri: bool = False) -> sqlite3.Connection:
-    conn = sqlite3.connect(target, uri=uri, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout = 10000")
-    return conn
-
-
-# -- value helpers ---------------------------------------------------------------------------
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (bytes, bytearray, memoryview)):
-        import base64
-
-        return {"$base64": base64.b64encode(bytes(obj)).decode()}
-    if isinstance(obj, (set, frozenset, tuple)):
-        return list(obj)
-    if isinstance(obj, (_dt.datetime, _dt.date)):
-        return obj.isoformat()
-    return str(obj)
-
-
-_ENCODE = json.JSONEncoder(default=_json_default, ensure_ascii=False, separators=(",", ":")).encode
-try:   # the C encoder built once: JSONEncoder.encode builds one per call, ~3 us of the writer's time each
-    from json.encoder import c_make_encoder as _c_make_encoder, encode_basestring as _encode_str
-
-    _C_ENCODE = _c_make_encoder(None, _json_default, _encode_str, None, ":", ",", False, False, True)
-except (ImportError, TypeError):  # pragma: no cover - a Python without the C accelerator
-    _C_ENCODE = None
-_SCALAR_JSON: dict[type, Callable[[Any], str]] = {int: int.__repr__, bool: lambda v: "true" if v else "false",
-                                                  **({str: _encode_str} if _C_ENCODE is not None else {})}
-
-
-def _dumps(value: Any) -> str | None:
-    """``value`` as compact JSON (what ``_ENCODE`` makes, byte for byte; values decoded from
-    msgpack hold no cycles, so the C encoder runs without the circular-reference markers)."""
-    if value is None:
-        return None
-    scalar = _SCALAR_JSON.get(type(value))
-    if scalar is not None:
-        return scalar(value)
-    if _C_ENCODE is not None:
-        return "".join(_C_ENCODE(value, 0))
-    return _ENCODE(value)
-
-
-def _loads(text: str | None) -> Any:
-    return None if text is None else json.loads(text)
-
-
-_CONTEXT_KEYS = ("loop", "index", "parallel", "branch")
-
-
-def _context(meta: dict) -> str | None:
-    ctx = {k: meta[k] for k in _CONTEXT_KEYS if meta.get(k) is not None}
-    return _dumps(ctx) if ctx else None
-
-
 def workflow_source(workflow: Any) -> str:
     """Text for a workflow object whose YAML is unknown: its model as JSON (valid YAML)."""
     if isinstance(workflow, str):
@@ -406,66 +221,11 @@ class Unfinished:
 
 
 # -- the store -------------------------------------------------------------------------------
-_ATTEMPT_INSERT = ("INSERT INTO node_executions (execution_id, node_id, node_type, attempt, status, worker, "
-                   "inputs, output, error, started_at, finished_at, duration_s, context) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-_STATUS, _WORKER, _OUTPUT, _ERROR, _STARTED_AT, _FINISHED_AT, _DURATION = 4, 5, 7, 8, 9, 10, 11
-"""Column positions in an ``_ATTEMPT_INSERT`` row."""
-
-
-class _BatchRows:
-    """The ``node_executions`` and ``variable_changes`` rows one write batch adds.
-
-    They are inserted with one ``executemany`` each when the batch ends (or before a statement
-    that reads what they would change), in event order, so row ids and contents are those that
-    one INSERT per event made. An attempt's end whose ``node.started`` is in the same batch
-    completes the pending row, as the UPDATE would have (no statement at all).
-    """
-
-    def __init__(self) -> None:
-        self.attempts: list[list] = []
-        self.running: dict[tuple, list[int]] = {}
-        """(execution, node, attempt, context) -> indexes of pending rows still 'running', oldest first."""
-        self.changes: list[tuple] = []
-
-    def started(self, row: list) -> None:
-        key = (row[0], row[1], row[3], row[12])
-        self.running.setdefault(key, []).append(len(self.attempts))
-        self.attempts.append(row)
-
-    def finish(self, key: tuple, status: str, worker: Any, output: Any, error: Any, ts: Any,
-               duration: Any) -> bool:
-        """Complete the newest pending running row of ``key``; False when there is none."""
-        waiting = self.running.get(key)
-        if not waiting:
-            return False
-        row = self.attempts[waiting.pop()]
-        if not waiting:
-            del self.running[key]
-        row[_STATUS], row[_OUTPUT], row[_ERROR], row[_FINISHED_AT] = status, output, error, ts
-        if worker is not None:
-            row[_WORKER] = worker
-        if duration is None and ts is not None and row[_STARTED_AT] is not None:
-            duration = ts - row[_STARTED_AT]
-        row[_DURATION] = duration
-        return True
-
-    def flush(self, conn: sqlite3.Connection) -> None:
-        if self.attempts:
-            conn.executemany(_ATTEMPT_INSERT, self.attempts)
-            self.attempts.clear()
-            self.running.clear()
-        if self.changes:
-            conn.executemany("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, "
-                             "node_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self.changes)
-            self.changes.clear()
-
-
 class Store:
     """SQLite execution history fed by :meth:`sink` (see module docstring).
 
     ``path``: the database file (default :func:`default_db_path`; ``":memory:"`` for a
-    private in-memory history). ``start=False`` skips the writer thread (read-only use,
+    private in-memory history). ``start=False`` starts no writer (read-only use,
     e.g. the CLI; calling :meth:`sink` then only queues). ``high_watermark``: queued
     events above which :meth:`backlogged` asks the coordinator to hold dispatch.
     ``queue_capacity``: the hard bound beyond which events are dropped (and their
@@ -503,17 +263,22 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._target, self._uri = self.path, False
-        self._writer: sqlite3.Connection | None = None
-        self._known: set[str] = set()
-        self._snapshots: dict[str, dict[str, Any]] = {}
-        """Running executions' variables, rebuilt from ``variable.changed`` (writer thread only);
-        written as ``variables_out`` by the terminal event (events carry no snapshot)."""
-        self._last_eseq: dict[tuple[str, str | None], int] = {}
-        """(execution, epoch) -> the highest eseq stored (writer thread only; committed state)."""
+        self._writer: Writer | None = None
+        """The in-process writer (an in-memory history); None while the writer process writes."""
+        self._proc: subprocess.Popen | None = None
+        self._acks: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._inflight: dict[int, tuple[list, tuple | None]] = {}
+        """Writer process: seq -> (batch, its barrier) sent and not acknowledged yet, in order."""
+        self._inflight_events = 0
+        self._input_closed = False
+        self._lost: str | None = None
+        """Why the writer process ended before its work was done (set by the acks thread)."""
         self._thread: threading.Thread | None = None
         self._marker: StateMarker | None = None
         if self.path == ":memory:":
-            self._use_memory(reason=None)
+            self._use_memory()
         elif readonly:
             if not Path(self.path).exists():
                 raise NotFound(f"no history database at {self.path}")
@@ -529,11 +294,15 @@ class Store:
             try:
                 create_private(Path(self.path))
                 self._marker = StateMarker(Path(self.path + ".state"))
-                self._writer = self._open_writer(self.path, uri=False)
+                open_writer(self.path).close()     # migrated and writable now: healthy says so from here
+                if start:
+                    self._spawn()
             except (OSError, sqlite3.Error) as exc:
                 if self._marker is None:
                     self._marker = StateMarker(Path(self.path + ".state"))
-                self._degrade(exc, during="opening")
+                # (failing to open, this store records nothing and recovery resumes nothing:
+                # no history can go missing, so there is no failure to hand on in the marker)
+                self._degrade(f"opening {self.path}: {type(exc).__name__}: {exc}", mark=False)
         if start and not readonly:
             self._thread = threading.Thread(target=self._run, name="goflow-history", daemon=True)
             self._thread.start()
@@ -547,32 +316,32 @@ class Store:
         """Forget :attr:`previous_failure` once recovery has settled its executions in the file."""
         return self._marker.clear() if self._marker is not None and self.healthy else False
 
-    # -- connections ---------------------------------------------------------------------
-    def _open_writer(self, target: str, *, uri: bool) -> sqlite3.Connection:
-        conn = _connect(target, uri=uri)
-        try:
-            if not uri:
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    log.warning("history store %s: journal_mode is %s, not WAL", target, mode)
-                conn.execute("PRAGMA synchronous = NORMAL")
-            conn.execute("PRAGMA foreign_keys = OFF")
-            migrate(conn)
-            if not uri:   # prove the file is writable now (a read-only one may open quietly)
-                conn.execute("BEGIN IMMEDIATE")
-                conn.execute("UPDATE schema_version SET applied_at = applied_at "
-                             "WHERE version = (SELECT MAX(version) FROM schema_version)")
-                conn.execute("COMMIT")
-        except Exception:
-            conn.close()
-            raise
-        return conn
+    @property
+    def writer_pid(self) -> int | None:
+        """The writer process's pid (None: the history is written in this process, in memory)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
 
-    def _use_memory(self, reason: str | None) -> None:
+    # -- the writer process and connections ------------------------------------------------------
+    def _writer_command(self) -> list[str]:
+        """The writer process's command line (tests run the real writer with a slowed disk)."""
+        return [sys.executable, "-m", "goflow.history.writer", self.path]
+
+    def _spawn(self) -> None:
+        env = dict(os.environ)   # the child imports this very goflow
+        root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._proc = subprocess.Popen(self._writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env, close_fds=True)
+        self._acks = threading.Thread(target=self._read_acks, args=(self._proc,), name="goflow-history-acks",
+                                      daemon=True)
+        self._acks.start()
+
+    def _use_memory(self) -> None:
         self._target = f"file:goflow-history-{os.getpid()}-{next(_memory_ids)}?mode=memory&cache=shared"
         self._uri = True
         self.in_memory = True
-        self._writer = self._open_writer(self._target, uri=True)
+        self._writer = Writer(open_writer(self._target, uri=True), memory_events=self.memory_events)
         self._drop_readers()
 
     def _drop_readers(self) -> None:
@@ -600,30 +369,20 @@ class Store:
                 self._readers.append(conn)
         return conn
 
-    def _degrade(self, exc: BaseException, *, during: str) -> None:
+    def _degrade(self, reason: str, *, mark: bool = True) -> None:
         """Report a write failure once and continue with in-memory history."""
         if self.in_memory:
             # Even the in-memory database failed (out of memory?): keep counting, never raise.
-            self.last_error = f"{during}: {exc}"
+            self.last_error = reason
             return
         self.healthy = False
-        self.last_error = f"{during} {self.path}: {type(exc).__name__}: {exc}"
-        log.error("history store failed (%s); keeping recent history in memory from now on", self.last_error)
-        if self._marker is not None and during != "opening":
-            # (failing to open, this store records nothing and recovery resumes nothing:
-            # no history can go missing, so there is no failure to hand on)
-            self._marker.mark_failed(self.last_error)
-        if self._writer is not None:
-            try:
-                self._writer.close()
-            except Exception:
-                pass
-        self._writer = None
-        self._known.clear()
-        self._snapshots.clear()
-        self._last_eseq.clear()
+        self.last_error = reason
+        log.error("history store failed (%s); keeping recent history in memory from now on", reason)
+        if self._marker is not None and mark:
+            self._marker.mark_failed(reason)
+        self._close_writer()
         try:
-            self._use_memory(reason=self.last_error)
+            self._use_memory()
         except Exception as exc2:  # pragma: no cover - sqlite without memory databases?
             log.error("history store: in-memory fallback failed too: %s", exc2)
 
@@ -632,7 +391,7 @@ class Store:
         """Queue one published event. O(1), never blocks, never raises."""
         try:
             q = self._queue
-            depth = len(q)
+            depth = len(q) + self._inflight_events
             if depth > self.max_queue_depth:
                 self.max_queue_depth = depth
             if depth >= self.queue_capacity:
@@ -645,7 +404,7 @@ class Store:
                     log.warning("history queue full (%d events): events are dropped from history",
                                 self.queue_capacity)
                 return
-            q.append((_EVENT, execution_id, topic, payload, time.monotonic()))
+            q.append((EVENT, execution_id, topic, payload, time.monotonic()))
             if len(q) % self.batch_size == 0:
                 self._wake.set()
         except Exception:  # pragma: no cover - never into the reactor
@@ -663,7 +422,7 @@ class Store:
             text = workflow_source(workflow_text) if workflow_text is not None else None
             secret_set = frozenset(secrets)
             redacted = {k: (SECRET_MASK if k in secret_set else v) for k, v in (variables or {}).items()}
-            self._queue.append((_SUBMISSION, execution_id, workflow_name, text, redacted, time.time(),
+            self._queue.append((SUBMISSION, execution_id, workflow_name, text, _dumps(redacted), time.time(),
                                 time.monotonic()))
         except Exception:
             log.exception("history: cannot record the submission of %s", execution_id)
@@ -672,14 +431,14 @@ class Store:
         """Call ``callback(problem)`` once everything queued so far is committed.
 
         ``problem`` is :meth:`history_problem` for ``execution_id`` at that moment: None when
-        its history is complete in the file. Runs on the writer thread (or at once, on the
+        its history is complete in the file. Runs on a store thread (or at once, on the
         caller's, when there is no writer); not subject to the queue cap. The callback
         must be quick and must not raise.
         """
         if self._thread is None or self._closed:
             self._call_barrier(execution_id, callback)
             return
-        self._queue.append((_BARRIER, execution_id, callback, time.monotonic()))
+        self._queue.append((BARRIER, execution_id, callback, time.monotonic()))
         self._wake.set()
 
     def history_problem(self, execution_id: str) -> str | None:
@@ -705,7 +464,7 @@ class Store:
 
         Cheap (a length check): the coordinator asks before handing out tasks.
         """
-        if len(self._queue) < self.high_watermark or self._closed:
+        if len(self._queue) + self._inflight_events < self.high_watermark or self._closed:
             return False
         if not self._pressure:
             self._pressure = True
@@ -714,12 +473,12 @@ class Store:
         return True
 
     def set_relief(self, callback: Callable[[], None] | None) -> None:
-        """``callback()`` (writer thread) when the queue falls under half the high watermark
+        """``callback()`` (a store thread) when the queue falls under half the high watermark
         after :meth:`backlogged` said True. It must be quick (e.g. ``call_soon`` a pump)."""
         self._relief = callback
 
     def _relieve(self) -> None:
-        if self._pressure and len(self._queue) <= self.high_watermark // 2:
+        if self._pressure and len(self._queue) + self._inflight_events <= self.high_watermark // 2:
             self._pressure = False
             relief = self._relief
             if relief is not None:
@@ -730,41 +489,139 @@ class Store:
 
     # -- the writer thread -----------------------------------------------------------------
     def _run(self) -> None:
+        """Cut the queue into batches (at most ``batch_size`` items, ending at a barrier) and
+        hand each to the writer process, or write it here in memory."""
         q = self._queue
         try:
             while True:
                 self._wake.wait(self.flush_interval)
                 self._wake.clear()
+                if self._lost is not None:
+                    self._take_over()
                 while q:
                     batch = []
                     popleft = q.popleft
                     try:
                         for _ in range(self.batch_size):
                             batch.append(popleft())
-                            if batch[-1][0] == _BARRIER:
+                            if batch[-1][0] == BARRIER:
                                 break
                     except IndexError:
                         pass
-                    self._write(batch)
+                    barrier = batch.pop() if batch[-1][0] == BARRIER else None
+                    self._hand(batch, barrier)
                     self._relieve()
                 self._relieve()   # also when the reactor asked after this thread emptied the queue
                 if self._closing and not q:
+                    self._finish_writer_process()
                     return
         finally:   # the writer connection belongs to this thread: nobody closes it under us
             self._close_writer()
 
+    def _hand(self, batch: list, barrier: tuple | None) -> None:
+        proc = self._proc
+        if proc is None:
+            self._write_here(batch, barrier)
+            return
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+            self._inflight[seq] = (batch, barrier)
+            self._inflight_events += len(batch)
+        try:
+            write_frame(proc.stdin, [seq, batch])
+        except (OSError, ValueError):   # the process is gone; its acks thread says why
+            self._take_over()
+
+    def _read_acks(self, proc: subprocess.Popen) -> None:
+        """The writer process's acknowledgements, in order: the batch is committed; then its
+        barrier runs. Ends at the process's end of output."""
+        reason = None
+        try:
+            while True:
+                message = read_frame(proc.stdout)
+                if message is None:
+                    break
+                if message[1] == FAILED:
+                    reason = message[2]
+                    break
+                self._acknowledged(*message)
+        except Exception as exc:  # a bug or a garbled frame: the batches not acknowledged go to memory
+            log.exception("history: the writer process's acknowledgements cannot be read")
+            reason = f"the history writer process's acknowledgements cannot be read: {exc}"
+        if reason is None and not (self._input_closed and not self._inflight):
+            status = proc.wait()
+            reason = f"the history writer process (pid {proc.pid}) ended with status {status}"
+        self._lost = reason
+        self._wake.set()
+
+    def _acknowledged(self, seq: int, written: int, bad: int, submissions: int, seconds: float,
+                      problem: str | None) -> None:
+        with self._lock:
+            batch, barrier = self._inflight.pop(seq)
+            self._inflight_events -= len(batch)
+        stats = self.stats
+        stats["events_written"] += written
+        stats["bad_events"] += bad
+        stats["submissions"] += submissions
+        stats["write_seconds"] += seconds
+        if batch:
+            stats["batches"] += 1
+            stats["last_batch_lag_s"] = time.monotonic() - batch[0][-1]
+            if problem is not None:
+                self._mark_batch(batch, problem)
+        if barrier is not None:
+            self._call_barrier(barrier[1], barrier[2])
+        self._relieve()
+
+    def _take_over(self) -> None:
+        """The writer process ended early: report it, and write what it had not committed (and
+        everything after) in memory here."""
+        proc, acks = self._proc, self._acks
+        if proc is None:
+            return
+        if acks is not None:
+            acks.join()
+        self._proc = self._acks = None
+        for stream in (proc.stdin, proc.stdout):
+            try:
+                stream.close()
+            except (OSError, ValueError):
+                pass
+        proc.wait()
+        self._degrade(self._lost or f"the history writer process (pid {proc.pid}) ended")
+        with self._lock:
+            pending = sorted(self._inflight.items())
+            self._inflight.clear()
+            self._inflight_events = 0
+        for _seq, (batch, barrier) in pending:
+            self._write_here(batch, barrier)
+
+    def _finish_writer_process(self) -> None:
+        """Closing: end the writer's input, wait for its last acknowledgements and its exit."""
+        proc = self._proc
+        if proc is None:
+            return
+        self._input_closed = True
+        try:
+            proc.stdin.close()
+        except (OSError, ValueError):
+            pass
+        if self._acks is not None:
+            self._acks.join()
+        if self._lost is not None:
+            self._take_over()
+            return
+        proc.stdout.close()
+        proc.wait()
+        self._proc = self._acks = None
+
     def _close_writer(self) -> None:
         writer, self._writer = self._writer, None
         if writer is not None:
-            try:
-                writer.close()
-            except Exception:
-                pass
+            writer.close()
 
-    def _write(self, batch: list) -> None:
-        barrier = batch[-1] if batch[-1][0] == _BARRIER else None
-        if barrier is not None:
-            batch.pop()
+    def _write_here(self, batch: list, barrier: tuple | None) -> None:
         if batch and self._writer is not None:
             started = time.monotonic()
             self._write_batch(batch)
@@ -774,15 +631,9 @@ class Store:
 
     def _write_batch(self, batch: list) -> None:
         try:
-            self._apply(self._writer, batch)
-        except (sqlite3.Error, OSError) as exc:
-            self._degrade(exc, during="writing")
-            if self._writer is not None:
-                try:
-                    self._apply(self._writer, batch)
-                except Exception as exc2:
-                    self.last_error = f"in-memory history: {exc2}"
-                    log.exception("history: in-memory write failed")
+            self._count(self._writer.apply(batch))
+        except (sqlite3.Error, OSError) as exc:   # only the in-memory database is written here
+            self._degrade(f"in-memory history: {type(exc).__name__}: {exc}")
         except Exception:  # a bug: never kill the writer thread
             log.exception("history: batch of %d dropped", len(batch))
             self._mark_batch(batch, "a batch of events could not be written (see the log)")
@@ -791,209 +642,36 @@ class Store:
             self._mark_batch(batch, f"history is not written to the file since: {self.last_error}")
         self.stats["batches"] += 1
         self.stats["last_batch_lag_s"] = time.monotonic() - batch[0][-1]
-        if self.in_memory and self._writer is not None:
-            self._bound_memory(self._writer)
+
+    def _count(self, counts: tuple[int, int, int]) -> None:
+        stats = self.stats
+        stats["events_written"] += counts[0]
+        stats["bad_events"] += counts[1]
+        stats["submissions"] += counts[2]
 
     def _mark_batch(self, batch: list, reason: str) -> None:
         for item in batch:
             if item[1] is not None:
                 self._mark_incomplete(item[1], reason)
 
-    def _apply(self, conn: sqlite3.Connection, batch: list) -> None:
-        unpack = msgpack.unpackb
-        stored: dict[tuple[str, str | None], int] = {}
-        conn.execute("BEGIN")
-        try:
-            self._apply_batch(conn, batch, unpack, stored)
-        except BaseException:
-            try:
-                conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-            raise
-        conn.execute("COMMIT")
-        last = self._last_eseq
-        if len(last) > 100_000:   # bounded; a forgotten key is looked up again
-            last.clear()
-        last.update(stored)
-
-    def _stored_eseq(self, conn: sqlite3.Connection, key: tuple[str, str | None],
-                     pending: dict[tuple[str, str | None], int]) -> int:
-        """The highest eseq of ``key`` (execution, epoch) already stored or in this batch."""
-        value = pending.get(key)
-        if value is None:
-            value = self._last_eseq.get(key)
-        if value is None:
-            row = conn.execute("SELECT MAX(last_eseq) FROM event_chunks WHERE execution_id = ? AND epoch IS ?",
-                               key).fetchone()
-            legacy = conn.execute("SELECT MAX(eseq) FROM events WHERE execution_id = ? AND epoch IS ?",
-                                  key).fetchone()
-            value = max(row[0] or 0, legacy[0] or 0)
-            pending[key] = value
-        return value
-
-    def _apply_batch(self, conn: sqlite3.Connection, batch: list, unpack: Callable,
-                     stored: dict[tuple[str, str | None], int]) -> None:
-        rows = _BatchRows()
-        touched: dict[str, list] = {}   # execution id -> [epoch, last eseq, events, workflow]: one UPDATE each
-        chunks: dict[tuple[str, str | None], list] = {}   # (execution, epoch) -> its events, in order
-        for item in batch:
-            if item[0] == _SUBMISSION:
-                _, eid, name, text, variables_in, ts, _mono = item
-                digest = hashlib.sha256(text.encode()).hexdigest() if text is not None else None
-                conn.execute(
-                    "INSERT INTO executions (id, workflow, workflow_hash, status, variables_in, "
-                    "submitted_at) VALUES (?, ?, ?, 'submitted', ?, ?) ON CONFLICT(id) DO UPDATE SET "
-                    "workflow = COALESCE(workflow, excluded.workflow), workflow_hash = excluded.workflow_hash, "
-                    "variables_in = excluded.variables_in, submitted_at = excluded.submitted_at",
-                    (eid, name, digest, _dumps(variables_in), ts))
-                if text is None:
-                    conn.execute("DELETE FROM workflow_texts WHERE execution_id = ?", (eid,))
-                else:
-                    conn.execute("INSERT OR REPLACE INTO workflow_texts (execution_id, text) VALUES (?, ?)",
-                                 (eid, text))
-                self._known.add(eid)
-                self.stats["submissions"] += 1
-                continue
-            _, eid, topic, payload, _mono = item
-            if eid is None:
-                continue           # worker events and heartbeats are not execution history
-            try:
-                ev = unpack(payload, raw=False)
-                etype = ev["type"]
-            except Exception:
-                self.stats["bad_events"] += 1
-                continue
-            epoch, eseq = ev.get("epoch"), ev.get("eseq")
-            key = (eid, epoch)
-            if isinstance(eseq, int):
-                if eseq <= self._stored_eseq(conn, key, stored):
-                    continue       # a duplicate (same execution, epoch, eseq): already applied
-                stored[key] = eseq
-            topic_text = topic.decode("utf-8", "replace") if isinstance(topic, (bytes, bytearray)) else str(topic)
-            chunk = chunks.get(key)
-            if chunk is None:
-                chunks[key] = chunk = []
-            chunk.append((topic_text, bytes(payload), eseq, etype, ev.get("node_id")))
-            self.stats["events_written"] += 1
-            self._apply_event(conn, eid, etype, ev, rows)
-            counters = touched.get(eid)
-            if counters is None:
-                touched[eid] = [epoch, eseq, 1, ev.get("workflow")]
-            else:
-                counters[0], counters[1], counters[2] = epoch, eseq, counters[2] + 1
-        rows.flush(conn)
-        if chunks:
-            conn.executemany(
-                "INSERT INTO event_chunks (execution_id, epoch, first_eseq, last_eseq, events, data) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                [(eid, epoch, events[0][2], events[-1][2], len(events),
-                  zlib.compress(msgpack.packb(events, use_bin_type=True), CHUNK_COMPRESSION))
-                 for (eid, epoch), events in chunks.items()])
-        if touched:
-            conn.executemany("UPDATE executions SET epoch = ?, last_eseq = ?, events = events + ?, "
-                             "workflow = COALESCE(workflow, ?) WHERE id = ?",
-                             [(*counters, eid) for eid, counters in touched.items()])
-
-    def _apply_event(self, conn: sqlite3.Connection, eid: str, etype: str, ev: dict, rows: _BatchRows) -> None:
-        ts = ev.get("ts")
-        meta = ev.get("meta") or {}
-        if eid not in self._known:
-            conn.execute("INSERT OR IGNORE INTO executions (id, workflow, status, started_at, epoch) "
-                         "VALUES (?, ?, 'running', ?, ?)", (eid, ev.get("workflow"), ts, ev.get("epoch")))
-            if len(self._known) > 100_000:
-                self._known.clear()
-            self._known.add(eid)
-        node_id = ev.get("node_id")
-        if etype == "execution.started":
-            # COALESCE: a resumed execution keeps its original start time
-            conn.execute("UPDATE executions SET status = 'running', started_at = COALESCE(started_at, ?), "
-                         "inputs = ? WHERE id = ?", (ts, _dumps(meta.get("inputs")), eid))
-        elif etype == "execution.resumed":
-            rows.flush(conn)
-            conn.execute("UPDATE executions SET status = 'running', finished_at = NULL WHERE id = ?", (eid,))
-            # attempts in flight when the previous coordinator stopped will never report
-            conn.execute("UPDATE node_executions SET status = 'interrupted', finished_at = ?, error = ? "
-                         "WHERE execution_id = ? AND status = 'running'",
-                         (ts, _dumps(INTERRUPTED_ERROR), eid))
-        elif etype in TERMINAL_EVENT_TYPES:
-            status = ev.get("status") or etype.split(".", 1)[1]
-            conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
-                         "error = ?, variables_out = ? WHERE id = ?",
-                         (status, ts, meta.get("duration_s"), _dumps(meta.get("result")), _dumps(ev.get("error")),
-                          _dumps(self._snapshots.pop(eid, {})), eid))
-        elif etype == "node.started" and node_id is not None:
-            rows.started([eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, "running", None,
-                          _dumps(meta.get("inputs")), None, None, ts, None, None, _context(meta)])
-        elif etype == "node.completed" and node_id is not None and meta.get("resumed"):
-            # a node restored from history after a restart: its real attempt is already stored
-            rows.flush(conn)
-            conn.execute("DELETE FROM node_executions WHERE id = (SELECT id FROM node_executions WHERE "
-                         "execution_id = ? AND node_id = ? AND context IS ? AND status = 'running' "
-                         "ORDER BY id DESC LIMIT 1)", (eid, node_id, _context(meta)))
-        elif etype in NODE_ATTEMPT_END_TYPES and node_id is not None:
-            status = {"node.completed": "completed", "node.cancelled": "cancelled"}.get(etype, "failed")
-            output = None
-            if etype == "node.completed":
-                output = meta.get("output")
-                if output is None:
-                    output = meta.get("return", meta.get("result"))
-            ctx = _context(meta)
-            attempt = ev.get("attempt") or 1
-            values = (status, meta.get("worker"), _dumps(output), _dumps(ev.get("error")), ts,
-                      meta.get("duration_s"))
-            if rows.finish((eid, node_id, attempt, ctx), *values):
-                return   # its node.started is in this batch: the pending row is complete now
-            # A pending row of this batch never matches here (none is running for this key), so
-            # the UPDATE sees exactly the rows it would have seen.
-            cur = conn.execute(
-                "UPDATE node_executions SET status = ?, worker = COALESCE(?, worker), output = ?, error = ?, "
-                "finished_at = ?, duration_s = COALESCE(?, ? - started_at) WHERE id = ("
-                "SELECT id FROM node_executions WHERE execution_id = ? AND node_id = ? AND attempt = ? "
-                "AND context IS ? AND status = 'running' ORDER BY id DESC LIMIT 1)",
-                (*values[:5], values[5], ts, eid, node_id, attempt, ctx))
-            if cur.rowcount == 0:   # its node.started is not in the store (e.g. dropped): keep the outcome
-                rows.attempts.append([eid, node_id, ev.get("node_type"), attempt, status, values[1], None,
-                                      values[2], values[3], None, ts, values[5], ctx])
-        elif etype == "node.skipped" and node_id is not None:
-            rows.attempts.append([eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, "skipped", None, None,
-                                  None, _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None,
-                                  ts, ts, 0, _context(meta)])
-        elif etype == "variable.changed":
-            if ev.get("vseq") == ev.get("eseq"):   # it changed the execution's variables
-                self._snapshots.setdefault(eid, {})[str(meta.get("name"))] = meta.get("value")
-            rows.changes.append((eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),
-                                 _dumps(meta.get("value")), meta.get("scope"), node_id, ts))
-
-    def _bound_memory(self, conn: sqlite3.Connection) -> None:
-        """In-memory mode: keep the last ``memory_events`` events and ``MEMORY_EXECUTIONS`` runs."""
-        row = conn.execute("SELECT id FROM (SELECT id, SUM(events) OVER (ORDER BY id DESC) AS newer "
-                           "FROM event_chunks) WHERE newer > ? ORDER BY id DESC LIMIT 1",
-                           (self.memory_events,)).fetchone()
-        if row is not None:
-            conn.execute("DELETE FROM event_chunks WHERE id <= ?", (row[0],))
-        count = conn.execute("SELECT COUNT(*) FROM executions").fetchone()[0]
-        if count > MEMORY_EXECUTIONS:
-            victims = [r[0] for r in conn.execute(
-                "SELECT id FROM executions WHERE finished_at IS NOT NULL ORDER BY finished_at LIMIT ?",
-                (count - MEMORY_EXECUTIONS,))]
-            self._delete(conn, victims)
-
     # -- lifecycle -------------------------------------------------------------------------
     @property
     def queue_depth(self) -> int:
-        return len(self._queue)
+        """Items queued or sent to the writer process and not yet committed."""
+        return len(self._queue) + self._inflight_events
 
     def write_lag(self) -> float:
-        """Seconds the oldest queued event has been waiting (0 when the queue is empty)."""
+        """Seconds the oldest uncommitted event has been waiting (0 when there is none)."""
+        with self._lock:
+            oldest = next((batch[0] for batch, _barrier in self._inflight.values() if batch), None)
         try:
-            return max(0.0, time.monotonic() - self._queue[0][-1])
+            return max(0.0, time.monotonic() - (oldest or self._queue[0])[-1])
         except IndexError:
             return 0.0
 
     def gauges(self) -> dict[str, float]:
         """Scrape-time values for :class:`goflow.observability.metrics.Metrics` (``set_gauge_source``)."""
-        return {"store_queue_depth": len(self._queue), "store_write_lag_seconds": self.write_lag(),
+        return {"store_queue_depth": self.queue_depth, "store_write_lag_seconds": self.write_lag(),
                 "store_dropped_events": self.dropped_from_history, "store_healthy": 1.0 if self.healthy else 0.0,
                 "store_events_written": self.stats["events_written"]}
 
@@ -1010,7 +688,7 @@ class Store:
 
         Waits as long as the writer needs: it always finishes, since each batch is either
         committed or, when the disk fails, kept in memory (progress is logged every 10 s).
-        The writer thread closes its own connection; a store without a writer thread
+        The writer closes its own connection; a store without a writer
         (``start=False``) discards what was queued.
         """
         if self._closed:
@@ -1023,7 +701,7 @@ class Store:
                 thread.join(10.0)
                 if not thread.is_alive():
                     break
-                log.warning("history store: still writing at close, %d item(s) queued", len(self._queue))
+                log.warning("history store: still writing at close, %d item(s) queued", self.queue_depth)
                 self._wake.set()
         else:
             self._close_writer()
@@ -1223,27 +901,16 @@ class Store:
             chunk = ids[start:start + 500]
             conn.execute("BEGIN IMMEDIATE")
             try:
-                self._delete(conn, chunk)
+                delete_executions(conn, chunk)
                 conn.execute("COMMIT")
             except Exception:
                 conn.execute("ROLLBACK")
                 raise
         return len(ids)
 
-    @staticmethod
-    def _delete(conn: sqlite3.Connection, ids: list[str]) -> None:
-        if not ids:
-            return
-        marks = ",".join("?" * len(ids))
-        for table, column in (("events", "execution_id"), ("event_chunks", "execution_id"),
-                              ("node_executions", "execution_id"),
-                              ("variable_changes", "execution_id"), ("workflow_texts", "execution_id"),
-                              ("executions", "id")):
-            conn.execute(f"DELETE FROM {table} WHERE {column} IN ({marks})", ids)
-
 
 def open_store(path: str | os.PathLike | None = None) -> Store:
-    """A query-only store on an existing database (the CLI): no writer thread."""
+    """A query-only store on an existing database (the CLI): no writer."""
     return Store(path, start=False, readonly=True)
 
 
