@@ -332,7 +332,7 @@ class Store:
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._proc = subprocess.Popen(self._writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env, close_fds=True)
+                                      env=env, close_fds=True, bufsize=0)
         self._acks = threading.Thread(target=self._read_acks, args=(self._proc,), name="goflow-history-acks",
                                       daemon=True)
         self._acks.start()
@@ -529,7 +529,7 @@ class Store:
             self._inflight[seq] = (batch, barrier)
             self._inflight_events += len(batch)
         try:
-            write_frame(proc.stdin, [seq, batch])
+            write_frame(proc.stdin.fileno(), [seq, batch])
         except (OSError, ValueError):   # the process is gone; its acks thread says why
             self._take_over()
 
@@ -538,8 +538,9 @@ class Store:
         barrier runs. Ends at the process's end of output."""
         reason = None
         try:
+            acks = proc.stdout.fileno()
             while True:
-                message = read_frame(proc.stdout)
+                message = read_frame(acks)
                 if message is None:
                     break
                 if message[1] == FAILED:

@@ -33,7 +33,7 @@ import sqlite3
 import sys
 import time
 import zlib
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import msgpack
 from goflow.history.schema import delete_executions, dumps as _dumps, open_writer
@@ -67,21 +67,35 @@ def _context(meta: dict) -> str | None:
 
 
 # -- frames ----------------------------------------------------------------------------------
-def write_frame(stream: IO[bytes], message: Any) -> None:
-    """Send one msgpack message (length-prefixed) and flush it."""
+def write_frame(fd: int, message: Any) -> None:
+    """Send one msgpack message (length-prefixed) on the file descriptor ``fd``, whole.
+
+    Raw descriptors, not buffered files: a daemon thread blocked in a buffered file holds its
+    lock, and an interpreter finalizing that file at exit aborts."""
     body = msgpack.packb(message, use_bin_type=True)
-    stream.write(len(body).to_bytes(_HEADER, "big") + body)
-    stream.flush()
+    data = memoryview(len(body).to_bytes(_HEADER, "big") + body)
+    while data:
+        data = data[os.write(fd, data):]
 
 
-def read_frame(stream: IO[bytes]) -> Any:
-    """The next message, or None at the end of the stream (a partial frame is an end too)."""
-    header = stream.read(_HEADER)
-    if len(header) < _HEADER:
+def _read_exactly(fd: int, size: int) -> bytes | None:
+    parts, missing = [], size
+    while missing:
+        part = os.read(fd, missing)
+        if not part:
+            return None
+        parts.append(part)
+        missing -= len(part)
+    return b"".join(parts)
+
+
+def read_frame(fd: int) -> Any:
+    """The next message on ``fd``, or None at the end of the stream (a partial frame is an end too)."""
+    header = _read_exactly(fd, _HEADER)
+    if header is None:
         return None
-    size = int.from_bytes(header, "big")
-    body = stream.read(size)
-    if len(body) < size:
+    body = _read_exactly(fd, int.from_bytes(header, "big"))
+    if body is None:
         return None
     return msgpack.unpackb(body, raw=False, use_list=True)
 
@@ -361,10 +375,10 @@ class Writer:
 
 
 # -- the writer process ----------------------------------------------------------------------
-def serve(path: str, source: IO[bytes], sink: IO[bytes],
+def serve(path: str, source: int, sink: int,
           on_connect: Callable[[sqlite3.Connection], None] | None = None) -> int:
-    """Apply the batches read from ``source`` to the file ``path``, acknowledging each on
-    ``sink`` after its commit (module docstring). Returns the exit status.
+    """Apply the batches read from the descriptor ``source`` to the file ``path``,
+    acknowledging each on ``sink`` after its commit (module docstring). Returns the exit status.
 
     ``on_connect(conn)`` is called with the writing connection once it is open (tests slow
     the real writer's disk with a progress handler through it)."""
@@ -405,9 +419,8 @@ def main(argv: list[str] | None = None,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="goflow-history-writer: %(message)s")
-    source, sink = os.fdopen(0, "rb", buffering=1 << 20), os.fdopen(1, "wb")
     try:
-        return serve(args[0], source, sink, on_connect)
+        return serve(args[0], 0, 1, on_connect)
     except BrokenPipeError:   # the store is gone and everything read is committed
         return 0
 
