@@ -40,7 +40,7 @@ from goflow.language.model import (
 )
 from goflow.language.references import resolve_reference
 from goflow.coordinator.retry import max_attempts, retry_delay
-from goflow.coordinator.task import Task
+from goflow.coordinator.task import NO_LABELS, Task
 from goflow.states import TERMINAL_STATUSES
 
 MAX_RECORDS = 10_000
@@ -416,6 +416,8 @@ class Execution:
         self._draining = False
         self._resume: Any = None
         """The host timer that continues a drain cut at STEPS_PER_TURN, if one is pending."""
+        self._deliver = self.task_result
+        """Bound once: a queued fan-out holds one task per node, each with this route."""
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -686,35 +688,45 @@ class Execution:
         self.node_failed_final(run, error)
 
     def dispatch(self, run: NodeRun) -> None:
+        """Send one attempt of ``run``'s worker node; its ``node.started`` carries the inputs.
+
+        Inputs the plan knows to be literal (:attr:`Plan.literal`) are sent as they are:
+        interpolating them would only copy them.
+        """
         node, scope = run.node, run.frame.scope.reads
+        literal = node.id in self.plan.literal
         if isinstance(node, PythonNode):
-            kind, spec = "python", {"call": node.call, "args": interpolate(node.args, scope) if node.args else [],
-                                    "kwargs": interpolate(node.kwargs, scope) if node.kwargs else {}}
+            if literal:
+                args, kwargs = node.args, node.kwargs
+            else:
+                args = interpolate(node.args, scope) if node.args else []
+                kwargs = interpolate(node.kwargs, scope) if node.kwargs else {}
+            kind, spec, inputs = "python", {"call": node.call, "args": args, "kwargs": kwargs}, \
+                {"args": args, "kwargs": kwargs}
         elif isinstance(node, TransformNode):
             transform = compile_transform(expression=node.expression, template=node.template)
             spec = {"expression": node.expression, "template": node.template,
                     "variables": {name: scope[name] for name in transform.names if name in scope}}
+            inputs = {"variables": spec["variables"]}
             if node.input is not None:
-                spec["input"] = resolve_reference(node.input, scope)
+                spec["input"] = inputs["input"] = resolve_reference(node.input, scope)
             kind = "transform"
         elif isinstance(node, McpToolNode):
-            kind = "mcp_tool"
-            spec = {"server": self.host.server_spec(self, node.server), "tool": node.tool,
-                    "arguments": interpolate(node.parameters, scope), "timeout": node.timeout}
+            arguments = node.parameters if literal else interpolate(node.parameters, scope)
+            kind, spec, inputs = "mcp_tool", {"server": self.host.server_spec(self, node.server), "tool": node.tool,
+                                              "arguments": arguments, "timeout": node.timeout}, \
+                {"arguments": arguments}
         else:  # pragma: no cover - guarded by WORKER_NODE_TYPES
             raise NodeFailure(self.error_of(run, "unsupported", f"cannot dispatch node type {node.type}"))
-        labels = node.worker.labels if node.worker else {}
-        run.task = Task(self.id, node.id, run.attempt, kind, spec, node.timeout,
-                        deliver=lambda task, message: self.task_result(run, task, message), run=run,
-                        labels=labels)
-        inputs = {key: value for key, value in spec.items() if key not in ("server", "timeout", "template",
-                                                                          "expression", "call", "tool")}
+        run.task = Task(self.id, node.id, run.attempt, kind, spec, node.timeout, self._deliver, run,
+                        node.worker.labels if node.worker else NO_LABELS)
         self.attempt_started(run, inputs)
         self.host.dispatch(run.task)
 
     # -- outcomes --------------------------------------------------------------------------
-    def task_result(self, run: NodeRun, task: Task, message: dict) -> None:
-        """A worker finished ``run``'s ``task`` (or the coordinator gave up on it)."""
+    def task_result(self, task: Task, message: dict) -> None:
+        """A worker finished ``task`` (or the coordinator gave up on it): every task's ``deliver``."""
+        run = task.run
         if run.task is not task or run.state != "running" or not self.active:
             return
         run.task = None

@@ -12,7 +12,7 @@ from typing import Any
 
 from goflow.language.expr import Condition, parse_condition
 from goflow.language.loader import gc_paused
-from goflow.language.model import LoopNode, NodeBase, ParallelNode, Workflow
+from goflow.language.model import LoopNode, McpToolNode, NodeBase, ParallelNode, PythonNode, Workflow
 from goflow.language.validation import containers
 
 
@@ -48,6 +48,9 @@ class Plan:
     branches: dict[str, list[Graph]] = field(default_factory=dict)
     conditions: dict[tuple[str, str], Condition] = field(default_factory=dict)
     secrets: frozenset[str] = frozenset()
+    literal: frozenset[str] = frozenset()
+    """Worker nodes whose inputs (python ``args``/``kwargs``, MCP ``parameters``) hold no
+    ``${``: interpolating them would return them unchanged, so dispatch sends them as they are."""
 
     def condition(self, node_id: str, field_name: str, text: str) -> Condition:
         key = (node_id, field_name)
@@ -74,13 +77,41 @@ def _compile(workflow: Workflow) -> Plan:
             outgoing[edge.source].append((edge.target, edge.condition))
             incoming[edge.target] += 1
     plan = Plan(workflow=workflow, nodes=nodes, main=Graph(main_nodes, incoming, outgoing),
-                secrets=workflow.secret_variables)
+                secrets=workflow.secret_variables, literal=frozenset(
+                    node.id for node in workflow.nodes if _literal_inputs(node)))
     for node in workflow.nodes:
         if isinstance(node, LoopNode):
             plan.bodies[node.id] = _sequence(node.body)
         elif isinstance(node, ParallelNode):
             plan.branches[node.id] = [_sequence(branch) for branch in node.branches]
     return plan
+
+
+_LITERAL_DEPTH = 32
+"""Values nested deeper than this take the general path (interpolate bounds depth itself)."""
+_SCALARS = (int, float, bool, type(None))
+
+
+def _literal_inputs(node: NodeBase) -> bool:
+    if isinstance(node, PythonNode):
+        return _literal(node.args) and _literal(node.kwargs)
+    return isinstance(node, McpToolNode) and _literal(node.parameters)
+
+
+def _literal(value: Any, depth: int = 0) -> bool:
+    """Whether ``interpolate`` would return ``value`` unchanged (no string in it holds ``${``;
+    dict keys are never interpolated). Unknown types answer False: the general path decides."""
+    if isinstance(value, str):
+        return "${" not in value
+    if isinstance(value, _SCALARS):
+        return True
+    if depth >= _LITERAL_DEPTH:
+        return False
+    if type(value) is dict:
+        return all(_literal(item, depth + 1) for item in value.values())
+    if type(value) is list:
+        return all(_literal(item, depth + 1) for item in value)
+    return False
 
 
 def initial_variables(workflow: Workflow, supplied: dict[str, Any]) -> dict[str, Any]:

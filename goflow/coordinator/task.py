@@ -9,13 +9,18 @@ lost, unsendable inputs). Nothing here knows what a node is.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 if TYPE_CHECKING:
     from goflow.coordinator.execution import NodeRun
 
 
-@dataclass(eq=False)
+NO_LABELS: Mapping[str, str] = MappingProxyType({})
+"""The labels of a task any worker may run (shared: a fan-out queues one task per node)."""
+
+
+@dataclass(eq=False, slots=True)
 class Task:
     """``deliver(task, message)`` receives the result message (``{"ok": ..., ...}``)."""
 
@@ -29,7 +34,7 @@ class Task:
     run: "NodeRun | None" = None
     """The node attempt this task runs, whose live output (node.log/node.progress) it carries;
     None for the execution's own tasks (the MCP preflight)."""
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: Mapping[str, str] = field(default_factory=dict)
     id: int = 0
     worker: bytes | None = None
     started_at: float | None = None
