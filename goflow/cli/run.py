@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from goflow.cli.common import parse_vars, print_problems
-from goflow.cli.run_display import DisplayProcess
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, read
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
@@ -217,9 +216,11 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
     execution_id = execution_ids.given_or_new(args.execution_id)
     if args.publish or args.control:
         print(f"goflow run: execution {execution_id}", file=sys.stderr, flush=True)
-    display = None if args.json else DisplayProcess(runtime.events_endpoint, runtime.control_endpoint,
-                                                    execution_id, full=args.watch)
-    if display is not None:
+    display = None
+    if not args.json:
+        from goflow.cli.run_display import DisplayProcess
+
+        display = DisplayProcess(runtime.events_endpoint, runtime.control_endpoint, execution_id, full=args.watch)
         display.start()
     future = runtime.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id,
                             source=workflow_text)
