@@ -243,8 +243,11 @@ def cmd_dispatch(a) -> dict:
     wf_chain = load_text(chain_yaml(a.chain_n), "chain.yaml")
     load_s = time.perf_counter() - t0
     items = list(range(a.n))
-    rt, startup = new_runtime(credits=a.credits)
-    out = {"startup_s": startup, "load_s": load_s, "n": a.n, "chain_n": a.chain_n, "credits": a.credits}
+    from goflow.protocol import DEFAULT_CREDITS
+
+    rt, startup = new_runtime(**({"credits": a.credits} if a.credits else {}))
+    out = {"startup_s": startup, "load_s": load_s, "n": a.n, "chain_n": a.chain_n,
+           "credits": a.credits or DEFAULT_CREDITS}
     try:
         # warm-up: one tiny execution so imports in the workers are done
         run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
@@ -798,7 +801,7 @@ def main() -> None:
     ap.add_argument("--no-slowsub", action="store_true")
     ap.add_argument("--no-sub", action="store_true")
     ap.add_argument("--pairs", type=int, default=1, help="none/stalled pairs per dispatch round")
-    ap.add_argument("--credits", type=int, default=4, help="EmbeddedRuntime credits (its default: 4)")
+    ap.add_argument("--credits", type=int, help="EmbeddedRuntime credits (default: its own, goflow.protocol.DEFAULT_CREDITS)")
     ap.add_argument("--kind", default="fanout")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--endpoint")

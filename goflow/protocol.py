@@ -3,8 +3,8 @@
 Each worker process holds two DEALER sockets connected to the coordinator's ROUTER:
 
 * the **task lane** (identity ``<worker_id>``): ``ready`` -> ``welcome``; ``task`` (or a
-  ``tasks`` batch) in, ``result`` (or a ``results`` batch) out. A worker announces ``credits`` (how many tasks it accepts in advance)
-  so it always has its next task in hand; each ``result`` returns one credit.
+  ``tasks`` batch) in, ``result`` (or a ``results`` batch) out. A worker announces ``credits`` (how many tasks it accepts in advance,
+  :data:`DEFAULT_CREDITS` unless told) so it always has its next task in hand; each ``result`` returns one credit.
 * the **control lane** (identity ``<worker_id>.ctl``), served by a process of its own
   (goflow.workers.control_lane) so it keeps working while a task holds the GIL:
   ``heartbeat`` both ways, ``cancel``, ``shutdown`` and ``reconnect`` in.
@@ -24,6 +24,11 @@ from typing import Any
 import msgpack
 
 VERSION = 1
+DEFAULT_CREDITS = 32
+"""Tasks a worker accepts in advance unless told otherwise. The coordinator queues a task
+behind another only when tasks like it were measured short, and then only as many as fit
+its prefetch budget (goflow/coordinator/broker.py): deep credits pipeline short calls (a
+batch of tasks in, a batch of results out) without making long ones wait."""
 CONTROL_SUFFIX = b".ctl"
 LOG_SUFFIX = b".log"
 

@@ -129,7 +129,7 @@ class TestHost:
         self._at(self.now + max(delay, 0.0), fire)
         return timer
 
-    def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
+    def emit(self, execution: Execution, type: str, run: Any = None, status: str | None = None,
              error: dict | None = None, meta: dict | None = None, snapshot_change: bool = False) -> None:
         self.counts[type] += 1
         event = Event(type, run.node.id if run else None, run.attempt if run else None, status,

@@ -325,7 +325,7 @@ class Coordinator:
         self.progress_last[execution.id] = time.monotonic()
         self.emit(execution, "progress.update", meta=execution.progress_meta())
 
-    def emit(self, execution: Execution, type: str, *, run: Any = None, status: str | None = None,
+    def emit(self, execution: Execution, type: str, run: Any = None, status: str | None = None,
              error: dict | None = None, meta: dict | None = None, snapshot_change: bool = False) -> None:
         if run is not None:
             self.publisher.emit(type, execution.id, node_id=run.node.id, node_type=run.node.type,

@@ -16,6 +16,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from goflow import protocol
 from goflow.coordinator.runtime import Runtime
 from goflow.language.model import Workflow
 
@@ -77,7 +78,7 @@ class EmbeddedRuntime:
 
     def __init__(self, *, workers: int | None = None, publish: list[str] | None = None,
                  control: list[str] | None = None, python_paths: list[str] | None = None,
-                 sndhwm: int | None = None, credits: int = 4, db: str | os.PathLike | None = None,
+                 sndhwm: int | None = None, credits: int = protocol.DEFAULT_CREDITS, db: str | os.PathLike | None = None,
                  metrics: str | None = None, progress_interval: float = 0.1,
                  max_value_bytes: int | None = None, otlp_endpoint: str | None = None):
         self.tempdir = tempfile.mkdtemp(prefix="goflow-")

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from goflow import protocol
 from goflow.supervisor import WorkerProcesses
 
 
@@ -18,7 +19,7 @@ class LocalWorkerPool(WorkerProcesses):
     """``count`` worker processes connected to ``endpoint``."""
 
     def __init__(self, endpoint: str, count: int, *, python_paths: list[str] | None = None,
-                 credits: int = 4, heartbeat_interval: float = 0.25, extra_args: list[str] | None = None):
+                 credits: int = protocol.DEFAULT_CREDITS, heartbeat_interval: float = 0.25, extra_args: list[str] | None = None):
         self.endpoint = endpoint
         self.python_paths = python_paths or []
         self.credits = credits

@@ -69,22 +69,24 @@ class WorkerTable:
                 return worker
         return None
 
-    def pick(self, task: Task, *, prefetch: bool) -> WorkerInfo | None:
-        """The least-loaded worker with a free credit that accepts ``task``'s labels.
+    def pick(self, task: Task, *, depth: int) -> WorkerInfo | None:
+        """The least-loaded worker that accepts ``task``'s labels and holds fewer than
+        ``depth`` tasks (and fewer than its credits).
 
-        Without ``prefetch`` only idle workers qualify: a task expected to be long must not
-        queue behind another task while a different worker may soon be free.
+        ``depth`` 1: only idle workers qualify, for a task expected to be long, which must
+        not queue behind another task while a different worker may soon be free.
         """
         best: WorkerInfo | None = None
+        best_free = 0
         for worker in self.workers.values():
-            free = worker.free
+            if worker.draining:
+                continue
+            free = min(worker.credits, depth) - len(worker.in_hand)
             if free <= 0 or (task.labels and not worker.accepts(task.labels)):
                 continue
-            if not prefetch and worker.in_hand:
-                continue
-            if best is None or free > best.free:
-                best = worker
-                if len(worker.in_hand) == 0:
+            if free > best_free:
+                best, best_free = worker, free
+                if not worker.in_hand:
                     break
         return best
 

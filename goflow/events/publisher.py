@@ -15,6 +15,7 @@ import uuid
 from collections import Counter, OrderedDict, deque
 from typing import Any, Callable
 
+import msgpack
 import zmq
 
 from .codec import decode_payload, new_packer, topic_for
@@ -54,6 +55,12 @@ SUBSCRIPTION_RCVHWM = 64
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
+
+
+def _raw_send(sock: zmq.Socket) -> Callable[..., Any]:
+    """``sock.send`` without pyzmq's Python-level wrapper (routing ids, groups: unused here);
+    two sends per event, ~0.3 us each saved."""
+    return super(zmq.Socket, sock).send
 
 
 def _topic_of(payload: bytes) -> bytes:
@@ -100,9 +107,9 @@ class EventPublisher:
         self._bound: list[str] = []
         """Where the socket is bound (port 0 resolved), for a reset to bind the same again."""
         self.socket: zmq.Socket = self._open(self.endpoints)
-        self._send = self.socket.send
+        self._send = _raw_send(self.socket)
         self._packer = new_packer()
-        self._pack = self._packer.pack
+        self._plain_pack = msgpack.Packer(use_bin_type=True).pack
         self._seq = 0
         self._published = 0
         self._dropped = 0
@@ -207,7 +214,7 @@ class EventPublisher:
                 if exc.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
                     raise
                 time.sleep(0.01)
-        self._send = self.socket.send
+        self._send = _raw_send(self.socket)
 
     @property
     def subscriptions(self) -> dict[str, int]:
@@ -242,6 +249,14 @@ class EventPublisher:
         return None if ex is None else ex.vseq
 
     # -- emission ------------------------------------------------------------------------
+    def _pack(self, fields: dict[str, Any]) -> bytes:
+        """``fields`` encoded. The plain packer first (a ``default`` hook makes every call a
+        third slower), the codec's for what it cannot encode (the same bytes either way)."""
+        try:
+            return self._plain_pack(fields)
+        except (TypeError, ValueError, OverflowError):
+            return self._packer.pack(fields)
+
     def emit(self, type: str, execution_id: str | None = None, *, node_id: str | None = None,
              node_type: str | None = None, status: str | None = None, attempt: int | None = None,
              snapshot_change: bool = False, error: dict | None = None, meta: dict | None = None,

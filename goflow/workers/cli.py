@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from goflow import protocol
 from goflow.supervisor import WorkerProcesses
 
 
@@ -67,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the coordinator's public key file (NAME.key); env GOFLOW_CURVE_SERVER_KEY")
     parser.add_argument("--curve-secret-key", metavar="FILE",
                         help="this worker's key pair (NAME.key_secret); env GOFLOW_CURVE_SECRET_KEY")
-    parser.add_argument("--credits", type=_positive_int, default=4, help="tasks each process holds in hand (default 4)")
+    parser.add_argument("--credits", type=_positive_int, default=protocol.DEFAULT_CREDITS,
+                        help=f"tasks each process accepts in advance (default {protocol.DEFAULT_CREDITS}; "
+                             f"only tasks measured short are queued behind another)")
     parser.add_argument("--heartbeat-interval", type=float, default=0.5, metavar="SECONDS",
                         help="worker -> coordinator heartbeats (default 0.5)")
     parser.add_argument("--coordinator-liveness", type=float, default=10.0, metavar="SECONDS",

@@ -40,7 +40,7 @@ RESULT_BATCH_S = 0.002
 class Worker:
     """One worker: runs tasks one at a time, holding up to ``credits`` in hand."""
 
-    def __init__(self, endpoint: str, *, worker_id: str | None = None, credits: int = 4,
+    def __init__(self, endpoint: str, *, worker_id: str | None = None, credits: int = protocol.DEFAULT_CREDITS,
                  labels: dict[str, str] | None = None, heartbeat_interval: float = 0.5,
                  coordinator_liveness: float = 10.0, cancel_grace: float = 2.0,
                  curve: dict[str, bytes] | None = None, context: zmq.Context | None = None):
