@@ -328,11 +328,8 @@ class Store:
         return [sys.executable, "-m", "goflow.history.writer", self.path]
 
     def _spawn(self) -> None:
-        env = dict(os.environ)   # the child imports this very goflow
-        root = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
         self._proc = subprocess.Popen(self._writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      env=env, close_fds=True, bufsize=0)
+                                      close_fds=True, bufsize=0)
         self._acks = threading.Thread(target=self._read_acks, args=(self._proc,), name="goflow-history-acks",
                                       daemon=True)
         self._acks.start()
