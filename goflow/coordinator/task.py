@@ -45,14 +45,17 @@ class Task:
     progress_sent: float = 0.0
     progress_pending: dict | None = None
     progress_timer: bool = False
+    profile: tuple = field(init=False)
+    """What tasks of the same expected duration share (for the dispatch estimate): the kind
+    and what it runs (python call, MCP tool, transform text). Set once: read per pick and result."""
+
+    def __post_init__(self) -> None:
+        spec = self.spec
+        self.profile = (self.kind, spec.get("call") or spec.get("tool") or spec.get("expression")
+                        or spec.get("template"))
 
     def timed_out(self) -> dict:
         """The result a task gets when it outruns its ``timeout`` (whichever host enforces it)."""
         return {"ok": False, "error": {
             "type": "timeout", "message": f"node '{self.node_id}' exceeded its timeout of {self.timeout:g}s"}}
 
-    @property
-    def profile(self) -> tuple:
-        """What tasks of the same expected duration share (for the dispatch estimate)."""
-        spec = self.spec
-        return (self.kind, spec.get("call") or spec.get("tool") or spec.get("expression") or spec.get("template"))

@@ -33,6 +33,7 @@ from goflow.supervisor import EXIT_COORDINATOR_LOST
 from goflow.workers.lifetime import die_with_parent
 from goflow.workers.executors import ExecutorRegistry, TaskCancelled
 
+_POLLIN = int(zmq.POLLIN)
 RESULT_BATCH_S = 0.002
 """The longest a finished task's result waits to travel with the next ones."""
 
@@ -245,8 +246,10 @@ class Worker:
         sock.send(frames[0] if len(frames) == 1 else protocol.batch(protocol.RESULTS, frames))
 
     def _receive(self, sock: zmq.Socket) -> None:
-        """Take every message waiting on the task lane (tasks join the queue)."""
-        while True:
+        """Take every message waiting on the task lane (tasks join the queue). Called after
+        every task: asking the socket first is half the cost of the ``Again`` a bare
+        non-blocking receive raises when nothing waits."""
+        while sock.getsockopt(zmq.EVENTS) & _POLLIN:
             try:
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.Again:
