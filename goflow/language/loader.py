@@ -176,8 +176,9 @@ class _Loader:
         self.share_fields_set(validated)
         return validated
 
-    def node(self, raw: Any, index: int) -> Any:
-        path: Path = ("nodes", index)
+    def node(self, raw: Any, path: Path) -> Any:
+        """The node at ``path`` (``("nodes", index)``), or None after reporting why not."""
+        index = path[1]
         if not isinstance(raw, dict):
             self.loaded.problem(path, f"nodes[{index}] must be a mapping with 'id' and 'type'")
             return None
@@ -227,11 +228,12 @@ class _Loader:
                 raw_items = []
             items = []
             for index, raw in enumerate(raw_items):
-                item = self.validate_model(model, raw, (section, index), None)
+                path = (section, index)
+                item = self.validate_model(model, raw, path, None)
                 if item is not None:
                     items.append(item)
                     if section == "edges":
-                        loaded.edge_paths.append((section, index))
+                        loaded.edge_paths.append(path)
             parts[section] = items
         raw_nodes = data.get("nodes") or []
         if not isinstance(raw_nodes, list):
@@ -239,12 +241,13 @@ class _Loader:
             raw_nodes = []
         nodes = []
         for index, raw in enumerate(raw_nodes):
-            node = self.node(raw, index)
+            path = ("nodes", index)
+            node = self.node(raw, path)
             if node is None and isinstance(raw, dict) and isinstance(raw.get("id"), str):
                 loaded.broken_node_ids.add(raw["id"])
             if node is not None:
                 nodes.append(node)
-                loaded.node_paths.setdefault(node.id, ("nodes", index))
+                loaded.node_paths.setdefault(node.id, path)
         parts["nodes"] = nodes
         if "name" not in parts:
             loaded.problem((), "missing required key 'name' at the top level")
@@ -285,6 +288,7 @@ def parse(text: str, file: str = "<workflow>") -> LoadedWorkflow:
                                            f"nodes per workflow (split it, or use a loop over a collection)"))
             return loaded
         workflow = _Loader(loaded).run(data)
+        del data, raw_nodes  # freed before the collector resumes, which would walk them once more
     if workflow is not None:
         loaded.workflow = workflow
     return loaded

@@ -236,7 +236,7 @@ class _Validator:
         return graph
 
     @functools.cached_property
-    def reached(self) -> tuple[set[str], bool] | None:
+    def reached(self) -> tuple[dict[str, bool], bool] | None:
         """``(ids reachable from the start node, whether a path from it meets a cycle)``, by one
         depth-first walk; None unless there is exactly one start node."""
         starts = [n.id for n in self.workflow.nodes if n.type == "start"]
@@ -244,29 +244,29 @@ class _Validator:
             return None
         graph = self.graph
         start = starts[0]
-        seen = {start}
-        on_path = {start}
+        on_path = {start: True}
+        """Every id reached: True while it is on the walk's current path, then False."""
         path = [start]
         work = [iter(graph.get(start, ()))]
         cyclic = False
         while work:
             for child in work[-1]:
-                if child in on_path:
-                    cyclic = True
-                elif child not in seen:
-                    seen.add(child)
-                    on_path.add(child)
+                state = on_path.get(child)
+                if state is None:
+                    on_path[child] = True
                     path.append(child)
                     work.append(iter(graph.get(child, ())))
                     break
+                if state:
+                    cyclic = True
             else:
                 work.pop()
-                on_path.discard(path.pop())
-        return seen, cyclic
+                on_path[path.pop()] = False
+        return on_path, cyclic
 
     def check_cycles(self) -> None:
         reached = self.reached
-        if reached is not None and not reached[1] and self.nodes.keys() <= reached[0]:
+        if reached is not None and not reached[1] and self.nodes.keys() <= reached[0].keys():
             return  # the walk from the start covered every node and edge and met no cycle
         graph = self.graph
         # Tarjan's strongly connected components: each cycle is reported once.
