@@ -96,13 +96,15 @@ class _Validator:
 
     def check_ids(self) -> None:
         seen: dict[str, int] = {}
+        valid = ID_PATTERN.match
         for index, node in enumerate(self.workflow.nodes):
-            if not ID_PATTERN.match(node.id):
-                self.error(self.node_path(node.id, "id"), f"invalid node id '{node.id}': use letters, digits, '_' and '-', "
-                                 f"starting with a letter or '_'", node.id)
-            if node.id in seen:
-                self.error(("nodes", index, "id"), f"duplicate node id '{node.id}'; node ids must be unique", node.id)
-            seen[node.id] = index
+            node_id = node.id
+            if not valid(node_id):
+                self.error(self.node_path(node_id, "id"), f"invalid node id '{node_id}': use letters, digits, '_' and '-', "
+                                 f"starting with a letter or '_'", node_id)
+            if node_id in seen:
+                self.error(("nodes", index, "id"), f"duplicate node id '{node_id}'; node ids must be unique", node_id)
+            seen[node_id] = index
 
     def check_start_end(self) -> None:
         starts = [n.id for n in self.workflow.nodes if n.type == "start"]
@@ -135,27 +137,28 @@ class _Validator:
         seen: set[tuple[str, str]] = set()
         nodes = self.nodes
         for edge, path in zip(self.workflow.edges, self.loaded.edge_paths):
-            source = nodes.get(edge.source)
-            if source is None or edge.target not in nodes:  # the rare case: say which end
-                for end, key in ((edge.source, "from"), (edge.target, "to")):
+            source_id, target_id = edge.source, edge.target
+            source = nodes.get(source_id)
+            if source is None or target_id not in nodes:  # the rare case: say which end
+                for end, key in ((source_id, "from"), (target_id, "to")):
                     if not self.known(end):
-                        self.error(path + (key,), f"edge {edge.source} -> {edge.target}: no node '{end}'"
+                        self.error(path + (key,), f"edge {source_id} -> {target_id}: no node '{end}'"
                                                   + self._nearest_node(end))
-            if edge.source == edge.target:
-                self.error(path, f"edge {edge.source} -> {edge.target} is a self-loop", edge.source)
-            pair = (edge.source, edge.target)
-            if pair in seen:
-                self.error(path, f"duplicate edge {edge.source} -> {edge.target}", edge.source)
-            seen.add(pair)
+            if source_id == target_id:
+                self.error(path, f"edge {source_id} -> {target_id} is a self-loop", source_id)
+            count = len(seen)
+            seen.add((source_id, target_id))
+            if len(seen) == count:
+                self.error(path, f"duplicate edge {source_id} -> {target_id}", source_id)
             if source is None:
                 continue
             if source.type == "end":
-                self.error(path, f"edge leaves end node '{edge.source}'; an end node finishes its path", edge.source,
+                self.error(path, f"edge leaves end node '{source_id}'; an end node finishes its path", source_id,
                            severity="warning")
             if edge.condition is not None and not isinstance(source, ConditionNode):
-                self.error(path + ("condition",), f"edge {edge.source} -> {edge.target} has a condition but "
-                                                  f"'{edge.source}' is not a condition node; it is ignored",
-                           edge.source, severity="warning")
+                self.error(path + ("condition",), f"edge {source_id} -> {target_id} has a condition but "
+                                                  f"'{source_id}' is not a condition node; it is ignored",
+                           source_id, severity="warning")
 
     def _nearest_node(self, name: str) -> str:
         import difflib
