@@ -125,11 +125,15 @@ def _collect_references(value: Any, names: set[str], depth: int) -> None:
     elif type(value) in _SCALARS:  # the common leaves, before the slower Mapping check
         return
     elif isinstance(value, (list, tuple)):
-        for v in value:
-            _collect_references(v, names, depth + 1)
+        _collect_all(value, names, depth + 1)
     elif isinstance(value, Mapping):
-        for v in value.values():
-            _collect_references(v, names, depth + 1)
+        _collect_all(value.values(), names, depth + 1)
+
+
+def _collect_all(values: Any, names: set[str], depth: int) -> None:
+    for v in values:
+        if type(v) not in _SCALARS or depth > _MAX_DEPTH:  # a scalar leaf needs no call (`args: [1, 2]`)
+            _collect_references(v, names, depth)
 
 
 _SCALARS = frozenset({int, float, bool, type(None)})
