@@ -440,6 +440,31 @@ def test_flush_and_close_drain_the_queue(tmp_path):
     reader.close()
 
 
+def test_a_memory_store_writes_in_this_process():
+    s = Store(":memory:")
+    p = Publisher(s.sink)
+    try:
+        eid = p.run()
+        assert s.flush(10)
+        assert s.writer_pid is None and s.in_memory and s.healthy     # no writer process for memory
+        run = s.get_execution(eid)
+        assert run["status"] == "completed" and [n["node_id"] for n in run["nodes"]][:2] == ["fetch", "fetch"]
+        assert len(s.events(eid)) == p.pub.last_eseq(eid)
+        assert s.history_problem(eid) is None
+    finally:
+        p.close()
+        s.close()
+
+
+def test_a_file_store_writes_in_its_writer_process_and_reads_here(store, publisher):
+    eid = publisher.run()
+    assert store.flush(10)
+    assert store.writer_pid is not None and store.writer_pid != os.getpid() and not store.in_memory
+    assert store.stats["events_written"] == publisher.pub.last_eseq(eid)    # acknowledged counts
+    assert store.get_execution(eid)["status"] == "completed"
+    assert store.queue_depth == 0
+
+
 def test_one_batch_writes_the_rows_one_event_per_batch_writes(tmp_path):
     # The writer inserts a batch's attempt and variable rows together at its end, and completes
     # an attempt started in the same batch without an UPDATE: the tables must be exactly what
