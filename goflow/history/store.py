@@ -8,8 +8,8 @@ seconds or ``batch_size`` items) and, for a file, ships each batch as it is (the
 bytes, one msgpack frame) to a **writer process** (:mod:`goflow.history.writer`) that
 decodes it and writes it as one transaction to the WAL-mode SQLite file, then acknowledges
 it; the ``goflow-history-acks`` thread takes the acknowledgements. *Why a process:* the
-decoding and row building took the coordinator's GIL (about 20 us per event, 1.3 s of a
-20k-node run), time taken from the reactor; in the writer process they run on the other
+decoding and row building took the coordinator's GIL (about 20 us per event, 1-1.75 s
+of a 20k-node run), time taken from the reactor; in the writer process they run on the other
 core. An in-memory store (``":memory:"``), and a store after its file failed, write on the
 ``goflow-history`` thread instead (small, bounded, and queries must reach that database
 from this process). Queries run in this process on their own connections (WAL: a reader
