@@ -472,3 +472,22 @@ def test_the_writer_process_exits_with_a_sigkilled_coordinator_and_keeps_what_it
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     finally:
         conn.close()
+
+
+def test_the_writer_process_ignores_the_signals_a_process_group_gets(tmp_path):
+    import signal
+
+    store = Store(tmp_path / "history.db")
+    publisher = Publisher(store.sink)
+    try:
+        first = publisher.run()
+        assert store.flush(10)
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # Ctrl-C, a service stop, a hangup
+            os.kill(store.writer_pid, signum)
+        second = publisher.run()         # the coordinator drains into it after such a signal
+        assert store.flush(10)
+        assert store.healthy and store.history_problem(second) is None
+        assert [store.execution_status(e) for e in (first, second)] == ["completed", "completed"]
+    finally:
+        publisher.close()
+        store.close()

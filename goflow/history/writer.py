@@ -18,9 +18,10 @@ The child's contract:
 * **It dies with its parent and never loses a committed batch.** End of input (the store
   closed it, or the coordinator died, even by SIGKILL) means: every complete batch read is
   committed, then the process exits. A partial frame is the dead parent's last write: it
-  was never acknowledged, and is discarded. SIGINT and SIGTERM are ignored (a terminal's
-  Ctrl-C or a service manager reaches the whole process group; the coordinator drains the
-  queue into this process before it exits, so this process must outlive it).
+  was never acknowledged, and is discarded. SIGINT, SIGTERM and SIGHUP are ignored (a
+  terminal's Ctrl-C or hangup, or a service manager, reaches the whole process group; the
+  coordinator drains the queue into this process before it exits, so this process must
+  outlive it).
 """
 
 from __future__ import annotations
@@ -416,8 +417,8 @@ def main(argv: list[str] | None = None,
          on_connect: Callable[[sqlite3.Connection], None] | None = None) -> int:
     """``python -m goflow.history.writer PATH``: the writer process of a file-backed store."""
     args = sys.argv[1:] if argv is None else argv
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="goflow-history-writer: %(message)s")
     try:
         return serve(args[0], 0, 1, on_connect)
