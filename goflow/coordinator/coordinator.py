@@ -8,14 +8,16 @@ and the thread-safe public operations (submit, resume, cancel, drain, stop). Not
 touches execution state, so there are no locks around it.
 
 While executions run, the objects that existed when the first of them started are frozen
-out of the cyclic garbage collector (``gc.freeze``; see :meth:`Coordinator._running_changed`):
-a process-wide setting, undone whenever no execution runs.
+out of the cyclic garbage collector (``gc.freeze``; see :func:`_running_changed`): a
+process-wide setting, counted over every coordinator of the process, undone whenever no
+execution runs in it.
 """
 
 from __future__ import annotations
 
 import gc
 import logging
+import threading
 import time
 import uuid
 from collections import deque
@@ -119,8 +121,6 @@ class Coordinator:
         self.finished_order: deque[str] = deque()
         self.progress_due: dict[str, Timer] = {}
         self.progress_last: dict[str, float] = {}
-        self.running = 0
-        """Executions started and not finished (see :meth:`_running_changed`)."""
 
         self.reactor.add_reader(self.control_socket, self.control.on_readable)
         self._events_socket = self.publisher.socket
@@ -211,25 +211,10 @@ class Coordinator:
             text = execution.public(source if source is not None else workflow.source_text())
             self.history.record_submission(execution_id, workflow.name, text, supplied, secrets=plan.secrets)
         self.publisher.open_execution(execution_id, workflow.name)
-        self._running_changed(+1)
+        _running_changed(+1)
         execution.start()
         return execution_id, future
 
-    def _running_changed(self, delta: int) -> None:
-        """Count running executions; freeze the GC's tracked objects from the first start to the last finish.
-
-        A workflow's model and plan are a few tracked objects per node that live as long as
-        its execution; every full collection walked all of them again while the execution's
-        own state grew (a 20k-node fan-out: 3 full collections over ~175k objects, 0.3-1.0 s
-        of the reactor's ~2 s). Frozen (``gc.freeze``, O(1)), collections walk only what was
-        made since. Unfrozen (O(1)) once nothing runs, so cyclic garbage among those objects
-        is collected as before: it waits at most until the coordinator is next idle.
-        """
-        self.running += delta
-        if delta > 0 and self.running == 1:
-            gc.freeze()
-        elif delta < 0 and self.running == 0:
-            gc.unfreeze()
 
     def cancel(self, execution_id: str, reason: str = "cancelled by request") -> None:
         def cancel() -> None:
@@ -349,7 +334,7 @@ class Coordinator:
         self.progress_due[execution.id] = self.call_later(delay, fire)
 
     def execution_finished(self, execution: Execution) -> None:
-        self._running_changed(-1)
+        _running_changed(-1)
         self.publisher.close_execution(execution.id)
         timer = self.progress_due.pop(execution.id, None)
         if timer is not None:
@@ -377,3 +362,27 @@ class Coordinator:
         self.finished_order.append(execution_id)
         while len(self.finished_order) > self.keep_finished:
             self.executions.pop(self.finished_order.popleft(), None)
+
+
+_running_lock = threading.Lock()
+_running = 0
+"""Executions started and not finished, over every coordinator of this process."""
+
+
+def _running_changed(delta: int) -> None:
+    """Count running executions; freeze the GC's tracked objects from the first start to the last finish.
+
+    A workflow's model and plan are a few tracked objects per node that live as long as its
+    execution; every full collection walked all of them again while the execution's own
+    state grew (a 20k-node fan-out: 2-3 full collections over ~175k objects, 0.25-0.3 s of
+    the reactor's CPU). Frozen (``gc.freeze``, O(1)), collections walk only what was made
+    since. Unfrozen (O(1)) once nothing runs, so cyclic garbage among those objects is
+    collected as before: it waits at most until the process is next idle.
+    """
+    global _running
+    with _running_lock:
+        _running += delta
+        if delta > 0 and _running == 1:
+            gc.freeze()
+        elif delta < 0 and _running == 0:
+            gc.unfreeze()
