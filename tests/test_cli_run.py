@@ -169,6 +169,9 @@ def test_ctrl_c_cancels_cleanly_and_leaves_no_process(write_flow, signum):
         if sum("node.started" in entry and (" a" in entry or " b" in entry) for entry in seen) >= 2:
             break
     workers = _worker_pids(proc.pid)
+    while len(workers) < 2 and time.monotonic() < deadline:   # a worker (re)started just now may not
+        time.sleep(0.05)                                       # show its own command line yet
+        workers = _worker_pids(proc.pid)
     assert workers, "no worker processes found"
     tempdirs = {Path(arg.split("ipc://", 1)[1]).parent for pid in workers
                 for arg in Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0") if "ipc://" in arg}

@@ -169,7 +169,7 @@ class ControlOps:
                 reply.set_result(accepted)
                 return
 
-            def recorded(problem: str | None) -> None:   # the writer thread, once committed
+            def recorded(problem: str | None) -> None:   # on a store thread, once committed
                 reply.set_result({**accepted, "history": {"recorded": problem is None, "problem": problem}}
                                  if problem else accepted)
 

@@ -348,7 +348,7 @@ class Coordinator:
                 future.set_result(outcome)
             return
 
-        def recorded(problem: str | None) -> None:   # the writer thread, once the terminal event is committed
+        def recorded(problem: str | None) -> None:   # on a store thread, once the terminal event is committed
             execution.history = {"recorded": problem is None, "problem": problem}
             if future is not None and not future.done():
                 future.set_result({**outcome, "history": execution.history})
