@@ -311,6 +311,13 @@ def gc_paused() -> Iterator[None]:
     Loading allocates millions of small acyclic objects; each collection would walk all the
     ones still alive, which made loading a 100k-node file about 3x slower (a cost that grows
     with the workflow). Reference counting still frees memory as usual meanwhile.
+
+    On resuming, what survived goes straight to the oldest generation (``gc.freeze`` then
+    ``gc.unfreeze``, both O(1)) instead of being walked by the next young and middle
+    collections (0.15 s each at 100k nodes): a full collection still sees it, so cyclic garbage
+    made meanwhile is collected by the next one. When something else froze the collector
+    (the coordinator, while executions run), the survivors join its frozen set and are
+    unfrozen with it.
     """
     global _gc_pausers, _gc_was_enabled
     with _gc_lock:
@@ -324,6 +331,10 @@ def gc_paused() -> Iterator[None]:
         with _gc_lock:
             _gc_pausers -= 1
             if _gc_pausers == 0 and _gc_was_enabled:
+                frozen = gc.get_freeze_count()
+                gc.freeze()
+                if not frozen:
+                    gc.unfreeze()
                 gc.enable()
 
 
