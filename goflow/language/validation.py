@@ -411,19 +411,7 @@ class _Validator:
 
     def _node_references(self, node: NodeBase):
         """Yield ``(field, referenced root names, parse error or None)`` for each expression."""
-
-        def condition(field: str, text: str):
-            try:
-                return field, set(parse_condition(text).names), None
-            except ExpressionError as exc:
-                return field, set(), exc.message
-
-        def interpolation(field: str, value: Any):
-            try:
-                return field, interpolation_references(value), None
-            except ExpressionError as exc:
-                return field, set(), exc.message
-
+        condition, interpolation = _condition_references, _interpolation_references
         if node.condition is not None:
             yield condition("condition", node.condition)
         if isinstance(node, LoopNode):
@@ -459,6 +447,20 @@ class _Validator:
             return field, {reference_root(text)}, None
         except ExpressionError as exc:
             return field, set(), exc.message
+
+
+def _condition_references(field: str, text: str) -> tuple[str, set[str], str | None]:
+    try:
+        return field, set(parse_condition(text).names), None
+    except ExpressionError as exc:
+        return field, set(), exc.message
+
+
+def _interpolation_references(field: str, value: Any) -> tuple[str, set[str], str | None]:
+    try:
+        return field, interpolation_references(value), None
+    except ExpressionError as exc:
+        return field, set(), exc.message
 
 
 def _hint(name: str, scope: set[str]) -> str:
