@@ -440,23 +440,15 @@ class Monitor:
         return ev
 
     def _drive(self, gen: Generator[Request, dict, Any]) -> Any:
-        try:
-            req = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        while True:
+        """Run ``gen``'s control requests on this thread's client; its result."""
+        request, result = _step(gen)
+        while request is not None:
             try:
-                reply = self.control.request(req[0], **req[1])
+                reply, error = self.control.request(request[0], **request[1]), None
             except ControlError as exc:
-                try:
-                    req = gen.throw(exc)
-                except StopIteration as stop:
-                    return stop.value
-                continue
-            try:
-                req = gen.send(reply)
-            except StopIteration as stop:
-                return stop.value
+                reply, error = None, exc
+            request, result = _step(gen, reply, error)
+        return result
 
     def subscribe(self, filter: EventFilter | None = None, reliable: bool = True,
                   since: Since = "now", timeout: float | None = None,
@@ -473,22 +465,18 @@ class Monitor:
 
     def _iterate(self, filt, tracker, prefixes, since, timeout, until) -> Iterator[Event]:
         sock = self.context.socket(zmq.SUB)
-        self.timed_out = False
+        loop = _Loop(self, filt, tracker, timeout)
         try:
             self._setup_sub(sock, prefixes)       # subscribe FIRST, then replay, then dedupe
             if tracker is not None:
-                for ev in self._drive(tracker.initial(since)):
+                batch, stop = _upto(self._drive(tracker.initial(since)), until)
+                for ev in batch:
                     self.stats["delivered"] += 1
                     yield ev
-                    if until is not None and until(ev):
-                        return
-            idle_since = time.monotonic()
-            while True:
-                if timeout is not None and time.monotonic() - idle_since >= timeout:
-                    self.timed_out = True
+                if stop:
                     return
-                wait = _POLL_MS if timeout is None else max(
-                    0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
+            loop.restart_idle()
+            while (wait := loop.wait_ms()) is not None:
                 if not sock.poll(wait, zmq.POLLIN):
                     continue
                 while True:  # drain what is queued without a poll per message
@@ -496,20 +484,12 @@ class Monitor:
                         frames = sock.recv_multipart(_NOBLOCK)
                     except zmq.Again:
                         break
-                    ev = self._decode(frames)
-                    if ev is None:
-                        continue
-                    if tracker is None:
-                        batch = [ev] if filt.matches(ev) else []
-                    else:
-                        batch = self._drive(tracker.process(ev))
-                    if batch:
-                        idle_since = time.monotonic()
-                    for out in batch:
+                    batch, stop = _upto(self._drive(loop.receive(frames)), until)
+                    for ev in batch:
                         self.stats["delivered"] += 1
-                        yield out
-                        if until is not None and until(out):
-                            return
+                        yield ev
+                    if stop:
+                        return
         finally:
             sock.close(0)
 
@@ -525,58 +505,100 @@ class Monitor:
                                     timeout=self.control_timeout, curve=self._control_curve()) \
             if self.control_endpoint else None
 
-        async def drive(gen):
-            try:
-                req = next(gen)
-            except StopIteration as stop:
-                return stop.value
-            while True:
+        async def drive(gen: Generator[Request, dict, Any]) -> Any:
+            request, result = _step(gen)
+            while request is not None:
                 try:
                     if client is None:
                         raise ControlError("bad_request", "no control endpoint")
-                    reply = await client.request(req[0], **req[1])
+                    reply, error = await client.request(request[0], **request[1]), None
                 except ControlError as exc:
-                    try:
-                        req = gen.throw(exc)
-                    except StopIteration as stop:
-                        return stop.value
-                    continue
-                try:
-                    req = gen.send(reply)
-                except StopIteration as stop:
-                    return stop.value
+                    reply, error = None, exc
+                request, result = _step(gen, reply, error)
+            return result
 
-        self.timed_out = False
+        loop = _Loop(self, filt, tracker, timeout)
         try:
             self._setup_sub(sock, prefixes)
             if tracker is not None:
-                for ev in await drive(tracker.initial(since)):
+                batch, stop = _upto(await drive(tracker.initial(since)), until)
+                for ev in batch:
                     self.stats["delivered"] += 1
                     yield ev
-                    if until is not None and until(ev):
-                        return
-            idle_since = time.monotonic()
-            while True:
-                if timeout is not None and time.monotonic() - idle_since >= timeout:
-                    self.timed_out = True
+                if stop:
                     return
-                wait = _POLL_MS if timeout is None else max(
-                    0, min(_POLL_MS, int((idle_since + timeout - time.monotonic()) * 1000)))
+            loop.restart_idle()
+            while (wait := loop.wait_ms()) is not None:
                 if not await sock.poll(wait, zmq.POLLIN):
                     continue
-                ev = self._decode(await sock.recv_multipart())
-                if ev is None:
-                    continue
-                batch = ([ev] if filt.matches(ev) else []) if tracker is None \
-                    else await drive(tracker.process(ev))
-                if batch:
-                    idle_since = time.monotonic()
-                for out in batch:
+                batch, stop = _upto(await drive(loop.receive(await sock.recv_multipart())), until)
+                for ev in batch:
                     self.stats["delivered"] += 1
-                    yield out
-                    if until is not None and until(out):
-                        return
+                    yield ev
+                if stop:
+                    return
         finally:
             sock.close(0)
             if client is not None:
                 client.close()
+
+
+def _step(gen: Generator[Request, dict, Any], reply: dict | None = None,
+          error: Exception | None = None) -> tuple[Request | None, Any]:
+    """Advance a tracker generator with a control reply (or the error it raised): its next
+    request and None, or None and its result once it has finished."""
+    try:
+        return (gen.throw(error) if error is not None else gen.send(reply)), None
+    except StopIteration as stop:
+        return None, stop.value
+
+
+def _upto(batch: list[Event], until: Callable[[Event], bool] | None) -> tuple[list[Event], bool]:
+    """The events of ``batch`` to deliver, up to and with the first that ``until`` accepts,
+    and whether it accepted one (the subscription then ends)."""
+    if until is not None:
+        for index, ev in enumerate(batch):
+            if until(ev):
+                return batch[:index + 1], True
+    return batch, False
+
+
+class _Loop:
+    """What a subscription loop keeps between messages, the same for :meth:`Monitor.subscribe`
+    and :meth:`Monitor.asubscribe`: the idle clock of ``timeout`` and what one message
+    delivers (decoded, then filtered or passed through the reliable tracker)."""
+
+    def __init__(self, monitor: Monitor, filt: EventFilter, tracker: _Reliable | None, timeout: float | None):
+        self.monitor = monitor
+        self.filt = filt
+        self.tracker = tracker
+        self.timeout = timeout
+        self.idle_since = time.monotonic()
+        monitor.timed_out = False
+
+    def restart_idle(self) -> None:
+        self.idle_since = time.monotonic()
+
+    def wait_ms(self) -> int | None:
+        """How long to poll next; None once ``timeout`` passed with nothing to deliver (the
+        monitor's ``timed_out`` is then True)."""
+        if self.timeout is None:
+            return _POLL_MS
+        left = self.idle_since + self.timeout - time.monotonic()
+        if left <= 0:
+            self.monitor.timed_out = True
+            return None
+        return max(0, min(_POLL_MS, int(left * 1000)))
+
+    def receive(self, frames: list[bytes]) -> Generator[Request, dict, list[Event]]:
+        """The events one received message delivers (control requests for repairs on the way)."""
+        ev = self.monitor._decode(frames)
+        if ev is None:
+            return []
+        if self.tracker is None:
+            batch = [ev] if self.filt.matches(ev) else []
+        else:
+            batch = yield from self.tracker.process(ev)
+        if batch:
+            self.idle_since = time.monotonic()
+        return batch
