@@ -20,6 +20,7 @@ import zmq
 from goflow import protocol
 from goflow.coordinator.task import Task
 from goflow.coordinator.workers import WorkerInfo, WorkerTable
+from goflow.errors import ErrorKind
 
 if TYPE_CHECKING:
     from goflow.coordinator.local_workers import LocalWorkerPool
@@ -217,7 +218,7 @@ class WorkerBroker:
             self.tasks.pop(task.id, None)
             task.done = True
             task.deliver(task, {"ok": False, "error": {
-                "type": "serialization", "message": f"the node's inputs cannot be sent to a worker: {exc}"}})
+                "type": ErrorKind.SERIALIZATION, "message": f"the node's inputs cannot be sent to a worker: {exc}"}})
             return None
         if len(worker.in_hand) == 1:
             self._task_started(task)
@@ -358,7 +359,7 @@ class WorkerBroker:
             if position == 0 and task.started_at is not None and not ran_nothing:
                 task.done = True
                 task.deliver(task, {"ok": False, "worker": worker.name, "error": {
-                    "type": "worker_lost", "message": f"worker {worker.name} was lost while running the node "
+                    "type": ErrorKind.WORKER_LOST, "message": f"worker {worker.name} was lost while running the node "
                                                       f"({reason})"}})
             else:
                 task.worker = None

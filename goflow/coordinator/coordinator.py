@@ -37,6 +37,7 @@ from goflow.coordinator.plan import Plan, compile_plan, initial_variables
 from goflow.coordinator.reactor import Reactor, Timer
 from goflow.coordinator.server_registry import ServerRegistry
 from goflow.coordinator.task import Task
+from goflow.errors import ErrorKind
 from goflow.events import ids as execution_ids
 from goflow.events.codec import DEFAULT_MAX_VALUE_BYTES
 from goflow.events.publisher import EventPublisher
@@ -182,7 +183,7 @@ class Coordinator:
         def fail() -> None:
             self.publisher.open_execution(execution_id, workflow_name)
             self.publisher.emit("execution.failed", execution_id, status="failed",
-                                error={"type": "unresumable", "message": message, "node_id": None}, meta={})
+                                error={"type": ErrorKind.UNRESUMABLE, "message": message, "node_id": None}, meta={})
             self.publisher.close_execution(execution_id)
 
         self.call_soon(fail)

@@ -21,7 +21,7 @@ from collections import ChainMap, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from goflow.errors import ExpressionError, UndefinedVariableError
+from goflow.errors import ErrorKind, ExpressionError, UndefinedVariableError
 from goflow.coordinator.plan import initial_variables
 from goflow.events.codec import bound_value
 from goflow.redaction import SECRET_MASK, Redactor
@@ -262,7 +262,7 @@ class LoopRun(_ContainerRun):
                     condition = execution.plan.condition(node.id, "break_condition", node.break_condition)
                     verdict = condition.evaluate_bool(ChainMap(extra, frame.scope.reads))
                 except ExpressionError as exc:
-                    self.fail(execution.error_of(self.run, "expression_error", exc.message))
+                    self.fail(execution.error_of(self.run, ErrorKind.EXPRESSION_ERROR, exc.message))
                     return
                 execution.emit("condition.evaluated", self.run, meta={
                     "kind": "break_condition", "expression": node.break_condition, "result": verdict,
@@ -495,11 +495,11 @@ class Execution:
         self.host.execution_finished(self)
 
     def cancel(self, reason: str = "cancelled by request") -> None:
-        self.finish("cancelled", {"type": "cancelled", "message": reason, "node_id": None})
+        self.finish("cancelled", {"type": ErrorKind.CANCELLED, "message": reason, "node_id": None})
 
     def timed_out(self) -> None:
         self.timer = None
-        self.finish("timed_out", {"type": "timeout", "node_id": None,
+        self.finish("timed_out", {"type": ErrorKind.TIMEOUT, "node_id": None,
                                   "message": f"the execution exceeded its timeout of {self.timeout:g}s"})
 
     @property
@@ -609,7 +609,7 @@ class Execution:
             except ExpressionError as exc:
                 self.start_node(run)
                 self.attempt_started(run)
-                self.node_failed_final(run, self.error_of(run, "expression_error", exc.message))
+                self.node_failed_final(run, self.error_of(run, ErrorKind.EXPRESSION_ERROR, exc.message))
                 return
             self.emit("condition.evaluated", run, meta={"kind": "guard", "expression": node.condition,
                                                         "result": verdict, **frame.context})
@@ -678,9 +678,9 @@ class Execution:
             else:  # start, passthrough
                 self.node_succeeded(run, None, {})
         except UndefinedVariableError as exc:
-            self._failed_before_dispatch(run, self.error_of(run, "undefined_variable", exc.message))
+            self._failed_before_dispatch(run, self.error_of(run, ErrorKind.UNDEFINED_VARIABLE, exc.message))
         except ExpressionError as exc:
-            self._failed_before_dispatch(run, self.error_of(run, "expression_error", exc.message))
+            self._failed_before_dispatch(run, self.error_of(run, ErrorKind.EXPRESSION_ERROR, exc.message))
         except NodeFailure as exc:
             self._failed_before_dispatch(run, exc.error)
 
@@ -719,7 +719,7 @@ class Execution:
                                               "arguments": arguments, "timeout": node.timeout}, \
                 {"arguments": arguments}
         else:  # pragma: no cover - guarded by WORKER_NODE_TYPES
-            raise NodeFailure(self.error_of(run, "unsupported", f"cannot dispatch node type {node.type}"))
+            raise NodeFailure(self.error_of(run, ErrorKind.UNSUPPORTED, f"cannot dispatch node type {node.type}"))
         run.task = Task(self.id, node.id, run.attempt, kind, spec, node.timeout, self._deliver, run,
                         node.worker.labels if node.worker else NO_LABELS)
         self.attempt_started(run, inputs)
@@ -820,7 +820,7 @@ class Execution:
         self.counts["cancelled"] += 1
         if run.announced != run.attempt:
             return
-        error = {"type": "cancelled", "message": reason, "node_id": run.node.id}
+        error = {"type": ErrorKind.CANCELLED, "message": reason, "node_id": run.node.id}
         self.record(run, "cancelled", error=error)
         self.emit("node.cancelled", run, status="cancelled", error=error,
                   meta={"duration_s": time.time() - run.started, "reason": reason, **run.frame.context})
@@ -860,6 +860,6 @@ def _as_items(node: LoopNode, value: Any) -> list:
         return list(value)
     if isinstance(value, dict):
         return [{"key": key, "value": item} for key, item in value.items()]
-    raise NodeFailure({"type": "expression_error", "node_id": node.id,
+    raise NodeFailure({"type": ErrorKind.EXPRESSION_ERROR, "node_id": node.id,
                        "message": f"loop '{node.id}': collection '{node.collection}' is a {type(value).__name__}, "
                                   f"not a list"})

@@ -13,7 +13,7 @@ from __future__ import annotations
 import difflib
 from typing import TYPE_CHECKING, Any, Callable
 
-from goflow.errors import GoflowError
+from goflow.errors import ErrorKind, GoflowError
 from goflow.language.expr import interpolate
 from goflow.coordinator.task import Task
 from goflow.language.model import McpToolNode
@@ -49,7 +49,7 @@ class McpPreflight:
                 spec = host.server_spec(self.execution, server_id)
             except GoflowError as exc:
                 node = next(n for n in self.nodes if n.server == server_id)
-                self._finish({"type": "connection", "node_id": node.id, "message": str(exc)})
+                self._finish({"type": ErrorKind.CONNECTION, "node_id": node.id, "message": str(exc)})
                 return
             task = Task(self.execution.id, None, 1, "mcp_tools", {"server": spec, "timeout": LIST_TIMEOUT_S},
                         LIST_TIMEOUT_S + 10, deliver=self.result)
@@ -81,7 +81,7 @@ class McpPreflight:
             if tool is None:
                 close = difflib.get_close_matches(node.tool, list(tools), n=1)
                 hint = f"; did you mean '{close[0]}'?" if close else f"; it offers: {', '.join(sorted(tools)) or 'none'}"
-                return {"type": "tool_not_found", "node_id": node.id,
+                return {"type": ErrorKind.TOOL_NOT_FOUND, "node_id": node.id,
                         "message": f"node '{node.id}': server '{node.server}' has no tool '{node.tool}'{hint}"}
             schema = tool.get("input_schema")
             arguments = _static_arguments(node.parameters, variables)
@@ -89,7 +89,7 @@ class McpPreflight:
                 arguments = coerce_arguments(schema, arguments)
             problems = _schema_problems(schema, arguments)
             if problems:
-                return {"type": "invalid_arguments", "node_id": node.id,
+                return {"type": ErrorKind.INVALID_ARGUMENTS, "node_id": node.id,
                         "message": f"node '{node.id}': parameters do not fit tool '{node.tool}' of server "
                                    f"'{node.server}': " + "; ".join(problems)}
         return None

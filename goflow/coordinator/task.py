@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
+from goflow.errors import ErrorKind
+
 if TYPE_CHECKING:
     from goflow.coordinator.execution import NodeRun
 
@@ -57,5 +59,5 @@ class Task:
     def timed_out(self) -> dict:
         """The result a task gets when it outruns its ``timeout`` (whichever host enforces it)."""
         return {"ok": False, "error": {
-            "type": "timeout", "message": f"node '{self.node_id}' exceeded its timeout of {self.timeout:g}s"}}
+            "type": ErrorKind.TIMEOUT, "message": f"node '{self.node_id}' exceeded its timeout of {self.timeout:g}s"}}
 

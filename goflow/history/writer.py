@@ -37,6 +37,7 @@ import zlib
 from typing import Any, Callable
 
 import msgpack
+from goflow.errors import ErrorKind
 from goflow.history.schema import delete_executions, dumps as _dumps, open_writer
 from goflow.states import TERMINAL_EVENT_TYPES
 
@@ -44,7 +45,7 @@ log = logging.getLogger("goflow.history.writer")
 
 NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 """As in goflow.events.types (repeated so the store does not import pydantic)."""
-INTERRUPTED_ERROR = {"type": "interrupted", "message": "the coordinator stopped while this attempt ran",
+INTERRUPTED_ERROR = {"type": ErrorKind.INTERRUPTED, "message": "the coordinator stopped while this attempt ran",
                      "node_id": None}
 MEMORY_EXECUTIONS = 1000
 CHUNK_COMPRESSION = 1

@@ -27,6 +27,7 @@ import msgpack
 import zmq
 
 from goflow import protocol
+from goflow.errors import ErrorKind
 from goflow.workers.capture import CAPTURE
 from goflow.workers.control_lane import CONTROL_LOST, ControlLane
 from goflow.supervisor import EXIT_COORDINATOR_LOST
@@ -129,7 +130,7 @@ class Worker:
                 raise TaskCancelled()
             result.update(self.executors.run(task.get("kind", ""), task.get("spec") or {}))
         except TaskCancelled:
-            result.update(ok=False, error={"type": "cancelled", "message": "cancelled by the coordinator"})
+            result.update(ok=False, error={"type": ErrorKind.CANCELLED, "message": "cancelled by the coordinator"})
         finally:
             logs = CAPTURE.end()
             if logs is not None:
@@ -145,11 +146,11 @@ class Worker:
         except (TypeError, ValueError, OverflowError) as exc:
             self.packer.reset()
             value_type = type(result.get("value")).__name__
-            return self._pack_error(result, "serialization",
+            return self._pack_error(result, ErrorKind.SERIALIZATION,
                                     f"the result ({value_type}) cannot be sent: {exc}; return "
                                     f"JSON-like data (dict, list, str, int, float, bool, None)")
         if len(frame) > protocol.MAX_RESULT_BYTES:
-            return self._pack_error(result, "result_too_large",
+            return self._pack_error(result, ErrorKind.RESULT_TOO_LARGE,
                                     f"the result is {len(frame):,} bytes encoded, over the {protocol.MAX_RESULT_BYTES:,}"
                                     f"-byte limit for one result (the workers socket's MAXMSGSIZE, "
                                     f"{protocol.MAX_MESSAGE_BYTES:,} bytes, less room for the envelope); write "

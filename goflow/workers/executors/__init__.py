@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from goflow.errors import ErrorKind
 from goflow.workers.executors.base import Executor, ExecutorOutput, TaskCancelled, TaskError
 
 __all__ = ["Executor", "ExecutorOutput", "ExecutorRegistry", "TaskCancelled", "TaskError"]
@@ -38,7 +39,7 @@ class ExecutorRegistry:
         except TaskError as exc:
             return {"ok": False, "error": {"type": exc.error_type, "message": exc.message, **exc.detail}}
         except Exception as exc:  # an executor bug fails its task, never the worker
-            return {"ok": False, "error": {"type": "worker_error", "message": f"{type(exc).__name__}: {exc}"}}
+            return {"ok": False, "error": {"type": ErrorKind.WORKER_ERROR, "message": f"{type(exc).__name__}: {exc}"}}
         if isinstance(output, ExecutorOutput):
             return {"ok": True, "value": output.value, "meta": output.meta}
         return {"ok": True, "value": output}
@@ -76,4 +77,4 @@ def _create(kind: str) -> Any:
         from goflow.workers.executors.mcp_node import McpNodeExecutor
 
         return McpNodeExecutor()
-    raise TaskError("unsupported", f"this worker cannot run tasks of kind '{kind}'")
+    raise TaskError(ErrorKind.UNSUPPORTED, f"this worker cannot run tasks of kind '{kind}'")

@@ -25,7 +25,7 @@ Result rule (:func:`tool_result_value`, documented in docs/mcp.md), following th
 specification's ``structuredContent`` (validated against the tool's ``outputSchema`` by the
 SDK before this rule runs; a mismatch fails the call with ``tool_error``):
 
-1. ``isError: true`` -> raise ``MCPToolError("tool_error")`` with the result's text.
+1. ``isError: true`` -> raise ``MCPToolError(ErrorKind.TOOL_ERROR)`` with the result's text.
 2. ``structuredContent`` exactly ``{"result": X}`` (FastMCP/MCPServer's wrapper for a
    non-object return) -> ``X``, unless the single text item parses to that same object
    (the tool really returned ``{"result": ...}``).
@@ -64,6 +64,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from goflow.errors import ErrorKind
 from goflow.language.parameters import coerce_arguments
 from goflow.workers.capture import CAPTURE
 from goflow.servers import (
@@ -126,7 +127,7 @@ class MCPToolError(Exception):
         self.message = message
         self.server_id = server_id
         self.tool = tool
-        self.retryable = error_type in ("server_lost", "timeout", "connection") if retryable is None else retryable
+        self.retryable = error_type in (ErrorKind.SERVER_LOST, ErrorKind.TIMEOUT, ErrorKind.CONNECTION) if retryable is None else retryable
         self.stderr_tail = stderr_tail or []
 
     def __str__(self) -> str:
@@ -179,7 +180,7 @@ def tool_result_value(raw: dict) -> Any:
     Raises :class:`MCPToolError` (``tool_error``) when ``raw["isError"]`` is true.
     """
     if raw.get("isError"):
-        raise MCPToolError("tool_error", _error_text(raw), retryable=False)
+        raise MCPToolError(ErrorKind.TOOL_ERROR, _error_text(raw), retryable=False)
     content = [i for i in raw.get("content") or [] if isinstance(i, Mapping)]
     has_structured = "structuredContent" in raw and raw["structuredContent"] is not None
     structured = raw.get("structuredContent")
@@ -597,7 +598,7 @@ class MCPSessionPool:
         """Cancel every call in flight on this pool (from any thread).
 
         The SDK answers the local cancellation by sending ``notifications/cancelled`` for
-        the request to the server; the blocked callers get ``MCPToolError("cancelled")``.
+        the request to the server; the blocked callers get ``MCPToolError(ErrorKind.CANCELLED)``.
         """
         with self._inflight_lock:
             tasks = list(self._inflight)
@@ -634,7 +635,7 @@ class MCPSessionPool:
     def _submit(self, coro: Any, deadline: float, sid: str, tool: str | None) -> Any:
         if self._closed:
             coro.close()
-            raise MCPToolError("connection", "the MCP session pool is closed", server_id=sid, tool=tool)
+            raise MCPToolError(ErrorKind.CONNECTION, "the MCP session pool is closed", server_id=sid, tool=tool)
         if threading.current_thread() is self._thread:
             coro.close()
             raise RuntimeError("MCPSessionPool methods are blocking; do not call them from the pool's own loop")
@@ -655,12 +656,12 @@ class MCPSessionPool:
             return fut.result(timeout=deadline)
         except concurrent.futures.CancelledError:
             raise MCPToolError(
-                "cancelled", f"MCP call to server '{sid}' was cancelled", server_id=sid, tool=tool, retryable=False
+                ErrorKind.CANCELLED, f"MCP call to server '{sid}' was cancelled", server_id=sid, tool=tool, retryable=False
             ) from None
         except concurrent.futures.TimeoutError:
             fut.cancel()
             raise MCPToolError(
-                "timeout", f"MCP call to server '{sid}' did not finish within {deadline:.0f}s", server_id=sid, tool=tool
+                ErrorKind.TIMEOUT, f"MCP call to server '{sid}' did not finish within {deadline:.0f}s", server_id=sid, tool=tool
             ) from None
 
     def _lock_for(self, sid: str) -> asyncio.Lock:
@@ -671,11 +672,11 @@ class MCPSessionPool:
 
     async def _get_session(self, server: Mapping[str, Any], tool: str | None) -> _Session:
         if not isinstance(server, Mapping):
-            raise MCPToolError("connection", f"server spec must be a mapping, got {type(server).__name__}", tool=tool)
+            raise MCPToolError(ErrorKind.CONNECTION, f"server spec must be a mapping, got {type(server).__name__}", tool=tool)
         problems = validate_spec(server)
         sid = str(server.get("id") or "?")
         if problems:
-            raise MCPToolError("connection", "\n".join(problems), server_id=sid, tool=tool, retryable=False)
+            raise MCPToolError(ErrorKind.CONNECTION, "\n".join(problems), server_id=sid, tool=tool, retryable=False)
         spec = dict(server)
         async with self._lock_for(sid):
             current = self._sessions.get(sid)
@@ -693,7 +694,7 @@ class MCPSessionPool:
             except asyncio.TimeoutError:
                 await entry.aclose(timeout=5.0)
                 raise MCPToolError(
-                    "connection",
+                    ErrorKind.CONNECTION,
                     entry.with_tail(
                         f"server '{sid}' ({describe_spec(spec)}) did not complete the MCP handshake "
                         f"within {self.connect_timeout:.0f}s"
@@ -707,18 +708,18 @@ class MCPSessionPool:
                 raise
             except ServerSpecError as exc:
                 await entry.aclose(timeout=5.0)
-                raise MCPToolError("connection", str(exc), server_id=sid, tool=tool, retryable=False) from None
+                raise MCPToolError(ErrorKind.CONNECTION, str(exc), server_id=sid, tool=tool, retryable=False) from None
             except Exception as exc:
                 await entry.aclose(timeout=5.0)
                 flat = _flatten(exc)
                 if isinstance(flat, ServerSpecError):
-                    raise MCPToolError("connection", str(flat), server_id=sid, tool=tool, retryable=False) from None
+                    raise MCPToolError(ErrorKind.CONNECTION, str(flat), server_id=sid, tool=tool, retryable=False) from None
                 retryable = not isinstance(flat, FileNotFoundError | PermissionError | NotADirectoryError)
                 reason = _describe_exc(exc)
                 if getattr(flat, "code", None) == -32000 and transport_of(spec) == "stdio":  # CONNECTION_CLOSED
                     reason = "the server process exited or closed its stdout before completing the MCP handshake"
                 raise MCPToolError(
-                    "connection",
+                    ErrorKind.CONNECTION,
                     entry.with_tail(
                         f"could not connect to MCP server '{sid}' ({describe_spec(spec)}): {reason}",
                         wait=0.5,
@@ -766,7 +767,7 @@ class MCPSessionPool:
             # The SDK's legacy SSE client caps one event at 1 MiB (not configurable): the
             # server is fine, the result is too big for this transport. Retrying won't help.
             return MCPToolError(
-                "tool_error",
+                ErrorKind.TOOL_ERROR,
                 f"the result of {what} on MCP server '{sid}' is larger than the SSE transport allows "
                 f"({_describe_exc(cause)}); use transport 'http' (streamable HTTP) for large results",
                 server_id=sid,
@@ -774,7 +775,7 @@ class MCPSessionPool:
                 retryable=False,
             )
         return MCPToolError(
-            "server_lost",
+            ErrorKind.SERVER_LOST,
             entry.with_tail(f"MCP server '{sid}' was lost during {what}: {_describe_exc(exc)}", wait=0.5),
             server_id=sid,
             tool=tool,
@@ -787,7 +788,7 @@ class MCPSessionPool:
         from mcp_types import CONNECTION_CLOSED, INVALID_PARAMS, REQUEST_TIMEOUT
 
         if not isinstance(arguments, Mapping):
-            raise MCPToolError("invalid_arguments", "tool arguments must be an object", tool=tool, retryable=False)
+            raise MCPToolError(ErrorKind.INVALID_ARGUMENTS, "tool arguments must be an object", tool=tool, retryable=False)
         entry = await self._get_session(server, tool)
         sid = entry.server_id
         loop = asyncio.get_running_loop()
@@ -800,7 +801,7 @@ class MCPSessionPool:
                     tools = await self._tools_of(entry)
                     if tool not in tools:
                         raise MCPToolError(
-                            "tool_error",
+                            ErrorKind.TOOL_ERROR,
                             f"tool '{tool}' not found on MCP server '{sid}' "
                             f"(available: {', '.join(sorted(tools)) or 'none'})",
                             server_id=sid,
@@ -811,7 +812,7 @@ class MCPSessionPool:
                     problems = check_arguments(tools[tool].get("input_schema"), dict(arguments))
                     if problems:
                         raise MCPToolError(
-                            "invalid_arguments",
+                            ErrorKind.INVALID_ARGUMENTS,
                             f"invalid arguments for {sid}/{tool}: " + "; ".join(problems),
                             server_id=sid,
                             tool=tool,
@@ -829,7 +830,7 @@ class MCPSessionPool:
             raise
         except TimeoutError:
             raise MCPToolError(
-                "timeout",
+                ErrorKind.TIMEOUT,
                 f"MCP tool {sid}/{tool} timed out after {timeout:g}s (the request was cancelled on the server)",
                 server_id=sid,
                 tool=tool,
@@ -837,7 +838,7 @@ class MCPSessionPool:
         except MCPError as exc:
             if exc.code == REQUEST_TIMEOUT:
                 raise MCPToolError(
-                    "timeout",
+                    ErrorKind.TIMEOUT,
                     f"MCP tool {sid}/{tool} timed out after {timeout:g}s (the request was cancelled on the server)",
                     server_id=sid,
                     tool=tool,
@@ -862,7 +863,7 @@ class MCPSessionPool:
                             f"The server's tool is at fault (its result or its declared schema)")
                 else:
                     text = f"{sid}/{tool}: {text}"
-                raise MCPToolError("tool_error", entry.redact(text), server_id=sid, tool=tool,
+                raise MCPToolError(ErrorKind.TOOL_ERROR, entry.redact(text), server_id=sid, tool=tool,
                                    retryable=False) from None
             raise await self._lost(entry, exc, tool, f"tool call '{tool}'") from None
         except Exception as exc:
@@ -890,14 +891,14 @@ class MCPSessionPool:
                 tools = await self._tools_of(entry)
         except TimeoutError:
             raise MCPToolError(
-                "timeout", f"MCP server '{entry.server_id}' did not list its tools within {timeout:g}s",
+                ErrorKind.TIMEOUT, f"MCP server '{entry.server_id}' did not list its tools within {timeout:g}s",
                 server_id=entry.server_id,
             ) from None
         except MCPError as exc:
             if exc.code == CONNECTION_CLOSED:
                 raise await self._lost(entry, exc, None, "tools/list") from None
             raise MCPToolError(
-                "tool_error", entry.redact(f"MCP server '{entry.server_id}' failed tools/list: {exc.message}"),
+                ErrorKind.TOOL_ERROR, entry.redact(f"MCP server '{entry.server_id}' failed tools/list: {exc.message}"),
                 server_id=entry.server_id, retryable=False,
             ) from None
         except asyncio.CancelledError:

@@ -8,6 +8,7 @@ import inspect
 import traceback
 from typing import Any, Callable
 
+from goflow.errors import ErrorKind
 from goflow.workers.executors.base import TaskError
 
 
@@ -30,16 +31,16 @@ class PythonExecutor:
         try:
             target: Any = importlib.import_module(module_name)
         except Exception as exc:
-            raise TaskError("import_error", f"cannot import module '{module_name}' for '{call}': "
+            raise TaskError(ErrorKind.IMPORT_ERROR, f"cannot import module '{module_name}' for '{call}': "
                                             f"{type(exc).__name__}: {exc}") from None
         for part in attribute.split("."):
             try:
                 target = getattr(target, part)
             except AttributeError:
-                raise TaskError("import_error", f"module '{module_name}' has no attribute '{attribute}' "
+                raise TaskError(ErrorKind.IMPORT_ERROR, f"module '{module_name}' has no attribute '{attribute}' "
                                                 f"(from '{call}')") from None
         if not callable(target):
-            raise TaskError("import_error", f"'{call}' is not callable")
+            raise TaskError(ErrorKind.IMPORT_ERROR, f"'{call}' is not callable")
         self._callables[call] = target
         return target
 
@@ -54,7 +55,7 @@ class PythonExecutor:
             raise
         except Exception as exc:
             frames = traceback.format_exception(type(exc), exc, exc.__traceback__, limit=-8)
-            raise TaskError("python_error", f"{type(exc).__name__}: {exc}",
+            raise TaskError(ErrorKind.PYTHON_ERROR, f"{type(exc).__name__}: {exc}",
                             detail={"exception": type(exc).__name__, "traceback": "".join(frames)[-4000:]}) from None
 
 

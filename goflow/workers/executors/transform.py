@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from goflow.errors import ExpressionError, UndefinedVariableError
+from goflow.errors import ErrorKind, ExpressionError, UndefinedVariableError
 from goflow.language.expr import Transform, compile_transform
 from goflow.workers.executors.base import TaskError
 
@@ -28,8 +28,8 @@ class TransformExecutor:
                 transform = self._compiled[key] = compile_transform(expression=key[0], template=key[1])
             return transform.apply(spec.get("input"), spec.get("variables") or {})
         except UndefinedVariableError as exc:
-            raise TaskError("undefined_variable", exc.message) from None
+            raise TaskError(ErrorKind.UNDEFINED_VARIABLE, exc.message) from None
         except ExpressionError as exc:
-            raise TaskError("transform_error", exc.message) from None
+            raise TaskError(ErrorKind.TRANSFORM_ERROR, exc.message) from None
         except (ValueError, TypeError, ArithmeticError) as exc:  # e.g. jq runtime errors
-            raise TaskError("transform_error", f"{type(exc).__name__}: {exc}") from None
+            raise TaskError(ErrorKind.TRANSFORM_ERROR, f"{type(exc).__name__}: {exc}") from None
