@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 
 import msgpack
 import pytest
@@ -154,3 +155,60 @@ def test_timeout_then_reconnect():
         srv.stop()
         ctx.term()
         shutil.rmtree(d, ignore_errors=True)
+
+
+
+@pytest.mark.timeout(60)
+def test_a_request_after_a_refused_curve_handshake_times_out_instead_of_hanging(tmp_path):
+    """A coordinator that refuses this client's key leaves its DEALER with no peer: the
+    request must still end after its timeout (a blocking send used to wait forever)."""
+    import asyncio
+
+    import zmq.asyncio
+    from zmq.auth.thread import ThreadAuthenticator
+
+    from goflow.control.framing import AsyncControlClient
+
+    context = zmq.Context()
+    authenticator = ThreadAuthenticator(context)
+    authenticator.start()
+    authenticator.configure_curve(domain="*", location=str(tmp_path))   # no authorized keys: refuse all
+    server_public, server_secret = zmq.curve_keypair()
+    public, secret = zmq.curve_keypair()
+    server = context.socket(zmq.ROUTER)
+    server.curve_server, server.curve_publickey, server.curve_secretkey = True, server_public, server_secret
+    endpoint = f"tcp://127.0.0.1:{server.bind_to_random_port('tcp://127.0.0.1')}"
+    curve = {"server_public": server_public, "public": public, "secret": secret}
+
+    def without_a_peer(socket: zmq.Socket) -> None:
+        """After the refusal the DEALER drops its pipe (~5 ms here): a send would block."""
+        deadline = time.monotonic() + 10
+        while socket.getsockopt(zmq.EVENTS) & zmq.POLLOUT:
+            assert time.monotonic() < deadline, "the refused socket stayed writable"
+            time.sleep(0.005)
+
+    async def refused_then_asked() -> None:
+        client = AsyncControlClient(endpoint, context=zmq.asyncio.Context.shadow(context), timeout=0.5, curve=curve)
+        refused = client.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        assert await refused.poll(30_000), "the handshake was never refused"
+        refused.close(0)
+        without_a_peer(client.socket)
+        try:
+            with pytest.raises(ControlTimeout):
+                await client.request("list")
+        finally:
+            client.close()
+
+    try:
+        client = ControlClient(endpoint, context=context, timeout=0.5, curve=curve)
+        refused = client.socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        assert refused.poll(30_000), "the handshake was never refused"
+        refused.close(0)
+        without_a_peer(client.socket)
+        with client, pytest.raises(ControlTimeout):
+            client.request("list")
+        asyncio.run(refused_then_asked())
+    finally:
+        server.close(0)
+        authenticator.stop()
+        context.term()

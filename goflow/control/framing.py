@@ -281,7 +281,13 @@ def _check_reply(reply: Any) -> dict:
 
 
 class ControlClient:
-    """Blocking DEALER client. Not thread-safe: one per thread."""
+    """Blocking DEALER client. Not thread-safe: one per thread.
+
+    A request is sent without blocking, within its timeout: a DEALER queues a message only
+    for a peer it has, and once a coordinator refused this client's CURVE key (a failed
+    handshake) there is none and no reconnection, so a blocking send waited forever
+    (``goflow ls`` with an unknown key hung instead of exiting 3 after ``--request-timeout``).
+    """
 
     def __init__(self, endpoint: str, *, context: zmq.Context | None = None,
                  timeout: float = 5.0, curve: dict | None = None):
@@ -307,16 +313,26 @@ class ControlClient:
     def request(self, op: str, timeout: float | None = None, **fields) -> dict:
         """Send ``{"op": op, **fields}`` and return the ``ok`` reply (raises ControlError)."""
         req_id = f"{self._prefix}-{next(self._ids)}"
-        self.socket.send(_packb({**fields, "op": op, "id": req_id}))
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        payload = _packb({**fields, "op": op, "id": req_id})
+        limit = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + limit
+        while True:
+            try:
+                self.socket.send(payload, zmq.NOBLOCK)
+                break
+            except zmq.Again:   # no peer to queue it for (see ControlClient)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self._reconnect()
+                    raise ControlTimeout(f"no reply to {op!r} from {self.endpoint} within {limit:g} s") from None
+                self.socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
                 if time.monotonic() < deadline:
                     continue
                 self._reconnect()   # drop the queued request and any late reply
-                raise ControlTimeout(f"no reply to {op!r} from {self.endpoint} within "
-                                     f"{self.timeout if timeout is None else timeout:g} s")
+                raise ControlTimeout(f"no reply to {op!r} from {self.endpoint} within {limit:g} s")
             frames = self.socket.recv_multipart()
             try:
                 reply = msgpack.unpackb(frames[-1], raw=False)
@@ -360,9 +376,20 @@ class AsyncControlClient:
 
     async def request(self, op: str, timeout: float | None = None, **fields) -> dict:
         req_id = f"{self._prefix}-{next(self._ids)}"
-        await self.socket.send(_packb({**fields, "op": op, "id": req_id}))
+        payload = _packb({**fields, "op": op, "id": req_id})
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
+        while True:
+            try:
+                await self.socket.send(payload, zmq.NOBLOCK)
+                break
+            except zmq.Again:   # no peer to queue it for (see ControlClient)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    self.socket.close(0)
+                    self.socket = self._connect()
+                    raise ControlTimeout(f"no reply to {op!r} from {self.endpoint} within {limit:g} s") from None
+                await self.socket.poll(int(remaining * 1000) + 1, zmq.POLLOUT)
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not await self.socket.poll(int(remaining * 1000) + 1, zmq.POLLIN):
