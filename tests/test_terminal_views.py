@@ -89,7 +89,8 @@ class PtyRun:
     def wait_for(self, predicate, what: str, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
         while not predicate(self.rows()):
-            assert time.monotonic() < deadline, f"never saw {what}:\n" + "\n".join(self.rows())
+            if time.monotonic() > deadline:
+                raise AssertionError(f"never saw {what}:\n" + "\n".join(self.rows()))
             time.sleep(0.05)
 
     def finish(self) -> tuple[int, list[str]]:
