@@ -752,14 +752,14 @@ def cmd_profile(a) -> dict:
     import cProfile
     import io
     import pstats
-    from goflow.coordinator.coordinator import Coordinator
+    from goflow.coordinator.reactor import Reactor
     prof = cProfile.Profile()
-    original = Coordinator._loop
+    original = Reactor._loop
 
     def profiled(self):          # wraps the reactor thread only; goflow's code is unchanged
         prof.runcall(original, self)
 
-    Coordinator._loop = profiled
+    Reactor._loop = profiled
     wf = load_text(fanout_yaml(a.n) if a.kind == "fanout" else chain_yaml(a.n), "p.yaml")
     rt, _ = new_runtime()
     sub = None
@@ -774,14 +774,14 @@ def cmd_profile(a) -> dict:
         if sub is not None:
             sub.stop()
         rt.close()
-        Coordinator._loop = original
+        Reactor._loop = original
     buf = io.StringIO()
     st = pstats.Stats(prof, stream=buf)
     st.sort_stats("tottime").print_stats(25)
     buf.write("\n\n=== by cumulative ===\n")
     st.sort_stats("cumulative").print_stats(35)
     with open(a.out, "w") as fh:
-        fh.write(f"# cProfile of Coordinator._loop (reactor thread only), {a.kind} n={a.n}, "
+        fh.write(f"# cProfile of Reactor._loop (reactor thread only), {a.kind} n={a.n}, "
                  f"{'no subscriber' if a.no_sub else '1 raw SUB thread in-process'}, wall (profiled) {r['wall_s']:.3f}s\n"
                  f"# (includes start-up and the warm-up execution; the workload dominates)\n")
         fh.write(buf.getvalue())

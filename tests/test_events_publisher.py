@@ -15,6 +15,7 @@ import zmq
 from goflow.control.framing import ControlServer, publisher_handlers
 from goflow.events import EVENT_TYPES, TERMINAL_TYPES, EventFilter, EventPublisher
 from goflow.events.codec import PAYLOAD_KEYS, decode_payload
+from goflow.events.publisher import OUTBOX_EVENTS
 
 
 def wait_for(cond, timeout=10.0, interval=0.005):
@@ -81,6 +82,7 @@ class Harness:
                 if self.heartbeat_every and time.monotonic() >= next_hb:
                     self.pub.heartbeat()
                     next_hb = time.monotonic() + self.heartbeat_every
+                self.pub.flush()   # the end of a turn, as the coordinator's reactor does
         finally:
             self.pub.close(linger_ms=0)
             router.close(0)
@@ -233,6 +235,7 @@ def test_stalled_subscriber_never_blocks_emit():
         p.open_execution("E", "wf")
         for i in range(100_000):
             p.emit("node.completed", "E", node_id="n%d" % (i % 50), meta={"i": 1})
+        p.flush()
         return p.stats()
 
     stats = h.call(burst, timeout=120)
@@ -244,6 +247,34 @@ def test_stalled_subscriber_never_blocks_emit():
     stalled.close(0)
     ctx.term()
     h.stop()
+
+
+def test_a_turn_s_events_are_queued_boundedly_and_a_heartbeat_never_overtakes_them(harness):
+    """emit queues until the owner's flush; the queue stays within OUTBOX_EVENTS however long
+    the turn, and a heartbeat (which says the latest seq) goes out after every queued event."""
+    ctx = zmq.Context()
+    sub = raw_sub(ctx, harness.events_ep)
+    harness.wait_subscriptions(1)
+    n = 3 * OUTBOX_EVENTS + 7
+
+    def turn(p):
+        p.open_execution("E", "wf")
+        queued = []
+        for i in range(n):
+            p.emit("node.completed", "E", node_id=f"n{i}")
+            queued.append(p.stats()["queued"])
+        p.heartbeat()            # within the same turn: flushes what is queued first
+        return queued, p.stats()
+
+    queued, stats = harness.call(turn)
+    assert max(queued) == OUTBOX_EVENTS - 1 and queued[-1] == n % OUTBOX_EVENTS
+    assert stats["queued"] == 0 and stats["published"] == n
+    frames = drain(sub)
+    seqs = [decode_payload(f[1])["seq"] for f in frames]
+    assert seqs == list(range(1, n + 1)) + [n]       # every event in order, then the heartbeat
+    assert frames[-1][0] == b"heartbeat/"
+    sub.close(0)
+    ctx.term()
 
 
 def test_hundred_concurrent_subscribers_each_receive_everything(harness):

@@ -126,7 +126,8 @@ class Coordinator:
         self.reactor.add_reader(self.control_socket, self.control.on_readable)
         self._events_socket = self.publisher.socket
         self.reactor.add_reader(self._events_socket, self.publisher.on_readable)
-        self.reactor.after_each_turn(self._follow_events_socket)
+        # Registered after the broker's dispatch pump, so it runs last in every turn.
+        self.reactor.after_each_turn(self._end_turn)
         self.reactor.on_start(lambda: self.call_later(self.heartbeat_interval, self._heartbeat))
         # Let workers' goodbyes arrive and flush the last events before the loop exits.
         self.reactor.on_exit(self.publisher.heartbeat)
@@ -274,8 +275,10 @@ class Coordinator:
         self.broker.shutdown_workers()
         self.reactor.stop()
 
-    def _follow_events_socket(self) -> None:
-        """The publisher re-creates its socket to shed a subscription flood: poll the new one."""
+    def _end_turn(self) -> None:
+        """Publish the turn's events in one burst (see goflow/events/publisher.py), and poll the
+        publisher's new socket if it re-created it to shed a subscription flood."""
+        self.publisher.flush()
         if self.publisher.socket is not self._events_socket:
             self.reactor.replace_reader(self._events_socket, self.publisher.socket, self.publisher.on_readable)
             self._events_socket = self.publisher.socket

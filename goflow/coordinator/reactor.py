@@ -75,6 +75,7 @@ class Reactor:
             self._poller.register(new, zmq.POLLIN)
 
     def after_each_turn(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` at the end of every loop turn (callbacks run in registration order)."""
         self._after_turn.append(callback)
 
     def on_start(self, callback: Callable[[], None]) -> None:

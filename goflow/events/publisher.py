@@ -4,6 +4,15 @@ Used from ONE thread (the coordinator's reactor): no locks. ``emit`` never block
 XPUB socket drops at its high-water mark (per subscriber) and every drop is visible to
 subscribers as a gap in ``seq``/``eseq`` that they repair through the control socket's
 ``replay`` / ``replay_seq`` ops, served from this object's bounded in-memory logs.
+
+``emit`` sequences, logs and *queues* an event; :meth:`EventPublisher.flush` sends the
+queue, in order. The owner flushes once per reactor turn (the coordinator does, after every
+turn), so a burst of events is handed to ZeroMQ back to back: one wake-up of its I/O thread
+and of each subscriber per burst instead of one per event (measured on a 20k fan-out: the
+I/O thread's CPU 0.20 -> 0.07 s, a draining subscriber's 0.40 -> 0.22 s). The queue never
+holds more than ``OUTBOX_EVENTS``: ``emit`` flushes it when full, so a long turn does not
+hold events back for long or grow memory. A heartbeat flushes first (its ``seq`` must not
+run ahead of what was sent), and so does ``close``.
 """
 
 from __future__ import annotations
@@ -55,6 +64,8 @@ SUBSCRIPTION_RCVHWM = 64
 _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
+#: Most events queued between two flushes (see the module docstring).
+OUTBOX_EVENTS = 256
 
 
 def _raw_send(sock: zmq.Socket) -> Callable[..., Any]:
@@ -111,6 +122,7 @@ class EventPublisher:
         self._packer = new_packer()
         self._plain_pack = msgpack.Packer(use_bin_type=True).pack
         self._seq = 0
+        self._outbox: list[bytes] = []   # topic, payload, topic, payload, ... not yet sent
         self._published = 0
         self._dropped = 0
         self._sink_errors = 0
@@ -197,6 +209,7 @@ class EventPublisher:
 
     def _reset(self) -> None:
         """Drop every subscriber connection (freeing libzmq's subscriptions) and bind anew."""
+        self.flush()   # what is queued goes to the connections that subscribed to it
         self._subscription_resets += 1
         log.warning("event subscriptions over the limit (%d prefixes, %d bytes; limits %d, %d): dropping every "
                     "subscriber connection (they reconnect and repair the gap)", self.subscription_count,
@@ -261,7 +274,8 @@ class EventPublisher:
              node_type: str | None = None, status: str | None = None, attempt: int | None = None,
              snapshot_change: bool = False, error: dict | None = None, meta: dict | None = None,
              worker_id: str | None = None) -> int:
-        """Sequence, encode, log and publish one event. Returns its ``seq``. Never blocks.
+        """Sequence, encode, log and queue one event for the next :meth:`flush`. Returns its
+        ``seq``. Never blocks.
 
         ``snapshot_change``: this (``variable.changed``) event changes the execution's
         variables snapshot, so its ``vseq`` is its own ``eseq``; every other event of the
@@ -302,12 +316,11 @@ class EventPublisher:
             "node_id": node_id, "node_type": node_type, "status": status, "attempt": attempt,
             "vseq": vseq, "error": error, "meta": meta if meta is not None else {},
         })
-        try:
-            self._send(topic, _SNDMORE_NOBLOCK)
-            self._send(payload, _NOBLOCK)
-            self._published += 1
-        except zmq.Again:
-            self._dropped += 1
+        outbox = self._outbox
+        outbox.append(topic)
+        outbox.append(payload)
+        if len(outbox) >= 2 * OUTBOX_EVENTS:
+            self.flush()
         size = len(payload)
         if ex is not None:
             ex.log.append(payload)
@@ -328,6 +341,22 @@ class EventPublisher:
                 self._sink_errors += 1
                 log.exception("event sink failed for seq %d", seq)
         return seq
+
+    def flush(self) -> None:
+        """Send every queued event, in emit order (never blocks: a full subscriber drops)."""
+        sent = dropped = 0
+        send = self._send
+        outbox = self._outbox
+        for i in range(0, len(outbox), 2):
+            try:
+                send(outbox[i], _SNDMORE_NOBLOCK)
+                send(outbox[i + 1], _NOBLOCK)
+                sent += 1
+            except zmq.Again:
+                dropped += 1
+        outbox.clear()
+        self._published += sent
+        self._dropped += dropped
 
     def heartbeat(self) -> None:
         """Publish a heartbeat: latest ``seq`` plus each live/recent execution's latest eseq.
@@ -353,6 +382,7 @@ class EventPublisher:
             "vseq": None, "error": None, "meta": {"executions": executions, "oldest_seq": oldest_seq},
         })
         self._heartbeats += 1
+        self.flush()
         try:
             self._send(_HEARTBEAT_TOPIC, _SNDMORE_NOBLOCK)
             self._send(payload, _NOBLOCK)
@@ -444,6 +474,7 @@ class EventPublisher:
             "epoch": self.epoch,
             "seq": self._seq,
             "published": self._published,
+            "queued": len(self._outbox) // 2,
             "dropped": self._dropped,
             "subscriptions": self.subscription_count,
             "heartbeats": self._heartbeats,
@@ -463,8 +494,9 @@ class EventPublisher:
         }
 
     def close(self, linger_ms: int = 1000) -> None:
-        """Give queued events up to ``linger_ms`` to flush, then close the socket."""
+        """Send the queue, give it up to ``linger_ms`` to leave, then close the socket."""
         if self._closed:
             return
         self._closed = True
+        self.flush()
         self.socket.close(linger=linger_ms)
