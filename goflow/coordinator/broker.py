@@ -319,11 +319,15 @@ class WorkerBroker:
     def _on_result(self, worker: WorkerInfo, message: dict) -> None:
         task_id = message.get("id")
         task = self.tasks.pop(task_id, None)
-        if task is not None and task in worker.in_hand:
-            worker.in_hand.remove(task)
+        in_hand = worker.in_hand
+        if task is not None and in_hand:
+            if in_hand[0] is task:   # results come in the order tasks were handed
+                in_hand.popleft()
+            elif task in in_hand:
+                in_hand.remove(task)
         worker.completed += 1
-        if worker.in_hand:
-            head = worker.in_hand[0]
+        if in_hand:
+            head = in_hand[0]
             if head.started_at is None:
                 self._task_started(head)
         if task is not None:

@@ -66,6 +66,8 @@ _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
 #: Most events queued between two flushes (see the module docstring).
 OUTBOX_EVENTS = 256
+_OUTBOX_FRAMES = 2 * OUTBOX_EVENTS
+_now = time.time
 
 
 def _raw_send(sock: zmq.Socket) -> Callable[..., Any]:
@@ -262,14 +264,6 @@ class EventPublisher:
         return None if ex is None else ex.vseq
 
     # -- emission ------------------------------------------------------------------------
-    def _pack(self, fields: dict[str, Any]) -> bytes:
-        """``fields`` encoded. The plain packer first (a ``default`` hook makes every call a
-        third slower), the codec's for what it cannot encode (the same bytes either way)."""
-        try:
-            return self._plain_pack(fields)
-        except (TypeError, ValueError, OverflowError):
-            return self._packer.pack(fields)
-
     def emit(self, type: str, execution_id: str | None = None, *, node_id: str | None = None,
              node_type: str | None = None, status: str | None = None, attempt: int | None = None,
              snapshot_change: bool = False, error: dict | None = None, meta: dict | None = None,
@@ -310,16 +304,19 @@ class EventPublisher:
                 topic = f"{type}/{worker_id}/".encode()
             else:
                 topic = f"{type}/".encode()
-        payload = self._pack({
-            "v": WIRE_VERSION, "type": type, "ts": time.time(), "epoch": self.epoch,
+        fields = {
+            "v": WIRE_VERSION, "type": type, "ts": _now(), "epoch": self.epoch,
             "seq": seq, "eseq": eseq, "execution_id": execution_id, "workflow": workflow,
             "node_id": node_id, "node_type": node_type, "status": status, "attempt": attempt,
             "vseq": vseq, "error": error, "meta": meta if meta is not None else {},
-        })
+        }
+        try:   # the plain packer first: a ``default`` hook makes every call a third slower
+            payload = self._plain_pack(fields)
+        except (TypeError, ValueError, OverflowError):   # the codec's: the same bytes, any value
+            payload = self._packer.pack(fields)
         outbox = self._outbox
-        outbox.append(topic)
-        outbox.append(payload)
-        if len(outbox) >= 2 * OUTBOX_EVENTS:
+        outbox += (topic, payload)
+        if len(outbox) >= _OUTBOX_FRAMES:
             self.flush()
         size = len(payload)
         if ex is not None:
@@ -331,9 +328,8 @@ class EventPublisher:
         ring = self._ring
         ring.append(payload)
         self._ring_size += size
-        while len(ring) > self.log_capacity or (self._ring_size > self.log_bytes and len(ring) > 1):
-            self._ring_size -= len(ring.popleft())
-            self._ring_first += 1
+        if len(ring) > self.log_capacity or self._ring_size > self.log_bytes:
+            self._trim_ring()
         if self.sink is not None:
             try:
                 self.sink(execution_id, topic, payload)
@@ -341,6 +337,12 @@ class EventPublisher:
                 self._sink_errors += 1
                 log.exception("event sink failed for seq %d", seq)
         return seq
+
+    def _trim_ring(self) -> None:
+        ring = self._ring
+        while len(ring) > self.log_capacity or (self._ring_size > self.log_bytes and len(ring) > 1):
+            self._ring_size -= len(ring.popleft())
+            self._ring_first += 1
 
     def flush(self) -> None:
         """Send every queued event, in emit order (never blocks: a full subscriber drops)."""
@@ -375,7 +377,7 @@ class EventPublisher:
             del self._execs[eid]
             self._finished.pop(eid, None)
         oldest_seq = self.oldest_seq
-        payload = self._pack({
+        payload = self._plain_pack({   # plain values only
             "v": WIRE_VERSION, "type": HEARTBEAT, "ts": time.time(), "epoch": self.epoch,
             "seq": self._seq, "eseq": None, "execution_id": None, "workflow": None,
             "node_id": None, "node_type": None, "status": None, "attempt": None,
