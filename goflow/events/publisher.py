@@ -10,9 +10,9 @@ queue, in order. The owner flushes once per reactor turn (the coordinator does, 
 turn), so a burst of events is handed to ZeroMQ back to back: one wake-up of its I/O thread
 and of each subscriber per burst instead of one per event (measured on a 20k fan-out: the
 I/O thread's CPU 0.20 -> 0.07 s, a draining subscriber's 0.40 -> 0.22 s). The queue never
-holds more than ``OUTBOX_EVENTS``: ``emit`` flushes it when full, so a long turn does not
-hold events back for long or grow memory. A heartbeat flushes first (its ``seq`` must not
-run ahead of what was sent), and so does ``close``.
+holds more than ``OUTBOX_EVENTS``: ``emit`` flushes it when full, which bounds how long a
+long turn holds an event back (the latency this costs: docs/events.md §7). A heartbeat
+flushes first (its ``seq`` must not run ahead of what was sent), and so does ``close``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ _SNDMORE_NOBLOCK = int(zmq.SNDMORE | zmq.NOBLOCK)
 _NOBLOCK = int(zmq.NOBLOCK)
 _HEARTBEAT_TOPIC = b"heartbeat/"
 #: Most events queued between two flushes (see the module docstring).
-OUTBOX_EVENTS = 256
+OUTBOX_EVENTS = 64
 _OUTBOX_FRAMES = 2 * OUTBOX_EVENTS
 _now = time.time
 
