@@ -518,7 +518,9 @@ class Execution:
 
     def bounded(self, value: Any) -> Any:
         """``value`` as events may carry it: secret texts masked, size bounded."""
-        if value is None or (not self.redactor.texts and isinstance(value, (bool, int, float))):
+        if not value:   # None, 0, "", [], {}: nothing to mask, nothing to bound
+            return value
+        if not self.redactor.texts and isinstance(value, (bool, int, float)):
             return value
         return bound_value(self.redactor.value(value), self.host.max_value_bytes)
 
