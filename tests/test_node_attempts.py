@@ -126,4 +126,8 @@ def test_losing_wait_any_branch_and_timeout_end_with_node_cancelled(write_flow):
     assert set(ends) == {"slow", "hang"}
     assert "par" in ends["slow"].meta["reason"] and ends["slow"].meta["branch"] == 1
     assert ends["hang"].meta["reason"] == "the execution timed out"
+    for node_id in ("slow", "hang"):   # the worker that held the attempt, named as node.completed names it
+        assert ends[node_id].meta["worker"].startswith("local-"), ends[node_id].meta
+    assert {r["worker"] for r in result.records if r["status"] == "cancelled"} == \
+        {ends["slow"].meta["worker"], ends["hang"].meta["worker"]}
     assert [e.type for e in events][-1] == "execution.failed"

@@ -200,6 +200,7 @@ class WorkerBroker:
     def _hand_to(self, worker: WorkerInfo, task: Task) -> bytes | None:
         """Assign ``task`` to ``worker``; returns the encoded task message (None if it cannot be sent)."""
         task.worker = worker.identity
+        task.worker_name = worker.name
         worker.in_hand.append(task)
         self.stats["tasks_dispatched"] += 1
         message = {"t": protocol.TASK, "id": task.id, "kind": task.kind, "spec": task.spec,

@@ -823,9 +823,11 @@ class Execution:
         if run.announced != run.attempt:
             return
         error = {"type": ErrorKind.CANCELLED, "message": reason, "node_id": run.node.id}
-        self.record(run, "cancelled", error=error)
+        worker = run.task.worker_name if run.task is not None else None   # None: not handed out yet
+        self.record(run, "cancelled", error=error, worker=worker)
         self.emit("node.cancelled", run, status="cancelled", error=error,
-                  meta={"duration_s": time.time() - run.started, "reason": reason, **run.frame.context})
+                  meta={"duration_s": time.time() - run.started, "reason": reason, "worker": worker,
+                        **run.frame.context})
 
     def skip(self, frame: Frame, node_id: str, reason: str) -> None:
         if frame.state != "running":

@@ -39,6 +39,8 @@ class Task:
     labels: Mapping[str, str] = field(default_factory=dict)
     id: int = 0
     worker: bytes | None = None
+    worker_name: str | None = None
+    """The name of the worker it was handed to (what events call ``worker``)."""
     started_at: float | None = None
     timer: Any = None
     done: bool = False
