@@ -152,18 +152,22 @@ def sec_dispatch(cfg, peers) -> dict:
     rounds: dict[str, list] = {"goflow": []}
     order = ["goflow"] + [p for p in ("mp", "ppe", "dask", "ray") if peers.get(p)]
     slow_reps = cfg["slow_peer_reps"]
-    for r in range(cfg["reps"]):
-        for sysname in order:
-            if sysname in ("dask", "ray") and r >= slow_reps:
-                continue
-            log(f"dispatch round {r + 1}/{cfg['reps']}: {sysname}")
-            if sysname == "goflow":
-                res = gf("dispatch", "--n", str(cfg["n"]), "--chain-n", str(cfg["chain_n"]), "--round", str(r),
-                         "--pairs", str(cfg["slowsub_pairs"]), timeout=300)
-            else:
-                res = run_json([PEER_PY, PEERS_SCRIPT, sysname, "--n", str(cfg["n"]), "--chain-n",
-                                str(cfg["chain_n"]), "--window", "64"], timeout=400)
-            rounds.setdefault(sysname, []).append(res)
+    # goflow and the process pools interleave round by round; dask and ray run after all of
+    # them, so the background processes their clusters start (ray's raylet and GCS, dask's
+    # nanny) cannot outlive a round into the next goflow or pool round and skew those ratios.
+    fast = [p for p in order if p not in ("dask", "ray")]
+    slow = [p for p in order if p in ("dask", "ray")]
+    schedule = [(r, p) for r in range(cfg["reps"]) for p in fast] + \
+               [(r, p) for r in range(slow_reps) for p in slow]
+    for r, sysname in schedule:
+        log(f"dispatch round {r + 1}/{cfg['reps']}: {sysname}")
+        if sysname == "goflow":
+            res = gf("dispatch", "--n", str(cfg["n"]), "--chain-n", str(cfg["chain_n"]), "--round", str(r),
+                     "--pairs", str(cfg["slowsub_pairs"]), timeout=300)
+        else:
+            res = run_json([PEER_PY, PEERS_SCRIPT, sysname, "--n", str(cfg["n"]), "--chain-n",
+                            str(cfg["chain_n"]), "--window", "64"], timeout=400)
+        rounds.setdefault(sysname, []).append(res)
     out: dict = {"n": cfg["n"], "chain_n": cfg["chain_n"], "raw": rounds, "summary": {}}
     s = out["summary"]
     g = [x for x in rounds["goflow"] if x]
