@@ -126,8 +126,37 @@ def test_losing_wait_any_branch_and_timeout_end_with_node_cancelled(write_flow):
     assert set(ends) == {"slow", "hang"}
     assert "par" in ends["slow"].meta["reason"] and ends["slow"].meta["branch"] == 1
     assert ends["hang"].meta["reason"] == "the execution timed out"
-    for node_id in ("slow", "hang"):   # the worker that held the attempt, named as node.completed names it
-        assert ends[node_id].meta["worker"].startswith("local-"), ends[node_id].meta
-    assert {r["worker"] for r in result.records if r["status"] == "cancelled"} == \
-        {ends["slow"].meta["worker"], ends["hang"].meta["worker"]}
     assert [e.type for e in events][-1] == "execution.failed"
+
+
+def test_node_cancelled_names_the_worker_that_held_the_attempt(write_flow):
+    """A running attempt's node.cancelled names its worker, as its record does; an attempt
+    still queued for a worker (one worker, the other branch holds it) says null."""
+    path = write_flow("""
+        name: held
+        nodes:
+          - {id: start, type: start}
+          - {id: both, type: parallel, branches: [[a], [b]]}
+          - {id: a, type: python, call: "flowlib:babble", args: [60]}
+          - {id: b, type: python, call: "flowlib:babble", args: [60]}
+          - {id: end, type: end}
+        edges:
+          - {from: start, to: both}
+          - {from: both, to: end}
+    """)
+    with goflow.start(path, workers=1, history=False) as handle:
+        stream = handle.events()
+        for event in stream:
+            if event.type == "node.log":    # its attempt runs on the worker now
+                running = event.node_id
+                handle.cancel("enough")
+                break
+        rest = list(stream)
+        result = handle.result()
+    assert result.status == "cancelled"
+    (queued,) = {"a", "b"} - {running}
+    ends = {e.node_id: e for e in rest if e.type == "node.cancelled"}
+    assert ends[running].meta["worker"].startswith("local-"), ends[running].meta
+    assert ends[queued].meta["worker"] is None, ends[queued].meta
+    cancelled = {r["node_id"]: r["worker"] for r in result.records if r["status"] == "cancelled"}
+    assert cancelled == {running: ends[running].meta["worker"], queued: None, "both": None}
