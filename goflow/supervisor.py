@@ -7,7 +7,8 @@ its liveness timer), so both restart, name and stop workers the same way:
 * children are named ``PREFIX-N``, with ``.G`` from their second start on: a fresh identity
   per start, because the coordinator may still hold the previous connection;
 * a child that exits is restarted after 0.5 s doubling up to ``max_backoff``, reset once it
-  stayed up for a minute; exit code 75 (it lost the coordinator) restarts it at once;
+  stayed up for a minute; exit code 75 (it lost the coordinator) restarts it at once, 77
+  (the coordinator refused its CURVE key) with the backoff, as the key may be admitted later;
 * stopping sends SIGTERM to every child at once (a worker finishes what it holds and says
   goodbye; one still starting holds nothing) and SIGKILL to what is left after the grace.
 """
@@ -22,6 +23,9 @@ from typing import Callable
 
 EXIT_COORDINATOR_LOST = 75
 """A worker's exit code when it heard nothing from the coordinator for its liveness time."""
+EXIT_KEY_REFUSED = 77
+"""A worker's exit code when the coordinator refused its CURVE key (sysexits' EX_NOPERM): a
+socket refused in the handshake is never retried by ZeroMQ, so only a new process can try."""
 BACKOFF_BASE = 0.5
 STABLE_AFTER = 60.0
 """A child up this long counts as healthy again: its backoff starts over."""
@@ -101,7 +105,10 @@ class WorkerProcesses:
             why = "lost the coordinator; reconnecting"
         else:
             delay = min(self.max_backoff, BACKOFF_BASE * 2 ** child.failures)
-            why = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
+            if code == EXIT_KEY_REFUSED:
+                why = "was refused by the coordinator (its CURVE key is not authorized there)"
+            else:
+                why = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         child.failures += 1
         child.restart_at = time.monotonic() + delay
         self.restarts += 1

@@ -249,3 +249,29 @@ def test_reload_keys_control_op_admits_a_new_key(daemon, keys):  # noqa: F811
     with ControlClient(d.control, curve=latecomer, timeout=3.0) as late:
         assert late.request("list")["executions"] == []
     assert d.stop() == 0
+
+
+def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daemon, workers, keys):  # noqa: F811
+    """The refused handshake is never retried by ZeroMQ: the worker must exit (77) instead of
+    waiting for a coordinator it cannot reach, its supervisor say why and how to fix it (once,
+    however many retries), and a key admitted later (SIGHUP) let the next retry join."""
+    d = daemon(*_curve_args(keys))
+    group = workers(d.workers, "--concurrency", "1", "--name", "refused", "--max-backoff", "1",
+                    *_client_keys(keys, "stranger"))
+    public_file = keys["stranger"].with_suffix(".key")
+    stranger_key = security.load_secret(keys["stranger"])[0].decode()
+    deadline = time.monotonic() + 30
+    while group.log().count("was refused by the coordinator") < 3:   # three refused starts
+        if time.monotonic() > deadline:
+            raise AssertionError(group.log())
+        time.sleep(0.05)
+    log = group.log()
+    assert log.count(f"refused this worker's CURVE key {stranger_key} ({public_file})") == 1, log
+    assert f"the coordinator at {d.workers} refused" in log and "--authorized-keys" in log, log
+    assert "lost the coordinator" not in log, log       # it never had one: no misleading reason
+    shutil.copy(public_file, keys["authorized"] / public_file.name)
+    d.proc.send_signal(signal.SIGHUP)
+    good = security.client_curve(keys["server_public"], keys["client"])
+    joined = wait_for_workers(d.control, 1, curve=good, timeout=30)
+    assert [w["worker_id"].split(".")[0] for w in joined] == ["refused-1"]
+    assert group.stop() == 0

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from goflow import protocol
-from goflow.supervisor import WorkerProcesses
+from goflow.supervisor import EXIT_KEY_REFUSED, WorkerProcesses
 
 
 log = logging.getLogger("goflow.worker")
@@ -142,6 +142,19 @@ class Supervisor:
             command += ["--curve-server-key", os.path.abspath(server), "--curve-secret-key", os.path.abspath(secret)]
         return command
 
+    def _refusal_hint(self) -> str:
+        """What to do when the coordinator refuses our key (told once: every retry would repeat it)."""
+        from goflow.security import PUBLIC_SUFFIX, SECRET_SUFFIX, load_secret
+
+        secret = self.args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY") or ""
+        public_file = secret[: -len(SECRET_SUFFIX)] + PUBLIC_SUFFIX if secret.endswith(SECRET_SUFFIX) else None
+        key = load_secret(secret)[0].decode() if secret else "?"
+        return (f"the coordinator at {self.args.connect} refused this worker's CURVE key {key}"
+                f"{f' ({public_file})' if public_file else ''}: copy that public key file into the "
+                f"coordinator's --authorized-keys directory (or its workers/ subdirectory) and send the "
+                f"coordinator SIGHUP to re-read it; the workers retry with backoff (at most --max-backoff "
+                f"{self.args.max_backoff:g}s) until it admits them")
+
     def _signal(self, signum: int, frame: Any) -> None:
         if not self.stopping:
             self.stopping = True
@@ -172,8 +185,12 @@ class Supervisor:
                  extra={"fields": {"concurrency": self.count, "connect": self.args.connect}})
         self.processes.start()
         next_status = 0.0
+        refusal_told = False
         while not self.stopping:
-            self.processes.poll()
+            exited = self.processes.poll()
+            if not refusal_told and any(code == EXIT_KEY_REFUSED for _, code in exited):
+                refusal_told = True
+                log.error("%s", self._refusal_hint())
             now = time.monotonic()
             if now >= next_status:
                 self.write_status()

@@ -15,7 +15,9 @@ worker opens any socket, so node code never runs in its interpreter. It:
   ``cancel`` (stuck in C code) is freed by SIGKILL of the worker process, which its
   supervisor replaces;
 * tells the worker to exit with code 75 when the coordinator is silent for
-  ``coordinator_liveness`` (the worker's supervisor then reconnects it at once).
+  ``coordinator_liveness`` (the worker's supervisor then reconnects it at once), and with
+  code 77 as soon as the coordinator refuses the CURVE key in the handshake (ZeroMQ never
+  retries a refused connection: only a new process can, once the key is admitted).
 
 It exits when the worker process does (parent-death signal, and a parent check per beat).
 The worker publishes the id of the task it is running in a shared 8-byte word (a memory
@@ -37,6 +39,8 @@ from goflow import protocol
 
 CONTROL_LOST = "_control_lost"
 """Pseudo message type the lane forwards when the coordinator has been silent too long."""
+CONTROL_REFUSED = "_control_refused"
+"""Pseudo message type the lane forwards when the coordinator refused the CURVE key."""
 
 _NONE = -1
 _WORD = struct.Struct("q")
@@ -139,13 +143,16 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
     sock.setsockopt(zmq.IDENTITY, identity)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    handshake: zmq.Socket | None = None   # tells a refused CURVE key (ZAP said no)
     if curve:
         sock.curve_secretkey = curve["secret"]
         sock.curve_publickey = curve["public"]
         sock.curve_serverkey = curve["server_public"]
+        handshake = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        poller.register(handshake, zmq.POLLIN)
     sock.connect(endpoint)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
     heartbeat = protocol.encode({"t": protocol.HEARTBEAT})
     pending = bytearray()
     grace: dict[int, float] = {}  # task id -> when the worker is killed if still running it
@@ -182,6 +189,10 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
                 if message["t"] == protocol.CANCEL and isinstance(task_id, int) \
                         and _WORD.unpack_from(shared, 0)[0] == task_id:
                     grace[task_id] = time.monotonic() + cancel_grace
+        if handshake is not None and ready.get(handshake) and not lost:
+            handshake.recv_multipart()   # the only event it carries: EVENT_HANDSHAKE_FAILED_AUTH
+            forward(protocol.encode({"t": CONTROL_REFUSED}))
+            lost = True   # the worker exits (code 77); its supervisor retries with backoff
         if pending:
             try:
                 del pending[:os.write(write_fd, pending)]

@@ -29,8 +29,8 @@ import zmq
 from goflow import protocol
 from goflow.errors import ErrorKind
 from goflow.workers.capture import CAPTURE
-from goflow.workers.control_lane import CONTROL_LOST, ControlLane
-from goflow.supervisor import EXIT_COORDINATOR_LOST
+from goflow.workers.control_lane import CONTROL_LOST, CONTROL_REFUSED, ControlLane
+from goflow.supervisor import EXIT_COORDINATOR_LOST, EXIT_KEY_REFUSED
 from goflow.workers.lifetime import die_with_parent
 from goflow.workers.executors import ExecutorRegistry, TaskCancelled
 
@@ -103,6 +103,11 @@ class Worker:
             elif kind == CONTROL_LOST:
                 # The coordinator is gone; exit so a supervisor (or the operator) restarts us.
                 os._exit(EXIT_COORDINATOR_LOST)
+            elif kind == CONTROL_REFUSED:
+                # Our READY can never leave (the refused connection is not retried): say why, exit.
+                os.write(2, f"goflow-worker {self.worker_id}: the coordinator at {self.endpoint} refused "
+                            f"this worker's CURVE key\n".encode())
+                os._exit(EXIT_KEY_REFUSED)
             elif kind == protocol.SHUTDOWN:
                 self.stopping.set()
 
