@@ -185,6 +185,23 @@ def test_heartbeat_tail_is_repaired_with_control(harness):
     assert mon.stats["lost"] == 0
 
 
+def test_since_now_for_an_execution_whose_positioning_replay_times_out_starts_at_the_next_event(harness):
+    """since="now" asks the coordinator where a named execution is; when that request times
+    out, the stream starts at the execution's next event: nothing before it is delivered,
+    nor counted lost (it was never asked for)."""
+    harness.call(lambda p: emit_execution(p, "E1", 100, close=False))        # running: eseq 1-101
+    mon = Monitor(harness.events_ep, f"ipc://{harness.dir}/nobody-answers", rcvhwm=10_000,
+                  control_timeout=0.3)
+    filt = EventFilter(executions=["E1"])
+    c = Consumer(mon, filter=filt, since="now", until=terminal, timeout=10)
+    harness.wait_subscriptions(n_prefixes(filt))
+    harness.call(lambda p: (p.emit("node.completed", "E1", node_id="late"),
+                            p.emit("execution.completed", "E1", status="completed")))
+    events = c.result()
+    assert [(e.eseq, e.type) for e in events] == [(102, "node.completed"), (103, "execution.completed")]
+    assert mon.stats["lost"] == 0 and not mon.losses, list(mon.losses)
+
+
 def test_epoch_change_is_detected_and_reported():
     h1 = Harness(epoch="epoch-A", heartbeat_every=0.1)
     events_ep, control_ep, d = h1.events_ep, h1.control_ep, h1.dir

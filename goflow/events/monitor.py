@@ -14,7 +14,7 @@ from typing import Any, AsyncIterator, Callable, Generator, Iterator, Literal
 
 import zmq
 
-from goflow.control.framing import AsyncControlClient, ControlClient, ControlError
+from goflow.control.framing import AsyncControlClient, ControlClient, ControlError, ControlTimeout
 from goflow.events.codec import decode_event, topic_for
 from goflow.events.filter import EventFilter
 from goflow.events.snapshots import ExecutionSnapshot
@@ -191,6 +191,11 @@ class _Reliable:
                         reply = yield ("replay", {"execution_id": eid, "from_eseq": _FAR})
                         self.epoch = self.epoch or reply.get("epoch")
                         self.expected[eid] = int(reply.get("last_eseq") or 0) + 1
+                    except ControlTimeout:
+                        # Whether it runs is unknown: its first live event (or heartbeat) positions
+                        # it, as a failed replay_seq does for the whole stream. Assuming "not
+                        # started" would replay its past and count what cannot be fetched as lost.
+                        continue
                     except ControlError:
                         self.expected[eid] = 1   # not started yet: its first event is eseq 1
                         continue
