@@ -8,7 +8,7 @@ its liveness timer), so both restart, name and stop workers the same way:
   per start, because the coordinator may still hold the previous connection;
 * a child that exits is restarted after 0.5 s doubling up to ``max_backoff``, reset once it
   stayed up for a minute; exit code 75 (it lost the coordinator) restarts it at once, 77
-  (the coordinator refused its CURVE key) with the backoff, as the key may be admitted later;
+  and 78 (its handshake failed) with the backoff, as the key may be admitted later;
 * stopping sends SIGTERM to every child at once (a worker finishes what it holds and says
   goodbye; one still starting holds nothing) and SIGKILL to what is left after the grace.
 """
@@ -26,6 +26,13 @@ EXIT_COORDINATOR_LOST = 75
 EXIT_KEY_REFUSED = 77
 """A worker's exit code when the coordinator refused its CURVE key (sysexits' EX_NOPERM): a
 socket refused in the handshake is never retried by ZeroMQ, so only a new process can try."""
+EXIT_SECURITY_MISMATCH = 78
+"""A worker's exit code when its handshake failed on the security mechanism (sysexits'
+EX_CONFIG): CURVE on one side only, or the endpoint is not a goflow coordinator's."""
+HANDSHAKE_FAILURES = {
+    EXIT_KEY_REFUSED: "was refused by the coordinator (its CURVE key is not authorized there)",
+    EXIT_SECURITY_MISMATCH: "failed its handshake (CURVE on one side only, or not a goflow workers endpoint)",
+}
 BACKOFF_BASE = 0.5
 STABLE_AFTER = 60.0
 """A child up this long counts as healthy again: its backoff starts over."""
@@ -105,8 +112,8 @@ class WorkerProcesses:
             why = "lost the coordinator; reconnecting"
         else:
             delay = min(self.max_backoff, BACKOFF_BASE * 2 ** child.failures)
-            if code == EXIT_KEY_REFUSED:
-                why = "was refused by the coordinator (its CURVE key is not authorized there)"
+            if code in HANDSHAKE_FAILURES:
+                why = HANDSHAKE_FAILURES[code]
             else:
                 why = f"exited with code {code}" if code >= 0 else f"killed by {signal.Signals(-code).name}"
         child.failures += 1

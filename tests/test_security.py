@@ -275,3 +275,19 @@ def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daem
     joined = wait_for_workers(d.control, 1, curve=good, timeout=30)
     assert [w["worker_id"].split(".")[0] for w in joined] == ["refused-1"]
     assert group.stop() == 0
+
+
+def test_a_worker_without_keys_at_a_curve_coordinator_says_which_side_lacks_them(daemon, workers, keys):  # noqa: F811
+    d = daemon(*_curve_args(keys))
+    group = workers(d.workers, "--concurrency", "1", "--name", "plain", "--max-backoff", "1")
+    deadline = time.monotonic() + 30
+    while group.log().count("failed its handshake") < 2:   # two failed starts
+        if time.monotonic() > deadline:
+            raise AssertionError(group.log())
+        time.sleep(0.05)
+    log = group.log()
+    assert log.count(f"the handshake with {d.workers} failed: the coordinator there requires CURVE: "
+                     f"pass --curve-server-key") == 1, log
+    assert "lost the coordinator" not in log, log
+    assert group.stop() == 0
+

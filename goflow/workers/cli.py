@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from goflow import protocol
-from goflow.supervisor import EXIT_KEY_REFUSED, WorkerProcesses
+from goflow.supervisor import EXIT_KEY_REFUSED, EXIT_SECURITY_MISMATCH, WorkerProcesses
 
 
 log = logging.getLogger("goflow.worker")
@@ -155,6 +155,16 @@ class Supervisor:
                 f"coordinator SIGHUP to re-read it; the workers retry with backoff (at most --max-backoff "
                 f"{self.args.max_backoff:g}s) until it admits them")
 
+    def _mismatch_hint(self) -> str:
+        """What to do when the handshake fails on the mechanism (told once, as the refusal)."""
+        keyed = bool(self.args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY"))
+        fix = ("the coordinator there runs without CURVE: drop --curve-server-key and --curve-secret-key, "
+               "or start it with --curve-secret-key and --authorized-keys" if keyed else
+               "the coordinator there requires CURVE: pass --curve-server-key (its public key file) and "
+               "--curve-secret-key (this worker's key pair, authorized there)")
+        return (f"the handshake with {self.args.connect} failed: {fix} (or it is not a goflow coordinator's "
+                f"workers endpoint); the workers retry with backoff")
+
     def _signal(self, signum: int, frame: Any) -> None:
         if not self.stopping:
             self.stopping = True
@@ -185,12 +195,12 @@ class Supervisor:
                  extra={"fields": {"concurrency": self.count, "connect": self.args.connect}})
         self.processes.start()
         next_status = 0.0
-        refusal_told = False
+        told: set[int] = set()   # each handshake failure's fix is told once, not per retry
         while not self.stopping:
-            exited = self.processes.poll()
-            if not refusal_told and any(code == EXIT_KEY_REFUSED for _, code in exited):
-                refusal_told = True
-                log.error("%s", self._refusal_hint())
+            for _, code in self.processes.poll():
+                if code in (EXIT_KEY_REFUSED, EXIT_SECURITY_MISMATCH) and code not in told:
+                    told.add(code)
+                    log.error("%s", self._refusal_hint() if code == EXIT_KEY_REFUSED else self._mismatch_hint())
             now = time.monotonic()
             if now >= next_status:
                 self.write_status()

@@ -15,9 +15,10 @@ worker opens any socket, so node code never runs in its interpreter. It:
   ``cancel`` (stuck in C code) is freed by SIGKILL of the worker process, which its
   supervisor replaces;
 * tells the worker to exit with code 75 when the coordinator is silent for
-  ``coordinator_liveness`` (the worker's supervisor then reconnects it at once), and with
-  code 77 as soon as the coordinator refuses the CURVE key in the handshake (ZeroMQ never
-  retries a refused connection: only a new process can, once the key is admitted).
+  ``coordinator_liveness`` (the worker's supervisor then reconnects it at once); and as soon
+  as the handshake fails, with code 77 when the coordinator refused the CURVE key, 78 when
+  the two sides disagree on security (CURVE on one side only, or not a goflow endpoint).
+  ZeroMQ does not retry such a connection: only a new process can, once it is fixed.
 
 It exits when the worker process does (parent-death signal, and a parent check per beat).
 The worker publishes the id of the task it is running in a shared 8-byte word (a memory
@@ -34,13 +35,15 @@ import time
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from goflow import protocol
 
 CONTROL_LOST = "_control_lost"
 """Pseudo message type the lane forwards when the coordinator has been silent too long."""
 CONTROL_REFUSED = "_control_refused"
-"""Pseudo message type the lane forwards when the coordinator refused the CURVE key."""
+"""Pseudo message type the lane forwards when the handshake failed (``why``: ``key`` when the
+coordinator refused the CURVE key, ``mechanism`` when the two sides' security differs)."""
 
 _NONE = -1
 _WORD = struct.Struct("q")
@@ -145,13 +148,12 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
     sock.setsockopt(zmq.MAXMSGSIZE, 1024 * 1024)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
-    handshake: zmq.Socket | None = None   # tells a refused CURVE key (ZAP said no)
     if curve:
         sock.curve_secretkey = curve["secret"]
         sock.curve_publickey = curve["public"]
         sock.curve_serverkey = curve["server_public"]
-        handshake = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        poller.register(handshake, zmq.POLLIN)
+    handshake = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    poller.register(handshake, zmq.POLLIN)
     sock.connect(endpoint)
     heartbeat = protocol.encode({"t": protocol.HEARTBEAT})
     pending = bytearray()
@@ -189,10 +191,11 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
                 if message["t"] == protocol.CANCEL and isinstance(task_id, int) \
                         and _WORD.unpack_from(shared, 0)[0] == task_id:
                     grace[task_id] = time.monotonic() + cancel_grace
-        if handshake is not None and ready.get(handshake) and not lost:
-            handshake.recv_multipart()   # the only event it carries: EVENT_HANDSHAKE_FAILED_AUTH
-            forward(protocol.encode({"t": CONTROL_REFUSED}))
-            lost = True   # the worker exits (code 77); its supervisor retries with backoff
+        if ready.get(handshake) and not lost:
+            event = recv_monitor_message(handshake)["event"]
+            why = "key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "mechanism"
+            forward(protocol.encode({"t": CONTROL_REFUSED, "why": why}))
+            lost = True   # the worker exits (77 or 78); its supervisor retries with backoff
         if pending:
             try:
                 del pending[:os.write(write_fd, pending)]

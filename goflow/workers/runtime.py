@@ -30,7 +30,7 @@ from goflow import protocol
 from goflow.errors import ErrorKind
 from goflow.workers.capture import CAPTURE
 from goflow.workers.control_lane import CONTROL_LOST, CONTROL_REFUSED, ControlLane
-from goflow.supervisor import EXIT_COORDINATOR_LOST, EXIT_KEY_REFUSED
+from goflow.supervisor import EXIT_COORDINATOR_LOST, EXIT_KEY_REFUSED, EXIT_SECURITY_MISMATCH
 from goflow.workers.lifetime import die_with_parent
 from goflow.workers.executors import ExecutorRegistry, TaskCancelled
 
@@ -104,10 +104,12 @@ class Worker:
                 # The coordinator is gone; exit so a supervisor (or the operator) restarts us.
                 os._exit(EXIT_COORDINATOR_LOST)
             elif kind == CONTROL_REFUSED:
-                # Our READY can never leave (the refused connection is not retried): say why, exit.
-                os.write(2, f"goflow-worker {self.worker_id}: the coordinator at {self.endpoint} refused "
-                            f"this worker's CURVE key\n".encode())
-                os._exit(EXIT_KEY_REFUSED)
+                # Our READY can never leave (the failed connection is not retried): say why, exit.
+                refused = message.get("why") == "key"
+                why = "refused this worker's CURVE key" if refused else \
+                    "and this worker disagree on CURVE (one side has keys, the other none)"
+                os.write(2, f"goflow-worker {self.worker_id}: the coordinator at {self.endpoint} {why}\n".encode())
+                os._exit(EXIT_KEY_REFUSED if refused else EXIT_SECURITY_MISMATCH)
             elif kind == protocol.SHUTDOWN:
                 self.stopping.set()
 
