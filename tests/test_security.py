@@ -251,6 +251,16 @@ def test_reload_keys_control_op_admits_a_new_key(daemon, keys):  # noqa: F811
     assert d.stop() == 0
 
 
+def _wait_for_lines(group: WorkerGroup, text: str, count: int, timeout: float = 30.0) -> str:
+    """The supervisor's log once ``text`` appears ``count`` times in it (a wait on that state)."""
+    deadline = time.monotonic() + timeout
+    while group.log().count(text) < count:
+        if time.monotonic() > deadline:
+            raise AssertionError(group.log())
+        time.sleep(0.05)
+    return group.log()
+
+
 def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daemon, workers, keys):  # noqa: F811
     """The refused handshake is never retried by ZeroMQ: the worker must exit (77) instead of
     waiting for a coordinator it cannot reach, its supervisor say why and how to fix it (once,
@@ -260,12 +270,7 @@ def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daem
                     *_client_keys(keys, "stranger"))
     public_file = keys["stranger"].with_suffix(".key")
     stranger_key = security.load_secret(keys["stranger"])[0].decode()
-    deadline = time.monotonic() + 30
-    while group.log().count("was refused by the coordinator") < 3:   # three refused starts
-        if time.monotonic() > deadline:
-            raise AssertionError(group.log())
-        time.sleep(0.05)
-    log = group.log()
+    log = _wait_for_lines(group, "was refused by the coordinator", 3)   # three refused starts
     assert log.count(f"refused this worker's CURVE key {stranger_key} ({public_file})") == 1, log
     assert f"the coordinator at {d.workers} refused" in log and "--authorized-keys" in log, log
     assert "lost the coordinator" not in log, log       # it never had one: no misleading reason
@@ -280,12 +285,7 @@ def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daem
 def test_a_worker_without_keys_at_a_curve_coordinator_says_which_side_lacks_them(daemon, workers, keys):  # noqa: F811
     d = daemon(*_curve_args(keys))
     group = workers(d.workers, "--concurrency", "1", "--name", "plain", "--max-backoff", "1")
-    deadline = time.monotonic() + 30
-    while group.log().count("failed its handshake") < 2:   # two failed starts
-        if time.monotonic() > deadline:
-            raise AssertionError(group.log())
-        time.sleep(0.05)
-    log = group.log()
+    log = _wait_for_lines(group, "failed its handshake", 2)   # two failed starts
     assert log.count(f"the handshake with {d.workers} failed: the coordinator there requires CURVE: "
                      f"pass --curve-server-key") == 1, log
     assert "lost the coordinator" not in log, log
