@@ -161,6 +161,23 @@ def test_since_start_for_all_executions_replays_the_ring(harness):
     mon.close()
 
 
+def test_resuming_with_an_int_since_counts_the_evicted_part_of_the_range_lost_once():
+    """since=<seq> asks for that range: what the ring evicted is lost (not "truncated",
+    which is for since="start"), in one record."""
+    h = Harness(sndhwm=5, heartbeat_every=0.1, log_capacity=100)
+    try:
+        h.call(lambda p: [emit_execution(p, f"E{k}", 50) for k in range(3)])   # seqs 1-156
+        mon = Monitor(h.events_ep, h.control_ep)
+        events = list(mon.subscribe(since=10, timeout=0.5))
+        assert [e.seq for e in events] == list(range(57, 157))               # the ring keeps 100
+        assert mon.stats["lost"] == 47 and mon.stats["truncated"] == 0
+        assert [(r["count"], r["reason"], r["from_seq"], r["to_seq"]) for r in mon.losses] \
+            == [(47, "not in replay ring", 10, 56)]
+        mon.close()
+    finally:
+        h.stop()
+
+
 def test_heartbeat_reveals_a_lost_last_event_and_loss_is_counted_without_control(harness):
     mon = Monitor(harness.events_ep, None, rcvhwm=5)      # no control: can detect, not repair
     filt = EventFilter(executions=["E1"])

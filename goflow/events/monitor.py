@@ -127,7 +127,8 @@ class _Reliable:
 
     # -- repair ------------------------------------------------------------------------
     def _repair_execution(self, eid: str, start: int, end: int | None, reason: str,
-                          counter: str = "repaired") -> Generator[Request, dict, list[Event]]:
+                          counter: str = "repaired", truncated: bool = False
+                          ) -> Generator[Request, dict, list[Event]]:
         deliver: list[Event] = []
         events, last = ([], None)
         if self.can_repair:
@@ -139,7 +140,7 @@ class _Reliable:
             if ev.eseq is None or ev.eseq < exp or ev.eseq > end:
                 continue
             if ev.eseq > exp:
-                self._loss(ev.eseq - exp, "evicted before subscribe" if counter == "replayed"
+                self._loss(ev.eseq - exp, "evicted before subscribe" if truncated
                            else "not in replay log", execution_id=eid,
                            from_eseq=exp, to_eseq=ev.eseq - 1)
             self.stats[counter] += 1
@@ -153,7 +154,8 @@ class _Reliable:
         return deliver
 
     def _repair_global(self, start: int, end: int | None, reason: str,
-                       counter: str = "repaired") -> Generator[Request, dict, list[Event]]:
+                       counter: str = "repaired", truncated: bool = False
+                       ) -> Generator[Request, dict, list[Event]]:
         deliver: list[Event] = []
         events, last = ([], None)
         if self.can_repair:
@@ -166,7 +168,7 @@ class _Reliable:
             if ev.seq < exp or ev.seq > end:
                 continue
             if ev.seq > exp:
-                self._loss(ev.seq - exp, "evicted before subscribe" if counter == "replayed"
+                self._loss(ev.seq - exp, "evicted before subscribe" if truncated
                            else "not in replay ring", from_seq=exp, to_seq=ev.seq - 1)
             self.stats[counter] += 1
             exp = ev.seq + 1
@@ -207,7 +209,8 @@ class _Reliable:
                 else:
                     start = 1 if since == "start" else max(1, int(since))
                     out += yield from self._repair_execution(eid, start, None, "replay failed",
-                                                             counter="replayed")
+                                                             counter="replayed",
+                                                             truncated=since == "start")
         else:
             start = None if since == "now" else 1 if since == "start" else max(1, int(since))
             try:
@@ -225,7 +228,8 @@ class _Reliable:
                 self.next_seq = int(reply.get("last_seq") or 0) + 1
             else:
                 out += yield from self._repair_global(start, int(reply.get("last_seq") or 0),
-                                                      "replay failed", counter="replayed")
+                                                      "replay failed", counter="replayed",
+                                                      truncated=since == "start")
         return out
 
     def process(self, ev: Event) -> Generator[Request, dict, list[Event]]:
