@@ -137,16 +137,20 @@ class Supervisor:
         if args.labels:
             command += ["--labels", ",".join(f"{k}={v}" for k, v in args.labels.items())]
         server = args.curve_server_key or os.environ.get("GOFLOW_CURVE_SERVER_KEY")
-        secret = args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
+        secret = self._secret_key()
         if server and secret:
             command += ["--curve-server-key", os.path.abspath(server), "--curve-secret-key", os.path.abspath(secret)]
         return command
+
+    def _secret_key(self) -> str | None:
+        """This worker's key pair file: the option, else ``GOFLOW_CURVE_SECRET_KEY``."""
+        return self.args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY")
 
     def _refusal_hint(self) -> str:
         """What to do when the coordinator refuses our key (told once: every retry would repeat it)."""
         from goflow.security import PUBLIC_SUFFIX, SECRET_SUFFIX, load_secret
 
-        secret = self.args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY") or ""
+        secret = self._secret_key() or ""
         public_file = secret[: -len(SECRET_SUFFIX)] + PUBLIC_SUFFIX if secret.endswith(SECRET_SUFFIX) else None
         key = load_secret(secret)[0].decode() if secret else "?"
         return (f"the coordinator at {self.args.connect} refused this worker's CURVE key {key}"
@@ -157,7 +161,7 @@ class Supervisor:
 
     def _mismatch_hint(self) -> str:
         """What to do when the handshake fails on the mechanism (told once, as the refusal)."""
-        keyed = bool(self.args.curve_secret_key or os.environ.get("GOFLOW_CURVE_SECRET_KEY"))
+        keyed = bool(self._secret_key())
         fix = ("the coordinator there runs without CURVE: drop --curve-server-key and --curve-secret-key, "
                "or start it with --curve-secret-key and --authorized-keys" if keyed else
                "the coordinator there requires CURVE: pass --curve-server-key (its public key file) and "
@@ -195,12 +199,12 @@ class Supervisor:
                  extra={"fields": {"concurrency": self.count, "connect": self.args.connect}})
         self.processes.start()
         next_status = 0.0
-        told: set[int] = set()   # each handshake failure's fix is told once, not per retry
+        hints = {EXIT_KEY_REFUSED: self._refusal_hint, EXIT_SECURITY_MISMATCH: self._mismatch_hint}
         while not self.stopping:
             for _, code in self.processes.poll():
-                if code in (EXIT_KEY_REFUSED, EXIT_SECURITY_MISMATCH) and code not in told:
-                    told.add(code)
-                    log.error("%s", self._refusal_hint() if code == EXIT_KEY_REFUSED else self._mismatch_hint())
+                hint = hints.pop(code, None)   # each handshake failure's fix is told once, not per retry
+                if hint is not None:
+                    log.error("%s", hint())
             now = time.monotonic()
             if now >= next_status:
                 self.write_status()
