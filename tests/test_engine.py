@@ -56,6 +56,33 @@ def test_loop_max_parallel_iterations_really_overlap(write_flow):
     assert out[0]["start"] < out[1]["end"] and out[1]["start"] < out[0]["end"], "iterations did not overlap"
 
 
+def test_tasks_measured_short_are_prefetched_and_unmeasured_ones_wait_for_an_idle_worker():
+    """The broker learns a profile's duration from its results (one sample per worker
+    message, batched or not): tasks measured short are then handed several at a time (the
+    prefetch depth), and a profile never measured is only given to an idle worker (depth 1)."""
+    from goflow.coordinator.broker import PREFETCH_BELOW_S
+    from goflow.coordinator.embedded import EmbeddedRuntime
+    from goflow.coordinator.task import Task
+    from goflow.language.loader import load
+
+    lines = ["name: quick", "nodes:", "  - {id: start, type: start}", "  - {id: end, type: end}"]
+    lines += [f'  - {{id: n{i}, type: python, call: "flowlib:noop"}}' for i in range(300)]
+    lines += ["edges:"] + [f"  - {{from: start, to: n{i}}}\n  - {{from: n{i}, to: end}}" for i in range(300)]
+    workflow = load("quick.yaml", text="\n".join(lines) + "\n")
+    with EmbeddedRuntime(workers=1) as rt:
+        assert rt.wait_for_workers(1)
+        assert rt.submit(workflow).result(timeout=60)["status"] == "completed"
+        broker = rt.coordinator.broker
+
+        def depth(call: str) -> int:
+            return broker._depth(Task("e", "n", 1, "python", {"call": call}, None, lambda *_: None))
+
+        estimate = rt.coordinator.call(lambda: broker.durations.get(("python", "flowlib:noop")))
+        learned, unknown = rt.coordinator.call(lambda: (depth("flowlib:noop"), depth("flowlib:other")))
+    assert estimate is not None and estimate < PREFETCH_BELOW_S
+    assert learned > 1 and unknown == 1
+
+
 def test_node_stuck_in_c_code_is_timed_out_and_worker_replaced(write_flow):
     path = write_flow("""
         name: stuck

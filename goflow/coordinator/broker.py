@@ -191,6 +191,9 @@ class WorkerBroker:
         return 1 + int(PREFETCH_BUDGET_S / max(estimate, 1e-6))
 
     def _measured(self, task: Task, message: dict) -> None:
+        """Fold one result's run time into its profile's estimate (a moving average). Called
+        once per worker message, with its last result: a batch is a run of like tasks, and one
+        sample per message keeps this off the per-result path."""
         started, finished = message.get("started"), message.get("finished")
         if isinstance(started, (int, float)) and isinstance(finished, (int, float)):
             previous = self.durations.get(task.profile)
@@ -272,12 +275,19 @@ class WorkerBroker:
         if worker is not None:
             worker.last_seen = time.monotonic()
         if kind == protocol.RESULT and worker is not None:
-            self._on_result(worker, message)
+            task = self._on_result(worker, message)
+            if task is not None:
+                self._measured(task, message)
             self.pump()
         elif kind == protocol.RESULTS and worker is not None:
+            last: tuple[Task, dict] | None = None
             for item in message.get("items") or ():
                 if isinstance(item, dict):
-                    self._on_result(worker, item)
+                    task = self._on_result(worker, item)
+                    if task is not None:
+                        last = task, item
+            if last is not None:
+                self._measured(*last)
             self.pump()
         elif kind == protocol.READY and not control:
             self._on_ready(identity, message)
@@ -317,7 +327,8 @@ class WorkerBroker:
         self.publisher.emit("worker.joined", None, worker_id=name, meta={"worker_id": name, **worker.describe()})
         self.pump()
 
-    def _on_result(self, worker: WorkerInfo, message: dict) -> None:
+    def _on_result(self, worker: WorkerInfo, message: dict) -> Task | None:
+        """Settle the task ``message`` reports on; returns it (None if it is not known)."""
         task_id = message.get("id")
         task = self.tasks.pop(task_id, None)
         in_hand = worker.in_hand
@@ -332,13 +343,13 @@ class WorkerBroker:
             if head.started_at is None:
                 self._task_started(head)
         if task is not None:
-            self._measured(task, message)
             if task.timer is not None:
                 task.timer.cancel()
             if not task.done:
                 task.done = True
                 message["worker"] = worker.name
                 self.node_output.finish(task, message, task.deliver)
+        return task
 
     def _worker_lost(self, worker: WorkerInfo, reason: str, *, ran_nothing: bool = False) -> None:
         """Forget ``worker``: its running task fails as ``worker_lost`` (an attempt), the tasks

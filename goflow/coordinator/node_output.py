@@ -54,7 +54,8 @@ class NodeOutput:
         """``task``'s result arrived: publish its last lines, then ``complete`` it (maybe later)."""
         logs = message.get("logs")
         if not isinstance(logs, dict) or not _wanted(task):  # nothing said, or no longer wanted
-            self._flush_progress(task)
+            if task.progress_pending is not None:
+                self._flush_progress(task)
             complete(task, message)
             return
         expected = int(logs.get("batches") or 0)
