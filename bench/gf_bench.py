@@ -13,6 +13,10 @@ Every sub-command prints ONE JSON object on its last stdout line. Sub-commands:
   validate  goflow.language.loader.check(goflow.language.loader.parse(text)) for an N-node workflow
   mcp       mcp-server-time calls/s, pooled vs fresh session
   profile   cProfile of Coordinator._loop during one workload
+  anatomy   where engine-only dispatch time goes: one --n fan-out with a draining subscriber
+            process, as shipped and with the events built but never sent ("unsent") or not
+            built at all ("silent"), the bench patching EventPublisher; wall, and CPU of the
+            reactor thread, the workers and the subscriber, read from /proc
   inside    node.log on dispatch (nodes printing --lines lines vs none) and tracing on vs off
             (a --n fan-out exporting to a local OTLP/HTTP sink), alternating, as ratios
 """
@@ -786,6 +790,74 @@ def cmd_profile(a) -> dict:
                  f"# (includes start-up and the warm-up execution; the workload dominates)\n")
         fh.write(buf.getvalue())
     return {"kind": a.kind, "n": a.n, "sub": not a.no_sub, "wall_s_profiled": r["wall_s"], "file": a.out}
+
+
+# -- anatomy: what the events cost engine-only dispatch ----------------------------------------
+def _proc_cpu_s(path: str) -> float:
+    """User + system CPU seconds from a /proc .../stat file."""
+    with open(path) as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _unsent_flush(self) -> None:
+    self._outbox.clear()
+
+
+def _silent_emit(self, *args, **kwargs) -> int:
+    self._seq += 1
+    return self._seq
+
+
+ANATOMY_VARIANTS = {
+    "shipped": {},
+    "unsent": {"flush": _unsent_flush},    # built, packed, logged, queued; never sent
+    "silent": {"emit": _silent_emit},      # only numbered: no payload, no log, no send
+}
+
+
+def cmd_anatomy(a) -> dict:
+    """One fan-out per variant and rep, interleaved, each in a fresh runtime: what a user's
+    subscriber and the events cost the reactor, which is dispatch's critical path."""
+    from goflow.events.publisher import EventPublisher
+    wf = load_text(fanout_yaml(a.n), "anatomy.yaml")
+    runs: dict[str, list[dict]] = {name: [] for name in ANATOMY_VARIANTS}
+    for rep in range(a.reps):
+        names = list(ANATOMY_VARIANTS)
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
+            rt, _ = new_runtime()
+            originals = {attr: getattr(EventPublisher, attr) for attr in ANATOMY_VARIANTS[name]}
+            try:
+                run_once(rt, load_text(fanout_yaml(4), "warm.yaml"))
+                sub = spawn_sub(DRAIN_SUB, rt.events_endpoint)
+                wait_subscriptions(rt, 1)
+                thread = next(t for t in threading.enumerate() if t.name == rt.coordinator.reactor.name)
+                reactor = f"/proc/self/task/{thread.native_id}/stat"
+                workers = [pid for pid in _children() if pid != sub.pid]
+                stats = [reactor, f"/proc/{sub.pid}/stat", *(f"/proc/{pid}/stat" for pid in workers)]
+                before = [_proc_cpu_s(path) for path in stats]
+                for attr, patch in ANATOMY_VARIANTS[name].items():
+                    setattr(EventPublisher, attr, patch)
+                try:
+                    r = run_once(rt, wf)
+                finally:
+                    for attr, original in originals.items():
+                        setattr(EventPublisher, attr, original)
+                cpu = [_proc_cpu_s(path) - b for path, b in zip(stats, before)]
+                end_sub(sub)
+            finally:
+                rt.close()
+            runs[name].append({"wall_s": r["wall_s"], "status": r["status"], "nodes_per_s": a.n / r["wall_s"],
+                               "reactor_cpu_s": cpu[0], "subscriber_cpu_s": cpu[1], "workers_cpu_s": sum(cpu[2:])})
+    return {"n": a.n, "runs": runs}
+
+
+def _children() -> list[int]:
+    pids: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        with open(f"/proc/self/task/{task}/children") as fh:
+            pids += [int(pid) for pid in fh.read().split()]
+    return pids
 
 
 def main() -> None:

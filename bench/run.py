@@ -2,8 +2,9 @@
 
   .venv/bin/python bench/run.py [--quick] [--only NAME ...] [--reps N] [--skip-peers]
 
-Sections (names for --only): dispatch, emission, delivery, latency, scale, mcp, inside, e2e, gateway,
-profile. e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same
+Sections (names for --only): dispatch, anatomy, emission, delivery, latency, scale, mcp, inside, e2e,
+gateway, profile. anatomy is engine-only dispatch with its events as shipped, built but never
+sent, and not built (what the events and a subscriber cost the reactor). e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same
 run; gateway is the web dashboard's gateway under load (bench/web_bench.py).
 goflow parts run in subprocesses of THIS interpreter (the project venv); the peers (dask,
 ray, ProcessPoolExecutor, multiprocessing) run in subprocesses of bench/.venv's python, which
@@ -32,7 +33,8 @@ PEER_PY = os.path.join(PEER_VENV, "bin", "python")
 RESULTS = os.path.join(BENCH, "results")
 GF = os.path.join(BENCH, "gf_bench.py")
 PEERS_SCRIPT = os.path.join(BENCH, "peer_bench.py")
-SECTIONS = ["dispatch", "emission", "delivery", "latency", "scale", "mcp", "inside", "e2e", "gateway", "profile"]
+SECTIONS = ["dispatch", "anatomy", "emission", "delivery", "latency", "scale", "mcp", "inside", "e2e", "gateway",
+            "profile"]
 E2E = os.path.join(BENCH, "e2e_bench.py")
 WEB = os.path.join(BENCH, "web_bench.py")
 # Versions measured in /work/shared/reference/measured-limits.md; pinned so runs compare.
@@ -207,6 +209,18 @@ def sec_dispatch(cfg, peers) -> dict:
                          for w in ("fanout", "loop", "chain")}
     out["ratios_goflow_over_peer"] = ratios
     return out
+
+
+def sec_anatomy(cfg, peers) -> dict:
+    """Engine-only dispatch with the events as shipped, built but unsent, and not built."""
+    log(f"anatomy: {cfg['anatomy_n']:,}-node fan-out x {cfg['anatomy_reps']} per variant")
+    res = gf("anatomy", "--n", str(cfg["anatomy_n"]), "--reps", str(cfg["anatomy_reps"]), timeout=600)
+    if not res:
+        return {"error": "gf_bench.py anatomy failed"}
+    summary = {name: {key: spread([r[key] for r in runs])
+                      for key in ("wall_s", "nodes_per_s", "reactor_cpu_s", "workers_cpu_s", "subscriber_cpu_s")}
+               for name, runs in res["runs"].items()}
+    return {"n": res["n"], "raw": res["runs"], "summary": summary}
 
 
 def sec_emission(cfg, peers) -> dict:
@@ -460,6 +474,17 @@ def table(results) -> str:
             L.append("| no subscriber | 1 stalled subscriber (RCVHWM 10) | cost, paired runs % (median, range) |")
             L.append("|---|---|---|")
             L.append(f"| {sp(ss['none'])} | {sp(ss['stalled'])} | {sp(ss['paired_cost_pct'])} |")
+    an = results.get("anatomy")
+    if an and an.get("summary"):
+        L.append("")
+        L.append(f"## Anatomy of engine-only dispatch: one {an['n']:,}-node fan-out, 1 draining subscriber process "
+                 f"(median (min-max, reps); CPU s from /proc)")
+        L.append("| events | wall s | nodes/s | reactor thread CPU | workers CPU | subscriber CPU |")
+        L.append("|---|---|---|---|---|---|")
+        labels = {"shipped": "as shipped", "unsent": "built and logged, never sent", "silent": "none (emit only numbers)"}
+        for name, x in an["summary"].items():
+            L.append(f"| {labels.get(name, name)} | {sp(x['wall_s'])} | {sp(x['nodes_per_s'])} | {sp(x['reactor_cpu_s'])} "
+                     f"| {sp(x['workers_cpu_s'])} | {sp(x['subscriber_cpu_s'])} |")
     e = results.get("emission")
     if e and e.get("summary"):
         L.append("")
@@ -599,7 +624,8 @@ def main() -> None:
            "inside_n": 2_000 if q else 5_000, "inside_log_nodes": 50 if q else 200, "inside_reps": 2 if q else 4,
            "e2e_runs": [("fanout", 2_000), ("fanout", 10_000)] if q else
            [(shape, n) for shape in ("fanout", "chain", "loop") for n in (10_000, 100_000)] + [("fanout", 20_000)] * 3,
-           "gateway_n": 2_000 if q else 10_000, "gateway_reps": 1 if q else 3}
+           "gateway_n": 2_000 if q else 10_000, "gateway_reps": 1 if q else 3,
+           "anatomy_n": 5_000 if q else 20_000, "anatomy_reps": 1 if q else 3}
     if a.reps:
         cfg["slow_peer_reps"] = min(3, a.reps)
     sections = a.only or [s for s in SECTIONS if not (q and s == "profile")]
