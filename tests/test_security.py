@@ -6,7 +6,9 @@ import json
 import logging
 import shutil
 import signal
+import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -280,6 +282,36 @@ def test_a_worker_whose_key_is_refused_says_so_once_and_joins_once_admitted(daem
     joined = wait_for_workers(d.control, 1, curve=good, timeout=30)
     assert [w["worker_id"].split(".")[0] for w in joined] == ["refused-1"]
     assert group.stop() == 0
+
+
+def test_a_worker_at_a_port_that_speaks_no_zmtp_says_so_instead_of_waiting_for_a_coordinator(workers):  # noqa: F811
+    """A port that accepts and closes every connection (a wrong port, another service) fails
+    each handshake with no reason given. The worker says what it did say for a CURVE
+    mismatch, within a few seconds, instead of 'lost the coordinator' after the 10 s
+    liveness window (it never had one)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    closing = threading.Event()
+
+    def accept_and_close() -> None:
+        while not closing.is_set():
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            connection.close()
+
+    threading.Thread(target=accept_and_close, daemon=True).start()
+    endpoint = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+    try:
+        group = workers(endpoint, "--concurrency", "1", "--name", "astray", "--max-backoff", "1")
+        log = _wait_for_lines(group, "failed its handshake", 2)   # two failed starts
+        assert log.count(f"the handshake with {endpoint} failed") == 1, log
+        assert "not a goflow coordinator's workers endpoint" in log, log
+        assert "lost the coordinator" not in log, log
+        assert group.stop() == 0
+    finally:
+        closing.set()
+        listener.close()
 
 
 def test_a_worker_without_keys_at_a_curve_coordinator_says_which_side_lacks_them(daemon, workers, keys):  # noqa: F811

@@ -18,7 +18,11 @@ worker opens any socket, so node code never runs in its interpreter. It:
   ``coordinator_liveness`` (the worker's supervisor then reconnects it at once); and as soon
   as the handshake fails, with code 77 when the coordinator refused the CURVE key, 78 when
   the two sides disagree on security (CURVE on one side only, or not a goflow endpoint).
-  ZeroMQ does not retry such a connection: only a new process can, once it is fixed.
+  ZeroMQ does not retry such a connection: only a new process can, once it is fixed. A
+  handshake that fails with no reason given (the peer closed the connection: what a CURVE
+  coordinator does to a plain worker as often as it says why, and all that a port that
+  speaks no ZMTP does) counts as a disagreement once no handshake has succeeded for
+  ``HANDSHAKE_RETRY_S`` since; ZeroMQ retries those meanwhile, so a one-off reset passes.
 
 It exits when the worker process does (parent-death signal, and a parent check per beat).
 The worker publishes the id of the task it is running in a shared 8-byte word (a memory
@@ -44,6 +48,11 @@ CONTROL_LOST = "_control_lost"
 CONTROL_REFUSED = "_control_refused"
 """Pseudo message type the lane forwards when the handshake failed (``why``: ``key`` when the
 coordinator refused the CURVE key, ``mechanism`` when the two sides' security differs)."""
+
+HANDSHAKE_RETRY_S = 2.0
+"""How long handshakes may keep failing with no reason given before the lane gives up."""
+_HANDSHAKE_EVENTS = (zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                     | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_SUCCEEDED)
 
 _NONE = -1
 _WORD = struct.Struct("q")
@@ -152,7 +161,7 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
         sock.curve_secretkey = curve["secret"]
         sock.curve_publickey = curve["public"]
         sock.curve_serverkey = curve["server_public"]
-    handshake = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL)
+    handshake = sock.get_monitor_socket(_HANDSHAKE_EVENTS)
     poller.register(handshake, zmq.POLLIN)
     sock.connect(endpoint)
     heartbeat = protocol.encode({"t": protocol.HEARTBEAT})
@@ -161,13 +170,21 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
     last_heard = time.monotonic()
     next_beat = last_heard
     lost = False
+    failing_since: float | None = None   # the first reasonless handshake failure since a success
 
     def forward(frame: bytes) -> None:
         pending.extend(_LENGTH.pack(len(frame)) + frame)
 
+    def refused(why: str) -> None:
+        nonlocal lost
+        forward(protocol.encode({"t": CONTROL_REFUSED, "why": why}))
+        lost = True   # the worker exits (77 or 78); its supervisor retries with backoff
+
     while os.getppid() == parent:
         now = time.monotonic()
         wake = min([next_beat, *grace.values()]) if not lost else now + heartbeat_interval
+        if failing_since is not None and not lost:
+            wake = min(wake, failing_since + HANDSHAKE_RETRY_S)
         if pending:
             poller.register(write_fd, zmq.POLLOUT)
         ready = dict(poller.poll(max(0, int((wake - now) * 1000)) + 1))
@@ -193,9 +210,14 @@ def _serve(parent: int, endpoint: str, identity: bytes, write_fd: int, shared: m
                     grace[task_id] = time.monotonic() + cancel_grace
         if ready.get(handshake) and not lost:
             event = recv_monitor_message(handshake)["event"]
-            why = "key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "mechanism"
-            forward(protocol.encode({"t": CONTROL_REFUSED, "why": why}))
-            lost = True   # the worker exits (77 or 78); its supervisor retries with backoff
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                failing_since = None
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                failing_since = failing_since or time.monotonic()
+            else:
+                refused("key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH else "mechanism")
+        if failing_since is not None and not lost and time.monotonic() - failing_since >= HANDSHAKE_RETRY_S:
+            refused("mechanism")
         if pending:
             try:
                 del pending[:os.write(write_fd, pending)]
