@@ -68,7 +68,8 @@ def _own_cpu() -> float:
 
 
 # -- RSS of a process tree, from /proc --------------------------------------------------------------
-def _children(pid: int) -> list[int]:
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (every thread's), from /proc."""
     out = []
     try:
         for tid in os.listdir(f"/proc/{pid}/task"):
@@ -102,7 +103,7 @@ def tree_memory_kib(root: int) -> tuple[int, int]:
             continue
         seen.add(pid)
         total += _status_kib(pid, "smaps_rollup", "Pss:")
-        stack += _children(pid)
+        stack += child_pids(pid)
     return total, _status_kib(root, "status", "VmRSS:")
 
 

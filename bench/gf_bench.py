@@ -40,6 +40,7 @@ sys.path.insert(0, BENCH_DIR)
 import msgpack  # noqa: E402
 import zmq  # noqa: E402
 
+from e2e_bench import child_pids  # noqa: E402
 from stats import pct  # noqa: E402
 
 CALL = "noop_tasks:noop"
@@ -833,7 +834,7 @@ def cmd_anatomy(a) -> dict:
                 wait_subscriptions(rt, 1)
                 thread = next(t for t in threading.enumerate() if t.name == rt.coordinator.reactor.name)
                 reactor = f"/proc/self/task/{thread.native_id}/stat"
-                workers = [pid for pid in _children() if pid != sub.pid]
+                workers = [pid for pid in child_pids(os.getpid()) if pid != sub.pid]
                 stats = [reactor, f"/proc/{sub.pid}/stat", *(f"/proc/{pid}/stat" for pid in workers)]
                 before = [_proc_cpu_s(path) for path in stats]
                 for attr, patch in ANATOMY_VARIANTS[name].items():
@@ -850,14 +851,6 @@ def cmd_anatomy(a) -> dict:
             runs[name].append({"wall_s": r["wall_s"], "status": r["status"], "nodes_per_s": a.n / r["wall_s"],
                                "reactor_cpu_s": cpu[0], "subscriber_cpu_s": cpu[1], "workers_cpu_s": sum(cpu[2:])})
     return {"n": a.n, "runs": runs}
-
-
-def _children() -> list[int]:
-    pids: list[int] = []
-    for task in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{task}/children") as fh:
-            pids += [int(pid) for pid in fh.read().split()]
-    return pids
 
 
 def main() -> None:

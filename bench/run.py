@@ -4,8 +4,9 @@
 
 Sections (names for --only): dispatch, anatomy, emission, delivery, latency, scale, mcp, inside, e2e,
 gateway, profile. anatomy is engine-only dispatch with its events as shipped, built but never
-sent, and not built (what the events and a subscriber cost the reactor). e2e is `goflow run` as a whole process (bench/e2e_bench.py) against bare pools in the same
-run; gateway is the web dashboard's gateway under load (bench/web_bench.py).
+sent, and not built (what the events and a subscriber cost the reactor). e2e is `goflow run`
+as a whole process (bench/e2e_bench.py) against bare pools in the same run; gateway is the web
+dashboard's gateway under load (bench/web_bench.py).
 goflow parts run in subprocesses of THIS interpreter (the project venv); the peers (dask,
 ray, ProcessPoolExecutor, multiprocessing) run in subprocesses of bench/.venv's python, which
 this script creates and fills on first use (a failed install skips that peer, with a message).

@@ -274,14 +274,9 @@ class WorkerBroker:
         worker = self.workers.get(base)
         if worker is not None:
             worker.last_seen = time.monotonic()
-        if kind == protocol.RESULT and worker is not None:
-            task = self._on_result(worker, message)
-            if task is not None:
-                self._measured(task, message)
-            self.pump()
-        elif kind == protocol.RESULTS and worker is not None:
+        if kind in (protocol.RESULT, protocol.RESULTS) and worker is not None:
             last: tuple[Task, dict] | None = None
-            for item in message.get("items") or ():
+            for item in (message,) if kind == protocol.RESULT else message.get("items") or ():
                 if isinstance(item, dict):
                     task = self._on_result(worker, item)
                     if task is not None:
