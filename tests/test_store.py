@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import tempfile
@@ -36,6 +37,7 @@ class Publisher:
     def close(self) -> None:
         self.pub.close(0)
         self.context.term()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
     def run(self, eid: str | None = None, *, workflow: str = "demo", outcome: str = "completed",
             retry: bool = True, loop: int = 2, finish: bool = True) -> str:

@@ -7,7 +7,6 @@ page shows while a node is still blocked, never by timing."""
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 
 import pytest
@@ -106,10 +105,10 @@ edges:
 
 
 @pytest.fixture(scope="module")
-def browser_context():
+def browser_context(tmp_path_factory):
     with sync_api.sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
-            tempfile.mkdtemp(prefix="goflow-chromium-"), executable_path=CHROMIUM, headless=True,
+            tmp_path_factory.mktemp("chromium-profile"), executable_path=CHROMIUM, headless=True,
             args=CHROMIUM_FLAGS, viewport={"width": 1400, "height": 1000})
         yield context
         context.close()
