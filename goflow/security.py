@@ -63,6 +63,30 @@ def check_exposure(listener: str, host: str | None, *, protected: bool, remedy: 
         raise ExposureError(f"refusing to bind {listener} without authentication: {remedy}")
 
 
+def endpoint_host(endpoint: str) -> str | None:
+    """The host part of a tcp:// endpoint (None for ipc://, inproc://); ValueError if malformed."""
+    scheme, sep, rest = endpoint.partition("://")
+    if not sep:
+        raise ValueError(f"endpoint {endpoint!r} must look like tcp://HOST:PORT")
+    if scheme != "tcp":
+        return None
+    if ";" in rest:  # tcp://source;dest form: the bind address is the second part
+        rest = rest.split(";", 1)[1]
+    host, colon, port = rest.rpartition(":")
+    if not colon:
+        raise ValueError(f"endpoint {endpoint!r} has no port")
+    return host.strip("[]")
+
+
+def is_loopback_endpoint(endpoint: str) -> bool:
+    return is_loopback_host(endpoint_host(endpoint))
+
+
+def check_endpoint_exposure(endpoint: str, *, protected: bool, remedy: str) -> None:
+    """:func:`check_exposure` for a ZeroMQ bind endpoint (``protected``: CURVE or ``--insecure``)."""
+    check_exposure(endpoint, endpoint_host(endpoint), protected=protected, remedy=remedy)
+
+
 def generate_keypair(directory: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
     """Write ``DIR/NAME.key`` (public) and ``DIR/NAME.key_secret`` (mode 0600); return both paths.
 

@@ -323,3 +323,37 @@ def test_a_worker_without_keys_at_a_curve_coordinator_says_which_side_lacks_them
     assert "lost the coordinator" not in log, log
     assert group.stop() == 0
 
+
+
+@pytest.mark.parametrize("flag,endpoint,exposed", [
+    ("--publish", "tcp://0.0.0.0:{port}", True), ("--control", "tcp://[::]:{port}", True),
+    ("--publish", "tcp://*:{port}", True), ("--control", "tcp://127.0.0.1:{port}", False)])
+def test_goflow_run_refuses_to_listen_beyond_loopback_and_runs_nothing(tmp_path, free_ports, flag, endpoint, exposed):
+    """goflow run has no authentication: a --publish/--control beyond loopback would let anyone who
+    reaches the port submit code to its workers (the control socket accepts ``submit``). The
+    loopback case runs the same flow, so the marker proves what the refusal prevented."""
+    marker = tmp_path / "ran"
+    (tmp_path / "flow.yaml").write_text(
+        "name: exposed\nnodes:\n  - {id: start, type: start}\n"
+        f"  - {{id: touch, type: python, call: \"flowlib:write_file\", args: [\"{marker}\", x]}}\n"
+        "  - {id: end, type: end}\nedges:\n  - {from: start, to: touch}\n  - {from: touch, to: end}\n")
+    endpoint = endpoint.format(port=free_ports(1)[0])
+    proc = cli("run", str(tmp_path / "flow.yaml"), "--workers", "1", "--no-history", "--linger", "0", flag, endpoint)
+    if not exposed:
+        assert proc.returncode == 0 and marker.exists(), proc.stdout + proc.stderr
+        return
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"refusing to bind {endpoint} without authentication" in proc.stderr
+    assert "127.0.0.1" in proc.stderr and "goflow-coordinator" in proc.stderr  # the fix
+    assert "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_the_python_api_refuses_an_exposed_endpoint_before_starting_anything(write_flow, free_ports):
+    import goflow
+
+    flow = write_flow(FLOW)
+    before = set(threading.enumerate())
+    with pytest.raises(security.ExposureError, match="refusing to bind tcp://0.0.0.0"):
+        goflow.start(flow, publish=[f"tcp://0.0.0.0:{free_ports(1)[0]}"], history=False)
+    assert {t for t in threading.enumerate() if t not in before and t.is_alive()} == set()

@@ -13,6 +13,7 @@ from typing import Any
 from goflow.cli.common import parse_vars, print_problems
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, read
+from goflow.security import ExposureError
 from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
 
 
@@ -114,6 +115,9 @@ def main(args: argparse.Namespace) -> int:
                                   metrics=args.metrics, sndhwm=args.sndhwm,
                                   progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes,
                                   otlp_endpoint=args.otlp_endpoint)
+    except ExposureError as exc:  # --publish/--control/--metrics beyond loopback
+        signal.signal(signal.SIGTERM, previous)
+        return _refuse(args, "bad_request", f"goflow run: {exc}")
     except Exception as exc:  # e.g. the publish endpoint is in use
         signal.signal(signal.SIGTERM, previous)
         return _refuse(args, "unavailable", f"goflow run: cannot start the coordinator: {exc}")

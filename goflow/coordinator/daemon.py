@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from goflow import __version__
 from goflow.logging_setup import setup_logging
-from goflow.security import ExposureError, check_exposure, is_loopback_host
+from goflow.security import ExposureError, check_endpoint_exposure, is_loopback_endpoint
 
 DEFAULT_CONTROL = "tcp://127.0.0.1:5555"
 DEFAULT_EVENTS = "tcp://127.0.0.1:5556"
@@ -33,28 +33,7 @@ DEFAULT_GRACE = 30.0
 DEFAULT_LIVENESS = 5.0
 
 log = logging.getLogger("goflow.coordinator.daemon")
-
-# -- endpoints ------------------------------------------------------------------------------
 PRUNE_INTERVAL_S = 3600.0
-
-
-def endpoint_host(endpoint: str) -> str | None:
-    """The host part of a tcp:// endpoint (None for ipc://, inproc://)."""
-    scheme, sep, rest = endpoint.partition("://")
-    if not sep:
-        raise ValueError(f"endpoint {endpoint!r} must look like tcp://HOST:PORT")
-    if scheme != "tcp":
-        return None
-    if ";" in rest:  # tcp://source;dest form: the bind address is the second part
-        rest = rest.split(";", 1)[1]
-    host, colon, port = rest.rpartition(":")
-    if not colon:
-        raise ValueError(f"endpoint {endpoint!r} has no port")
-    return host.strip("[]")
-
-
-def is_loopback(endpoint: str) -> bool:
-    return is_loopback_host(endpoint_host(endpoint))
 
 
 # -- arguments ------------------------------------------------------------------------------
@@ -122,7 +101,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
     exposed = []
     for endpoint in endpoints:
         try:
-            if not is_loopback(endpoint):
+            if not is_loopback_endpoint(endpoint):
                 exposed.append(endpoint)
         except ValueError as exc:
             errors.append(str(exc))
@@ -132,8 +111,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         errors.append(f"--authorized-keys {args.authorized_keys}: not a directory")
     for endpoint in exposed:
         try:
-            check_exposure(endpoint, endpoint_host(endpoint), protected=bool(args.curve_secret_key) or args.insecure,
-                           remedy="give --curve-secret-key and --authorized-keys, or --insecure to accept the risk")
+            check_endpoint_exposure(endpoint, protected=bool(args.curve_secret_key) or args.insecure,
+                                    remedy="give --curve-secret-key and --authorized-keys, or --insecure to accept the risk")
         except ExposureError as exc:
             errors.append(str(exc))
     if args.metrics:
@@ -225,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
                          "worker_liveness": args.liveness, "heartbeat_interval": args.heartbeat_interval,
                          "sndhwm": args.sndhwm, "progress_interval": args.progress_interval,
                          **({"max_value_bytes": args.max_value_bytes} if args.max_value_bytes else {})},
-            db=args.db, metrics=args.metrics, metrics_insecure=args.insecure, otlp_endpoint=args.otlp_endpoint, context=context,
+            db=args.db, metrics=args.metrics, insecure=args.insecure, otlp_endpoint=args.otlp_endpoint, context=context,
             local_workers=args.local_workers or 0,
             # With CURVE, local workers authenticate with the coordinator's own key pair.
             pool={"extra_args": ["--curve-server-key", secret_file, "--curve-secret-key", secret_file]

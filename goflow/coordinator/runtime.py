@@ -20,6 +20,13 @@ import zmq
 from goflow.coordinator.coordinator import Coordinator
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.history.store import Store, combine_sinks
+from goflow.security import check_endpoint_exposure
+
+#: What to do instead, when a socket would listen beyond loopback unauthenticated. The daemon
+#: checks its arguments first with its own flags in the message; this catches every other
+#: path (``goflow run --publish/--control``, :func:`goflow.start`, ``EmbeddedRuntime``).
+EXPOSURE_REMEDY = ("bind 127.0.0.1 or an ipc:// path (reach it from other machines through an SSH tunnel), or "
+                   "serve other machines with goflow-coordinator and CURVE keys (docs/security.md)")
 
 
 class Runtime:
@@ -27,14 +34,16 @@ class Runtime:
 
     ``coordinator`` holds :class:`Coordinator`'s keyword arguments (endpoints, limits,
     CURVE); ``db``: the history database (None: no history); ``metrics``: the address of
-    the Prometheus endpoint (None: none; beyond loopback only with ``metrics_insecure``);
+    the Prometheus endpoint (None: none); ``insecure``: let the coordinator's sockets (without
+    ``curve``) and the metrics endpoint listen beyond loopback, else ExposureError before
+    anything binds;
     ``otlp_endpoint``: where traces go (None: the
     standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` decides, unset: off); ``local_workers``: how many worker processes to
     start beside the coordinator, with ``pool`` the :class:`LocalWorkerPool` options.
     """
 
     def __init__(self, *, coordinator: dict[str, Any], db: str | os.PathLike | None = None,
-                 metrics: str | None = None, metrics_insecure: bool = False, otlp_endpoint: str | None = None,
+                 metrics: str | None = None, insecure: bool = False, otlp_endpoint: str | None = None,
                  local_workers: int = 0,
                  pool: dict[str, Any] | None = None, context: zmq.Context | None = None):
         self.store: Store | None = None
@@ -42,6 +51,11 @@ class Runtime:
         self.metrics_server = None
         self.tracer = None
         self.pool: LocalWorkerPool | None = None
+        for endpoint in (coordinator.get("workers_endpoint"), *coordinator.get("event_endpoints", ()),
+                         *coordinator.get("control_endpoints", ())):
+            if endpoint is not None:
+                check_endpoint_exposure(endpoint, protected=insecure or coordinator.get("curve") is not None,
+                                        remedy=EXPOSURE_REMEDY)
         try:
             from goflow.observability.tracing import tracer_for
 
@@ -50,7 +64,7 @@ class Runtime:
                 from goflow.observability.metrics import Metrics
 
                 self.metrics = Metrics()
-                self.metrics_server = self.metrics.serve(metrics, insecure=metrics_insecure)
+                self.metrics_server = self.metrics.serve(metrics, insecure=insecure)
             self.store = Store(db) if db is not None else None
             self.coordinator = Coordinator(
                 **coordinator, context=context or zmq.Context.instance(), history=self.store,

@@ -346,8 +346,8 @@ def check_metrics_exposure(address: str, *, insecure: bool = False) -> tuple[str
 
     host, port = parse_address(address)
     check_exposure(f"the metrics endpoint {address}", host, protected=insecure,
-                   remedy="serve metrics on loopback (scrape through a proxy or an SSH tunnel), or give --insecure "
-                          "to accept the risk")
+                   remedy="serve metrics on loopback (scrape through a proxy or an SSH tunnel), or run "
+                          "goflow-coordinator with --insecure to accept the risk")
     return host, port
 
 
