@@ -100,6 +100,47 @@ def test_secret_masked_in_errors(write_flow):
     assert TOKEN not in json.dumps([result.to_dict(), result.records], default=str)
 
 
+LONG_TOKEN = "ghp_S3CRETabcdefghijklmnopqrstuvwxyz0123"
+PASSWORD = "P4ssw0rdQQ"
+
+
+def test_secret_fields_and_secrets_cut_short_in_errors_are_masked(write_flow, tmp_path):
+    """An object secret's fields, used one by one, and a long secret that jq's error message
+    shortens to its first characters plus '...', stay out of events, results and history."""
+    path = write_flow(f"""
+        version: "1.0"
+        name: secret-fields
+        variables:
+          - {{name: creds, type: object, default: {{user: bob, pass: {PASSWORD}}}, secret: true}}
+          - {{name: gh, type: string, default: {LONG_TOKEN}, secret: true}}
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: echo, type: python, call: "flowlib:echo", args: ["${{creds.pass}}"], output: pass_out}}
+          - {{id: pick, type: transform, input: "${{creds}}", expression: "jq(.pass)", output: picked}}
+          - {{id: iterate, type: transform, input: "${{gh}}", expression: "jq(.[])"}}
+          - {{id: end, type: end, return: {{p: "${{pass_out}}", q: "${{picked}}"}}}}
+        edges:
+          - {{from: start, to: echo}}
+          - {{from: echo, to: pick}}
+          - {{from: pick, to: iterate}}
+          - {{from: iterate, to: end}}
+    """)
+    events = []
+    db = tmp_path / "history.db"
+    result = goflow.run(path, workers=1, db=db, on_event=lambda event: events.append(event.model_dump()))
+    assert result.status == "failed" and result.error["node_id"] == "iterate"
+    assert "Cannot iterate over string" in result.error["message"] and "***" in result.error["message"]
+    assert result.variables["pass_out"] == "***" and result.variables["picked"] == "***"
+    store = Store(db)
+    try:
+        recorded = [store.get_execution(result.execution_id), store.events(result.execution_id)]
+    finally:
+        store.close()
+    shown = json.dumps([result.to_dict(), result.records, events, recorded], default=str)
+    assert any(e["type"] == "node.failed" for e in events) and recorded[0] is not None
+    assert PASSWORD not in shown and LONG_TOKEN[:12] not in shown
+
+
 @pytest.mark.parametrize("policy, error, attempt, retried", [
     (None, {"type": "worker_lost"}, 1, True),
     (None, {"type": "worker_lost"}, 3, False),

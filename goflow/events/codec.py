@@ -17,7 +17,6 @@ import msgpack
 
 from .types import HEARTBEAT, WIRE_VERSION, WORKER_TYPES, Event
 
-from goflow.redaction import SECRET_MASK, redact_secret_text, secret_texts
 
 #: Payload keys in the order the publisher writes them (a msgpack map: order is not part
 #: of the contract, but it is stable).
