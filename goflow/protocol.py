@@ -19,6 +19,7 @@ are counted and dropped, never fatal.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import msgpack
@@ -29,6 +30,11 @@ DEFAULT_CREDITS = 32
 behind another only when tasks like it were measured short, and then only as many as fit
 its prefetch budget (goflow/coordinator/broker.py): deep credits pipeline short calls (a
 batch of tasks in, a batch of results out) without making long ones wait."""
+WORKER_NAME = re.compile(r"[A-Za-z0-9._:@-]{1,128}")
+"""What a worker's name may be: it is a topic segment (``worker.joined/<name>/``) and shows in
+logs, pages and the ``workers`` op, so no ``/``, no control characters, bounded."""
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
 CONTROL_SUFFIX = b".ctl"
 LOG_SUFFIX = b".log"
 
@@ -86,3 +92,16 @@ def decode(frame: bytes) -> dict[str, Any]:
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):
         raise ProtocolError("not a protocol message (a map with a 't' key)")
     return message
+
+
+def ready_problem(name: str, labels: Any) -> str | None:
+    """Why a ``ready`` message cannot register a worker named ``name`` (None: it can)."""
+    if not WORKER_NAME.fullmatch(name):
+        return (f"worker name {name[:80]!r}{'...' if len(name) > 80 else ''} is not 1-128 characters of "
+                "A-Z a-z 0-9 . _ : @ -")
+    if labels is not None and not isinstance(labels, dict):
+        return "labels must be a map"
+    if labels and (len(labels) > MAX_LABELS or any(len(str(key)) > MAX_LABEL_CHARS or len(str(value)) > MAX_LABEL_CHARS
+                                                   for key, value in labels.items())):
+        return f"at most {MAX_LABELS} labels of at most {MAX_LABEL_CHARS} characters each"
+    return None

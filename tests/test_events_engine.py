@@ -380,6 +380,28 @@ def test_garbage_on_the_coordinators_sockets_never_stops_it(runtime, write_flow)
         sock.close(0)
 
 
+@pytest.mark.parametrize("ready", [{"worker": "x" * 100_000}, {"worker": "a/b"}, {"worker": "tab\tname"},
+                                   {"worker": "w-labels", "labels": {str(i): "v" for i in range(65)}},
+                                   {"worker": "w-long-label", "labels": {"k": "v" * 300}}])
+def test_a_worker_with_a_name_or_labels_out_of_bounds_is_refused_with_the_reason(runtime, ready):
+    """A worker's name is a topic segment and shows in logs and pages: it is checked, and the
+    worker is told why it was refused instead of joining with a 100 KB or '/'-split name."""
+    known = runtime.coordinator.call(lambda: {w.name for w in runtime.coordinator.broker.workers.workers.values()})
+    worker = zmq.Context.instance().socket(zmq.DEALER)
+    worker.setsockopt(zmq.LINGER, 0)
+    worker.connect(runtime.coordinator.workers_endpoint)
+    try:
+        worker.send(msgpack.packb({"t": "ready", "v": 1, "credits": 1, **ready}))
+        assert worker.poll(10_000)
+        reply = msgpack.unpackb(worker.recv(), raw=False)
+    finally:
+        worker.close(0)
+    assert reply["t"] == "shutdown" and reply["reason"].startswith("refused: ")
+    assert ("labels" in reply["reason"]) == ("labels" in ready)
+    assert len(reply["reason"]) < 300
+    assert runtime.coordinator.call(lambda: {w.name for w in runtime.coordinator.broker.workers.workers.values()}) == known
+
+
 def test_value_size_bound_is_configurable(write_flow):
     workflow = load(write_flow("""
         name: sizes

@@ -312,10 +312,17 @@ class WorkerBroker:
         if previous is not None:
             self._worker_lost(previous, "the worker reconnected")
         name = str(message.get("worker") or identity.decode(errors="replace"))
+        problem = protocol.ready_problem(name, message.get("labels"))
+        if problem is not None:
+            self.stats["bad_worker_frames"] += 1
+            log.warning("refused a worker: %s", problem)
+            self._send(identity, {"t": protocol.SHUTDOWN, "reason": f"refused: {problem}"})
+            return
         credits = max(1, min(int(message.get("credits") or 1), 1024))
-        labels = message.get("labels") if isinstance(message.get("labels"), dict) else {}
+        labels = message.get("labels") or {}
+        host = message.get("host")
         worker = WorkerInfo(identity, name, credits, {str(k): str(v) for k, v in labels.items()},
-                            pid=message.get("pid"), host=message.get("host"),
+                            pid=pid if isinstance(pid := message.get("pid"), int) else None, host=str(host)[:255] if host is not None else None,
                             local=bool(self.local_pool and self.local_pool.owns(name)))
         self.workers.add(worker)
         self._send(identity, {"t": protocol.WELCOME, "epoch": self.epoch, "heartbeat_interval": self.heartbeat_interval})

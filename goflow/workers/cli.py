@@ -46,6 +46,13 @@ def _labels(text: str) -> dict[str, str]:
     return labels
 
 
+def _worker_name(text: str) -> str:
+    """A --name the coordinator will accept with a process number appended (NAME-12)."""
+    if not protocol.WORKER_NAME.fullmatch(f"{text}-1000"):
+        raise argparse.ArgumentTypeError(f"{text[:80]!r}: 1-123 characters of A-Z a-z 0-9 . _ : @ -")
+    return text
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -61,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the coordinator's workers endpoint, e.g. tcp://host:5557")
     parser.add_argument("--concurrency", type=_positive_int, default=None, metavar="N",
                         help="worker processes to run (default: CPU count); each runs one task at a time")
-    parser.add_argument("--name", help="worker name prefix (default: the host name); processes are NAME-1, NAME-2...")
+    parser.add_argument("--name", type=_worker_name, help="worker name prefix (default: the host name); processes "
+                                                          "are NAME-1, NAME-2... (A-Z a-z 0-9 . _ : @ -)")
     parser.add_argument("--labels", type=_labels, default={}, metavar="K=V,...",
                         help="labels matched by nodes' worker selectors")
     parser.add_argument("--curve-server-key", metavar="FILE",

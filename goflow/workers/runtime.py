@@ -111,7 +111,7 @@ class Worker:
                 os.write(2, f"goflow-worker {self.worker_id}: the coordinator at {self.endpoint} {why}\n".encode())
                 os._exit(EXIT_KEY_REFUSED if refused else EXIT_SECURITY_MISMATCH)
             elif kind == protocol.SHUTDOWN:
-                self.stopping.set()
+                self._shut_down(message)
 
     def drain(self) -> None:
         """Finish the tasks in hand, accept no new ones, then leave (safe in a signal handler)."""
@@ -276,8 +276,16 @@ class Worker:
             elif kind == protocol.DRAINED:
                 self.drained = True
             elif kind == protocol.SHUTDOWN:
-                self.stopping.set()
+                self._shut_down(message)
                 return
+
+    def _shut_down(self, message: dict) -> None:
+        """The coordinator told this worker to stop; a refusal (bad name, other protocol
+        version) comes with its reason, which the operator must see."""
+        if message.get("reason"):
+            os.write(2, f"goflow-worker {self.worker_id[:80]}: the coordinator at {self.endpoint} shut this worker "
+                        f"down: {message['reason']}\n".encode())
+        self.stopping.set()
 
 
 def serve(endpoint: str, **options: Any) -> int:
