@@ -332,7 +332,23 @@ def test_a_run_whose_first_events_left_the_ring_shows_its_variables_from_the_bas
     shown = {row.get_attribute("data-var"): row.inner_text().split()[-1]
              for row in page.locator("#vars-rows tr").all()}
     assert shown == {f"v{i}": str(i) for i in range(n)}
-    page.locator("#log .row").first.click()            # an event from before the base
+    # An event from before the base, pressed and released on two renderings of its row (the
+    # list re-renders on every frame while events arrive or it scrolls): still selected.
+    box = page.evaluate("""async () => {
+        const log = window.goflowDashboard.view().log;
+        log.follow = false;
+        log.container.scrollTop = 0;
+        const frame = () => new Promise((done) => requestAnimationFrame(done));
+        await frame(); await frame();
+        const row = log.container.querySelector('.row[data-index="0"]');
+        row.scrollIntoView({block: "nearest"});
+        const r = row.getBoundingClientRect();
+        return {x: r.x, y: r.y, width: r.width, height: r.height};
+    }""")
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    page.mouse.down()
+    page.evaluate("window.goflowDashboard.view().log.render()")
+    page.mouse.up()
     assert "not known here" in page.inner_text("#vars-asof")
     assert page.locator("#vars-rows tr").count() == 0
     assert not page.errors

@@ -142,7 +142,11 @@
         this.schedule();
       });
       container.addEventListener("keydown", (event) => this.key(event));
-      container.addEventListener("click", (event) => {
+      // Selection on the press, not on "click": rows are re-rendered on every animation
+      // frame while events stream in or the list scrolls, and a click whose press and release
+      // land on two renderings of a row is dispatched to the list, not to the row: lost.
+      container.addEventListener("mousedown", (event) => {
+        if (event.button !== 0) return;
         const row = event.target.closest(".row");
         if (row && row.dataset.index !== undefined) this.select(Number(row.dataset.index), true);
       });
