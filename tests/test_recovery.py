@@ -149,6 +149,56 @@ def test_sigkill_and_restart_resumes_without_rerunning_completed_nodes(tmp_path)
     assert types[-1] == "execution.completed"
 
 
+def test_a_resumed_run_gets_back_what_completed_containers_wrote(tmp_path):
+    """A parallel node's merge, a sequential loop's body writes and a concurrent loop's merge
+    change the execution's variables besides the container's own output: after a SIGKILL,
+    the restored containers give them back (before, ``ra`` was undefined and ``total`` 0)."""
+    db, log, gate = tmp_path / "history.db", tmp_path / "ran.log", tmp_path / "gate"
+    workflow = textwrap.dedent(f"""
+        name: containers
+        variables:
+          - {{name: total, type: number, default: 0}}
+          - {{name: items, type: array, default: [1, 2, 3]}}
+          - {{name: pair, type: array, default: [10, 20]}}
+        nodes:
+          - {{id: start, type: start}}
+          - {{id: par, type: parallel, branches: [[pa], [pb]]}}
+          - {{id: pa, type: python, call: "flowlib:append", args: ["{log}", pa], output: ra}}
+          - {{id: pb, type: python, call: "flowlib:append", args: ["{log}", pb], output: rb}}
+          - {{id: seq, type: loop, collection: items, item: it, body: [acc, mark]}}
+          - {{id: acc, type: python, call: "flowlib:add", args: ["${{total}}", "${{it}}"], output: total}}
+          - {{id: mark, type: python, call: "flowlib:append", args: ["{log}", "seq${{it}}"]}}
+          - {{id: conc, type: loop, collection: pair, item: x, max_parallel: 2, body: [lastx]}}
+          - {{id: lastx, type: python, call: "flowlib:append", args: ["{log}", "conc${{x}}"], output: last}}
+          - {{id: hold, type: python, call: "flowlib:wait_for_file", args: ["{gate}"]}}
+          - {{id: end, type: end, return: "${{ra}}|${{rb}}|${{total}}|${{last}}"}}
+        edges:
+          - {{from: start, to: par}}
+          - {{from: par, to: seq}}
+          - {{from: seq, to: conc}}
+          - {{from: conc, to: hold}}
+          - {{from: hold, to: end}}
+    """)
+    daemon = Daemon(db).start()
+    try:
+        execution_id = daemon.request("submit", workflow=workflow, name="containers.yaml")["execution_id"]
+        _wait_for_lines(log, 7)
+        _wait_recorded(db, execution_id, {"par", "seq", "conc"})
+        daemon.kill()
+    finally:
+        daemon.stop()
+    gate.touch()
+    restarted = Daemon(db).start()
+    try:
+        final = _wait_status(restarted, execution_id, {"completed", "failed", "cancelled", "timed_out"})
+        assert final["status"] == "completed", final
+    finally:
+        restarted.stop()
+    assert sorted(log.read_text().splitlines()) == ["conc10", "conc20", "pa", "pb", "seq1", "seq2", "seq3"]
+    record = open_store(db).get_execution(execution_id)
+    assert record["result"] == "pa|pb|6|conc20"
+
+
 def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tmp_path):
     db, log = tmp_path / "history.db", tmp_path / "ran.log"
     workflow = textwrap.dedent(f"""

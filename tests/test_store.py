@@ -111,7 +111,7 @@ def test_file_is_wal_and_versioned(store, tmp_path):
     store.flush()
     conn = sqlite3.connect(tmp_path / "history.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert schema_version(conn) == SCHEMA_VERSION == 3
+    assert schema_version(conn) == SCHEMA_VERSION == 4
     tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"executions", "node_executions", "variable_changes", "events", "event_chunks", "workflow_texts",
             "schema_version"} <= tables
@@ -120,16 +120,16 @@ def test_file_is_wal_and_versioned(store, tmp_path):
 
 def test_migrations_apply_missing_steps_in_order(tmp_path):
     conn = sqlite3.connect(tmp_path / "m.db", isolation_level=None)
-    assert migrate(conn) == 3
-    assert migrate(conn) == 3                       # idempotent
-    steps = [(1, "SELECT 1;"), (2, "SELECT 2;"), (3, "SELECT 3;"), (4, "ALTER TABLE executions ADD COLUMN labels TEXT;"),
-             (5, "CREATE INDEX executions_labels ON executions(labels);")]
-    assert migrate(conn, steps) == 5
-    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5]
+    assert migrate(conn) == 4
+    assert migrate(conn) == 4                       # idempotent
+    steps = [(1, "SELECT 1;"), (2, "SELECT 2;"), (3, "SELECT 3;"), (4, "SELECT 4;"),
+             (5, "ALTER TABLE executions ADD COLUMN labels TEXT;"), (6, "CREATE INDEX executions_labels ON executions(labels);")]
+    assert migrate(conn, steps) == 6
+    assert [r[0] for r in conn.execute("SELECT version FROM schema_version ORDER BY version")] == [1, 2, 3, 4, 5, 6]
     assert "labels" in [r[1] for r in conn.execute("PRAGMA table_info(executions)")]
     with pytest.raises(sqlite3.Error):   # a failing step leaves the previous version
-        migrate(conn, steps + [(6, "ALTER TABLE nope ADD COLUMN x;")])
-    assert schema_version(conn) == 5
+        migrate(conn, steps + [(7, "ALTER TABLE nope ADD COLUMN x;")])
+    assert schema_version(conn) == 6
 
 
 def test_default_db_path(monkeypatch, tmp_path):

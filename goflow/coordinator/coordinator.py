@@ -30,7 +30,7 @@ from goflow import protocol
 from goflow.control.framing import DEFAULT_MAX_MESSAGE_BYTES, ControlError, ControlServer, publisher_handlers
 from goflow.coordinator.broker import WorkerBroker, apply_server_curve
 from goflow.coordinator.control_ops import ControlOps
-from goflow.coordinator.execution import Execution
+from goflow.coordinator.execution import Execution, Restored
 from goflow.coordinator.local_workers import LocalWorkerPool
 from goflow.coordinator.node_output import NodeOutput
 from goflow.coordinator.plan import Plan, compile_plan, initial_variables
@@ -166,16 +166,20 @@ class Coordinator:
         return execution_id, future
 
     def resume(self, execution_id: str, workflow: Workflow, variables: dict[str, Any],
-               completed: dict[str, Any], *, timeout: float | None = None) -> Future:
+               completed: dict[str, Any], writes: dict[str, dict[str, Any]] | None = None, *,
+               timeout: float | None = None) -> Future:
         """Restart an execution a previous coordinator left unfinished (thread-safe).
 
         ``completed`` maps main-graph node ids to their recorded outputs: those nodes are
         not run again (their events say ``meta.resumed``); nodes that were in flight run
-        again as new attempts. An ``execution.resumed`` event comes first.
+        again as new attempts. ``writes`` maps some of them to the other changes they made to
+        the execution's variables (merges, a sequential loop's body), written again as they
+        are restored. An ``execution.resumed`` event comes first.
         """
         future: Future = Future()
+        restored = Restored(dict(completed), dict(writes or {}))
         self.call_soon(lambda: self.start_execution(workflow, variables, timeout=timeout, execution_id=execution_id,
-                                                    future=future, restored=dict(completed)))
+                                                    future=future, restored=restored))
         return future
 
     def fail_unresumable(self, execution_id: str, workflow_name: str, message: str) -> None:
@@ -191,7 +195,7 @@ class Coordinator:
 
     def start_execution(self, workflow: Workflow, variables: dict[str, Any] | None, *, timeout: float | None,
                         execution_id: str | None, future: Future | None = None,
-                        restored: dict[str, Any] | None = None, source: str | None = None,
+                        restored: Restored | None = None, source: str | None = None,
                         plan: Plan | None = None) -> tuple[str, Future]:
         """Create, record and start an execution (reactor thread only; ``plan``: compiled already, off it)."""
         try:

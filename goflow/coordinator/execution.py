@@ -381,11 +381,22 @@ class ParallelRun(_ContainerRun):
         self.execution.node_succeeded(self.run, value, meta)
 
 
+@dataclass
+class Restored:
+    """What main-graph nodes completed before a coordinator restart left behind (crash recovery)."""
+
+    outputs: dict[str, Any]
+    """Node id -> its recorded output: the node is not run again."""
+    writes: dict[str, dict[str, Any]]
+    """Node id -> the other changes it made to the execution's variables (a parallel node's or
+    a concurrent loop's merge, a sequential loop's body): written again as it is restored."""
+
+
 class Execution:
     """The state of one run of a workflow."""
 
     def __init__(self, execution_id: str, plan: Plan, variables: dict[str, Any], host: Host, *,
-                 timeout: float | None = None, restored: dict[str, Any] | None = None):
+                 timeout: float | None = None, restored: "Restored | None" = None):
         self.id = execution_id
         self.plan = plan
         self.workflow = plan.workflow
@@ -403,7 +414,7 @@ class Execution:
         self.redactor = Redactor(plan.secrets, self.secret_values())
         """The one mask for everything this execution shows (events, replies, results, records)."""
         self.restored = restored
-        """Main-graph node id -> output, for nodes completed before a coordinator restart."""
+        """What main-graph nodes completed before a coordinator restart left behind."""
         self.root: Frame | None = None
         self.preflight: Any = None
         self.timer: Any = None
@@ -425,7 +436,7 @@ class Execution:
         self.status = "running"
         self.started_at = time.time()
         if self.restored is not None:
-            self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored)})
+            self.emit("execution.resumed", None, meta={"completed_nodes": sorted(self.restored.outputs)})
         servers = list(dict.fromkeys(node.server for node in self.workflow.nodes if isinstance(node, McpToolNode)))
         self.emit("execution.started", None, meta={"inputs": {k: self.bounded(v) for k, v in
                                                               self.redactor.variables(self._initial).items()},
@@ -620,9 +631,11 @@ class Execution:
                 self.skip(frame, node_id, "its guard condition is false")
                 return
         self.start_node(run)
-        if self.restored is not None and frame is self.root and node_id in self.restored:
+        if self.restored is not None and frame is self.root and node_id in self.restored.outputs:
             self.attempt_started(run)
-            value = self.restored[node_id]
+            for name, written in self.restored.writes.get(node_id, {}).items():
+                self.write(frame.scope.target, name, written, node=run, scope="merge")
+            value = self.restored.outputs[node_id]
             if isinstance(node, EndNode):
                 self.result = value
             self.node_succeeded(run, value, {"resumed": True},

@@ -18,8 +18,11 @@ Recovery never resumes or fails anything on a store that cannot be written now: 
 would run could not be recorded either, so the executions stay unfinished in the file
 for a coordinator that can write it.
 
-A completed node whose recorded output was too large for the event stream (an
-``$omitted`` marker) is run again rather than restored with a placeholder.
+A completed node's restoration includes every change it made to the execution's variables
+besides its output: a parallel node's or a concurrent loop's merge, and what the body of a
+sequential loop wrote straight into them. A completed node whose recorded output or one of
+those values was too large for the event stream (an ``$omitted`` marker) or is masked is
+run again rather than restored with a placeholder.
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from typing import Any
 
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, parse
+from goflow.language.model import Workflow
+from goflow.language.validation import containers
 from goflow.redaction import SECRET_MASK
 
 log = logging.getLogger("goflow.coordinator.recovery")
@@ -62,6 +67,26 @@ def _holds_mask(value: Any, depth: int = 0) -> bool:
     if isinstance(value, dict):
         return any(_holds_mask(item, depth + 1) for item in value.values())
     return False
+
+
+def _restorable(value: Any) -> bool:
+    return not _omitted(value) and not _holds_mask(value)
+
+
+def _writes_by_main_node(workflow: Workflow, writes: list[tuple[str, str, str | None, Any]]) -> dict[str, dict]:
+    """Main-graph node id -> ``{name: last value}`` of the execution-level changes made while it
+    ran, by itself or by a node inside it, its own output excepted (the restored output
+    writes that). A name's last value is all the rest of the run can read."""
+    inside = containers(workflow.nodes)
+    by_node: dict[str, dict] = {}
+    for node_id, name, scope, value in writes:
+        owner = node_id
+        while owner in inside:
+            owner = inside[owner]
+        if owner == node_id and scope == "node":
+            continue
+        by_node.setdefault(owner, {})[name] = value
+    return by_node
 
 
 def recover(coordinator: Any, store: Any) -> RecoveryReport:
@@ -109,9 +134,11 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
             report.failed[unfinished.id] = reason
             log.warning("execution %s cannot be resumed: %s", unfinished.id, reason)
             continue
+        writes = _writes_by_main_node(workflow, unfinished.writes)
         completed = {node: output for node, output in unfinished.completed.items()
-                     if not _omitted(output) and not _holds_mask(output)}
-        coordinator.resume(unfinished.id, workflow, variables, completed)
+                     if _restorable(output) and all(_restorable(v) for v in writes.get(node, {}).values())}
+        coordinator.resume(unfinished.id, workflow, variables, completed,
+                           {node: writes[node] for node in completed if node in writes})
         report.resumed.append(unfinished.id)
         log.info("resuming execution %s (%d node(s) already completed)", unfinished.id, len(completed))
     if lost is not None:

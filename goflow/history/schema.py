@@ -119,6 +119,12 @@ INSERT INTO workflow_texts (execution_id, text)
     SELECT id, workflow_text FROM executions WHERE workflow_text IS NOT NULL;
 UPDATE executions SET workflow_text = NULL WHERE workflow_text IS NOT NULL;
 """),
+    (4, """
+-- 1 when the change was to the execution's own variables (its event's vseq equals its eseq),
+-- 0 for a loop iteration's or a branch's scope; NULL in rows written before this column.
+-- Crash recovery restores a completed container's merged and body writes from these rows.
+ALTER TABLE variable_changes ADD COLUMN execution_level INTEGER;
+"""),
 ]
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 

@@ -57,7 +57,7 @@ import threading
 import time
 import zlib
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -218,6 +218,9 @@ class Unfinished:
     completed: dict[str, Any]      # main-graph node id -> output (bounded; may be an $omitted marker)
     epoch: str | None
     last_eseq: int | None
+    writes: list[tuple[str, str, str | None, Any]] = field(default_factory=list)
+    """Every recorded change to the execution's own variables made by a node, in arrival order:
+    ``(node_id, name, scope, value)`` (bounded like events). Rows from before schema 4 are absent."""
 
 
 # -- the store -------------------------------------------------------------------------------
@@ -879,8 +882,11 @@ class Store:
             completed = {n[0]: _loads(n[1]) for n in self._query(
                 "SELECT node_id, output FROM node_executions WHERE execution_id = ? AND status = 'completed' "
                 "AND context IS NULL ORDER BY id", (r["id"],))}
+            writes = [(w[0], w[1], w[2], _loads(w[3])) for w in self._query(
+                "SELECT node_id, name, scope, new FROM variable_changes WHERE execution_id = ? "
+                "AND execution_level = 1 AND node_id IS NOT NULL ORDER BY id", (r["id"],))]
             out.append(Unfinished(r["id"], r["workflow"], r["workflow_text"], _loads(r["variables_in"]), completed,
-                                  r["epoch"], r["last_eseq"]))
+                                  r["epoch"], r["last_eseq"], writes))
         return out
 
     def prune(self, older_than_days: float) -> int:

@@ -153,7 +153,7 @@ class _BatchRows:
             self.running.clear()
         if self.changes:
             conn.executemany("INSERT INTO variable_changes (execution_id, seq, eseq, name, old, new, scope, "
-                             "node_id, ts) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", self.changes)
+                             "node_id, ts, execution_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self.changes)
             self.changes.clear()
 
 
@@ -355,10 +355,11 @@ class Writer:
                                   None, _dumps({"reason": meta.get("reason")}) if meta.get("reason") else None,
                                   ts, ts, 0, _context(meta)])
         elif etype == "variable.changed":
-            if ev.get("vseq") == ev.get("eseq"):   # it changed the execution's variables
+            execution_level = ev.get("vseq") == ev.get("eseq")   # it changed the execution's variables
+            if execution_level:
                 self._snapshots.setdefault(eid, {})[str(meta.get("name"))] = meta.get("value")
             rows.changes.append((eid, ev.get("seq"), ev.get("eseq"), str(meta.get("name")), _dumps(meta.get("old")),
-                                 _dumps(meta.get("value")), meta.get("scope"), node_id, ts))
+                                 _dumps(meta.get("value")), meta.get("scope"), node_id, ts, int(execution_level)))
 
     def _bound_memory(self, conn: sqlite3.Connection) -> None:
         """In-memory mode: keep the last ``memory_events`` events and ``MEMORY_EXECUTIONS`` runs."""
