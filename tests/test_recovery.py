@@ -207,7 +207,7 @@ def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tm
           - {{name: token, type: string, secret: true, required: true}}
         nodes:
           - {{id: start, type: start}}
-          - {{id: first, type: python, call: "flowlib:append", args: ["{log}", first]}}
+          - {{id: first, type: python, call: "flowlib:append", args: ["{log}", first], output: f}}
           - {{id: wait, type: python, call: "flowlib:timed", args: [5, waited]}}
           - {{id: end, type: end}}
         edges:
@@ -232,9 +232,15 @@ def test_an_execution_that_cannot_be_resumed_is_marked_failed_with_the_reason(tm
             time.sleep(0.1)
         record = store.get_execution(execution_id)
         status = restarted.request("status", execution_id=execution_id)   # answered as what it is
+        variables = restarted.request("variables", execution_id=execution_id)
     finally:
         restarted.stop()
     assert record["status"] == "failed"
+    # The variables the first coordinator recorded, not the new epoch's empty stream.
+    assert variables["variables"] == {"token": "***", "f": "first"}
+    last = msgpack.unpackb(store.events(execution_id)[-1], raw=False)
+    assert (last["type"], last["eseq"]) == ("execution.failed", 1)
+    assert (variables["source"], variables["eseq"], variables["epoch"]) == ("history", 1, last["epoch"])
     assert "cannot be resumed" in str(record["error"]) and "token" in str(record["error"])
     assert status["status"] == "failed" and status["error"]["type"] == "unresumable"
     stored = b"".join(path.read_bytes() for path in tmp_path.glob("history.db*"))

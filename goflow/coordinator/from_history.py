@@ -47,12 +47,14 @@ def execution_from_history(store: Any, execution_id: Any) -> dict[str, Any]:
 
 
 def variables_from_history(store: Any, execution_id: Any) -> dict[str, Any]:
-    """What the ``variables`` op answers: the final variables as recorded (redacted)."""
+    """What the ``variables`` op answers: the final variables as recorded (bounded, redacted),
+    with the epoch and eseq of the execution's last recorded event."""
     row = recorded_execution(store, execution_id)
     variables = row.get("variables_out")
     if variables is None:
         variables = row.get("inputs") or row.get("variables_in") or {}
-    return {"execution_id": row["id"], "variables": variables, "source": "history"}
+    return {"execution_id": row["id"], "variables": variables, "source": "history",
+            "epoch": row.get("epoch"), "eseq": row.get("last_eseq")}
 
 
 def _summary(store: Any, row: dict[str, Any]) -> dict[str, Any]:

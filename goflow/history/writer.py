@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import msgpack
 from goflow.errors import ErrorKind
-from goflow.history.schema import delete_executions, dumps as _dumps, open_writer
+from goflow.history.schema import delete_executions, dumps as _dumps, loads as _loads, open_writer
 from goflow.states import TERMINAL_EVENT_TYPES
 
 log = logging.getLogger("goflow.history.writer")
@@ -156,6 +156,15 @@ class _BatchRows:
                              "node_id, ts, execution_level) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", self.changes)
             self.changes.clear()
 
+
+
+def _recorded_variables(conn: sqlite3.Connection, execution_id: str) -> dict[str, Any]:
+    """The execution's variables as its recorded changes left them (every epoch, arrival order)."""
+    variables: dict[str, Any] = {}
+    for name, value in conn.execute("SELECT name, new FROM variable_changes WHERE execution_id = ? "
+                                    "AND execution_level = 1 ORDER BY id", (execution_id,)):
+        variables[name] = _loads(value)
+    return variables
 
 
 class Writer:
@@ -313,10 +322,14 @@ class Writer:
                          (ts, _dumps(INTERRUPTED_ERROR), eid))
         elif etype in TERMINAL_EVENT_TYPES:
             status = ev.get("status") or etype.split(".", 1)[1]
+            snapshot = self._snapshots.pop(eid, None)
+            if snapshot is None:   # no change seen by this writer: e.g. failed as unresumable after a restart
+                rows.flush(conn)
+                snapshot = _recorded_variables(conn, eid)
             conn.execute("UPDATE executions SET status = ?, finished_at = ?, duration_s = ?, result = ?, "
                          "error = ?, variables_out = ? WHERE id = ?",
                          (status, ts, meta.get("duration_s"), _dumps(meta.get("result")), _dumps(ev.get("error")),
-                          _dumps(self._snapshots.pop(eid, {})), eid))
+                          _dumps(snapshot), eid))
         elif etype == "node.started" and node_id is not None:
             rows.started([eid, node_id, ev.get("node_type"), ev.get("attempt") or 1, "running", None,
                           _dumps(meta.get("inputs")), None, None, ts, None, None, _context(meta)])
