@@ -159,6 +159,9 @@ class ControlServer:
         try:
             result = compute()
         except ControlError as exc:
+            # Its traceback holds this frame, whose ``compute`` may be a Future holding exc: a
+            # cycle that kept a refused submission's whole parsed text alive until a collection.
+            exc.__traceback__ = None
             reply = _error(req_id, exc.type, exc.message)
             if exc.details:
                 reply["error"]["details"] = exc.details

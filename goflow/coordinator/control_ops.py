@@ -178,8 +178,8 @@ class ControlOps:
         def load() -> None:  # on the loader thread
             try:
                 plan = _load_submission(text, str(name), variables)
-            except BaseException as exc:  # handed to the reply
-                self._on_reactor(lambda error=exc: reply.set_exception(error))
+            except BaseException as exc:  # handed to the reply, without the frames that hold the text
+                self._on_reactor(lambda error=exc.with_traceback(None): reply.set_exception(error))
                 return
             self._on_reactor(lambda: _settle(reply, start, plan))
 

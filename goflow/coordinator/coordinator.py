@@ -85,6 +85,8 @@ class Coordinator:
         self.heartbeat_interval = heartbeat_interval
         self.progress_interval = progress_interval
         self.keep_finished = keep_finished
+        self._forgotten = 0
+        """Executions dropped from memory since the last :func:`collect_garbage`."""
         self.servers = servers or ServerRegistry()
         self.history = history
         self.accepting = True
@@ -366,15 +368,38 @@ class Coordinator:
         self.history.after_written(execution.id, recorded)
 
     def _forget_finished(self, execution_id: str) -> None:
-        """Keep the ``keep_finished`` newest finished executions in memory (older: from history)."""
+        """Keep the ``keep_finished`` newest finished executions in memory (older: from history).
+
+        A forgotten execution is cyclic garbage (its frames, runs and tasks refer to each
+        other); every ``FORGOTTEN_PER_COLLECTION`` of them, a full collection frees them.
+        """
         self.finished_order.append(execution_id)
         while len(self.finished_order) > self.keep_finished:
             self.executions.pop(self.finished_order.popleft(), None)
+            self._forgotten += 1
+        if self._forgotten >= FORGOTTEN_PER_COLLECTION:
+            self._forgotten = 0
+            collect_garbage()
 
 
 _running_lock = threading.Lock()
 _running = 0
 """Executions started and not finished, over every coordinator of this process."""
+
+FORGOTTEN_PER_COLLECTION = 100
+"""Finished executions dropped from memory between two full collections. Without them, a
+daemon that always has something running (the collector frozen, below) never freed a
+forgotten execution: 114 KB each, growing without bound (found by audit). A collection
+walks what is alive, so its cost is spread over this many executions."""
+
+
+def collect_garbage() -> None:
+    """A full collection, frozen objects included; frozen again after it while executions run."""
+    with _running_lock:
+        gc.unfreeze()
+        gc.collect()
+        if _running:
+            gc.freeze()
 
 
 def _running_changed(delta: int) -> None:

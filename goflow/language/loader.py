@@ -316,8 +316,8 @@ def gc_paused() -> Iterator[None]:
     ``gc.unfreeze``, both O(1)) instead of being walked by the next young and middle
     collections (0.15 s each at 100k nodes): a full collection still sees it, so cyclic garbage
     made meanwhile is collected by the next one. When something else froze the collector
-    (the coordinator, while executions run), the survivors join its frozen set and are
-    unfrozen with it.
+    (the coordinator, while executions run), the survivors stay where they are: frozen, any
+    garbage among them would wait until the process is next idle, for a busy daemon never.
     """
     global _gc_pausers, _gc_was_enabled
     with _gc_lock:
@@ -331,9 +331,8 @@ def gc_paused() -> Iterator[None]:
         with _gc_lock:
             _gc_pausers -= 1
             if _gc_pausers == 0 and _gc_was_enabled:
-                frozen = gc.get_freeze_count()
-                gc.freeze()
-                if not frozen:
+                if not gc.get_freeze_count():
+                    gc.freeze()
                     gc.unfreeze()
                 gc.enable()
 
