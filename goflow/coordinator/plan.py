@@ -7,13 +7,14 @@ keeps per-node scheduling work to dictionary lookups.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 from goflow.language.expr import Condition, parse_condition
 from goflow.language.loader import gc_paused
-from goflow.language.model import LoopNode, McpToolNode, NodeBase, ParallelNode, PythonNode, Workflow
-from goflow.language.validation import containers
+from goflow.language.model import LoopNode, McpToolNode, NodeBase, ParallelNode, PythonNode, Variable, Workflow
+from goflow.language.validation import _TYPE_CHECKS, containers  # the one type policy, defaults' too
 
 
 @dataclass
@@ -114,20 +115,101 @@ def _literal(value: Any, depth: int = 0) -> bool:
     return False
 
 
+VARIABLE_EXAMPLES: dict[str, Any] = {"string": "text", "number": 3, "boolean": True,
+                                     "object": {"key": "value"}, "array": [1, 2]}
+"""A value of each declared type, for messages that say how to fix a refused value."""
+_ARTICLES = {"object": "an", "array": "an"}
+_SHOWN_CHARS = 60
+
+
+@dataclass(frozen=True)
+class Mismatch:
+    """A supplied value that is not of its variable's declared type."""
+
+    name: str
+    expected: str
+    """The declared type (``number``, ``boolean``...)."""
+    received: str
+    """What the value is: a JSON kind (``string``, ``null``...) or, for other values, its Python type."""
+
+
+class VariablesError(ValueError):
+    """Supplied variables that cannot start an execution.
+
+    The message says what to supply without naming a caller's syntax (``--var`` is the
+    CLI's): callers add their own hint from ``missing`` and ``mismatched``.
+    """
+
+    def __init__(self, message: str, missing: tuple[str, ...] = (), mismatched: tuple[Mismatch, ...] = ()):
+        super().__init__(message)
+        self.missing = missing
+        self.mismatched = mismatched
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every variable at fault, missing ones first."""
+        return self.missing + tuple(m.name for m in self.mismatched)
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind in ("boolean", "number", "string", "object", "array"):   # boolean first: a bool is an int
+        if _TYPE_CHECKS[kind](value):
+            return kind
+    return type(value).__name__
+
+
+def _a(kind: str) -> str:
+    return f"{_ARTICLES.get(kind, 'a')} {kind}"
+
+
+def _shown(value: Any) -> str:
+    """``value`` in a message: as JSON when it is a JSON value, else its repr; cut short."""
+    try:
+        text = json.dumps(value, ensure_ascii=False) if _kind(value) in VARIABLE_EXAMPLES else repr(value)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "…"
+
+
+def _mismatch_text(mismatch: Mismatch, value: Any, secret: bool) -> str:
+    given = (f"{_a(mismatch.received)} (not shown: the variable is secret)" if secret
+             else f"the {mismatch.received} {_shown(value)}" if mismatch.received in VARIABLE_EXAMPLES
+             else f"{_a(mismatch.received)} {_shown(value)}")
+    example = "true or false" if mismatch.expected == "boolean" else \
+        f"{_a(mismatch.expected)}, e.g. {json.dumps(VARIABLE_EXAMPLES[mismatch.expected])}"
+    return f"variable '{mismatch.name}' is declared as {_a(mismatch.expected)} but was given {given}: supply {example}"
+
+
+def _missing_text(missing: list[Variable]) -> str:
+    names = ", ".join(f"'{v.name}'" + (f" ({_a(v.type)})" if v.type != "any" else "") for v in missing)
+    plural = len(missing) > 1
+    return f"missing required variable{'s' if plural else ''} {names}: supply a value for {'each' if plural else 'it'}"
+
+
 def initial_variables(workflow: Workflow, supplied: dict[str, Any]) -> dict[str, Any]:
-    """Declared defaults overlaid with supplied values. Raises ValueError naming missing required ones."""
+    """Declared defaults overlaid with supplied values.
+
+    Raises :class:`VariablesError` naming every required variable not supplied and every
+    supplied value that is not of its declared type (the check defaults get at validation;
+    null is accepted for every type, as for defaults). A secret's value is never shown.
+    """
     values: dict[str, Any] = {}
-    missing = []
+    missing: list[Variable] = []
+    mismatched: list[tuple[Mismatch, Any, bool]] = []
     for variable in workflow.variables:
         if variable.name in supplied:
-            continue
-        if variable.required:
-            missing.append(variable.name)
+            value = supplied[variable.name]
+            if value is not None and not _TYPE_CHECKS[variable.type](value):
+                mismatched.append((Mismatch(variable.name, variable.type, _kind(value)), value, variable.secret))
+        elif variable.required:
+            missing.append(variable)
         elif variable.has_default:
             values[variable.name] = variable.default
-    if missing:
-        raise ValueError("missing required variable" + ("s " if len(missing) > 1 else " ")
-                         + ", ".join(f"'{name}'" for name in missing)
-                         + "; pass " + " ".join(f"--var {name}=VALUE" for name in missing))
+    if missing or mismatched:
+        parts = [_missing_text(missing)] if missing else []
+        parts.extend(_mismatch_text(*item) for item in mismatched)
+        raise VariablesError("; ".join(parts), tuple(v.name for v in missing), tuple(m for m, _, _ in mismatched))
     values.update(supplied)
     return values

@@ -31,6 +31,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from goflow.coordinator.plan import initial_variables
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, parse
 from goflow.language.model import Workflow
@@ -128,6 +129,11 @@ def recover(coordinator: Any, store: Any) -> RecoveryReport:
             elif masked_defaults:
                 reason = (f"the default of secret variable(s) {', '.join(masked_defaults)} is never stored; "
                           f"resubmit the workflow")
+            else:
+                try:   # recorded by a version that did not check the declared types
+                    initial_variables(workflow, variables)
+                except ValueError as exc:
+                    reason = f"{exc}; resubmit the workflow"
         if reason is not None:
             coordinator.fail_unresumable(unfinished.id, unfinished.workflow or "<unknown>",
                                          f"execution {unfinished.id} cannot be resumed: {reason}")
