@@ -2,14 +2,57 @@
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
+import math
 import os
 import sys
 from pathlib import Path
 from typing import IO, Any, Iterable
 
 from goflow.language.problems import Problem
+from goflow.states import TERMINAL_STATUSES, RunStatus
+
+LISTED_STATUSES: tuple[str, ...] = (RunStatus.RUNNING.value, *sorted(s.value for s in TERMINAL_STATUSES))
+"""The statuses a listing filters on (``goflow ls --status``): running or ended."""
+HISTORY_STATUSES: tuple[str, ...] = ("submitted", *LISTED_STATUSES)
+"""The statuses of the history's executions (``goflow executions --status``): the history
+says ``submitted`` for a run not started yet (docs/history.md)."""
+
+
+def positive_seconds(text: str) -> float:
+    """An argparse type for a duration in seconds that must be > 0 (``--timeout``)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not (value > 0 and math.isfinite(value)):   # also refuses nan and inf
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of seconds > 0 (leave it out for no limit)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type for a count that must be at least 1 (``--limit``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+def endpoint(text: str) -> str:
+    """An argparse type for a ZeroMQ endpoint to connect to, checked by the one endpoint
+    check (:func:`goflow.security.endpoint_host`, as the coordinator checks its own)."""
+    from goflow.security import endpoint_host
+
+    try:
+        endpoint_host(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def parse_value(text: str) -> Any:

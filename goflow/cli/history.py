@@ -10,13 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from goflow.events.codec import decode_event
-from goflow.cli.common import time_text, with_execution_id
+from goflow.cli.common import HISTORY_STATUSES, endpoint, positive_int, time_text, with_execution_id
 from goflow.cli.event_lines import duration_text, log_line, short_text
 from goflow.events.types import Event
+
+if TYPE_CHECKING:
+    from goflow.history.store import Store
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -28,10 +32,11 @@ def add_parsers(subparsers: Any) -> None:
     p = subparsers.add_parser("executions", help="list past and running executions from the history",
                               description="List executions recorded in the history database, newest first.")
     p.add_argument("--workflow", metavar="NAME", help="only executions of this workflow")
-    p.add_argument("--status", metavar="S",
-                   help="only this status (submitted, running, completed, failed, cancelled, timed_out)")
+    p.add_argument("--status", metavar="S", choices=HISTORY_STATUSES,
+                   help=f"only this status ({', '.join(HISTORY_STATUSES)})")
     p.add_argument("--since", metavar="WHEN", help="started within 30m / 24h / 7d, or since an ISO date/time")
-    p.add_argument("--limit", type=int, default=50, metavar="N", help="at most N executions (default 50)")
+    p.add_argument("--limit", type=positive_int, default=50, metavar="N",
+                   help="at most N executions, N >= 1 (default 50)")
     p.add_argument("--json", action="store_true", help="one JSON array")
     _db_flag(p)
     p.set_defaults(func=executions_command)
@@ -53,9 +58,9 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--node", metavar="ID", action="append", dest="nodes", default=None,
                    help="only events of this node (repeatable)")
     p.add_argument("--json", action="store_true", help="one JSON object per event (as goflow watch --json)")
-    p.add_argument("--events", metavar="EP", default=None,
+    p.add_argument("--events", metavar="EP", default=None, type=endpoint,
                    help="coordinator event endpoint for --follow (default $GOFLOW_EVENTS)")
-    p.add_argument("--coordinator", "--control", dest="control", metavar="EP", default=None,
+    p.add_argument("--coordinator", "--control", dest="control", metavar="EP", default=None, type=endpoint,
                    help="coordinator control endpoint for --follow (default $GOFLOW_COORDINATOR)")
     _db_flag(p)
     p.set_defaults(func=logs_command)
@@ -72,15 +77,33 @@ def _db_flag(p: argparse.ArgumentParser) -> None:
                    help="history database (default $GOFLOW_HOME/history.db or ~/.local/share/goflow/history.db)")
 
 
-def _open(args: argparse.Namespace, command: str):
+def _open(args: argparse.Namespace, command: str) -> Store | None:
+    """The history store of ``--db`` (None when there is none, said on stderr). A path that
+    is not a history database ends the command: what is wrong on stderr, exit 1."""
     from goflow.history.store import HistoryError, default_db_path, open_store
 
     path = args.db or str(default_db_path())
+    if os.path.isdir(path):
+        _unusable(args, command, path, "it is a directory")
     try:
-        return open_store(path)
+        store = open_store(path)
     except HistoryError as exc:
         print(f"goflow {command}: {exc}", file=sys.stderr)
         return None
+    try:
+        store.execution_status("")   # the file is read lazily: find out now, not mid-command
+    except sqlite3.Error as exc:
+        store.close()
+        _unusable(args, command, path, f"opening {path}: {type(exc).__name__}: {exc}")   # as `goflow run --db` says
+    return store
+
+
+def _unusable(args: argparse.Namespace, command: str, path: str, why: str) -> None:
+    """Say that ``path`` is no history database, and how to pick one; exit 1."""
+    what = f"--db {path}" if args.db else f"the history database {path}"
+    print(f"goflow {command}: {what} is not a goflow history database ({why}); --db must name the "
+          f"history.db file that goflow run or goflow-coordinator --db writes", file=sys.stderr)
+    raise SystemExit(EXIT_ERROR)
 
 
 # -- formatting helpers ------------------------------------------------------------------------

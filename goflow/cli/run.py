@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import signal
 import sys
 import time
+from concurrent.futures import Future, TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-from goflow.cli.common import parse_vars, print_problems
+from goflow.cli.common import parse_vars, positive_seconds, print_problems
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, read
 from goflow.security import ExposureError
-from goflow.coordinator.embedded import EmbeddedRuntime, ExecutionResult
+from goflow.coordinator.embedded import EXIT_CODES, EmbeddedRuntime, ExecutionResult
 
 
 DEFAULT_LINGER_S = 10.0
 """How long a published run keeps serving its subscribers after its end, at most."""
+CANCEL_WAIT_S = 15.0
+"""After Ctrl-C, how long ``goflow run`` waits for the cancelled run to end."""
 
 
 def add_parser(subparsers: Any) -> None:
@@ -29,7 +33,8 @@ def add_parser(subparsers: Any) -> None:
                         help="set a variable (VALUE is parsed as JSON when valid JSON, else taken as a string)")
     parser.add_argument("--input", metavar="FILE.json", help="a JSON object of variables")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: CPU count)")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="execution timeout")
+    parser.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS",
+                        help="execution timeout, > 0 (default: none)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object with the outcome")
     parser.add_argument("--watch", action="store_true", help="show the full event view (as goflow watch)")
     parser.add_argument("--publish", action="append", default=[], metavar="ENDPOINT",
@@ -102,15 +107,19 @@ def main(args: argparse.Namespace) -> int:
             execution_ids.checked(args.execution_id)
     except ValueError as exc:
         return _refuse(args, "bad_request", f"goflow run: --execution-id: {exc}")
-    if not Path(args.file).is_file():   # reported by the loader, before anything starts
-        return _invalid(args, check(read(args.file)))
+    loaded = None
+    regular = Path(args.file).is_file()
+    if not regular:   # missing, a directory, a pipe (/dev/stdin, <(...)): read once, before anything starts
+        loaded = check(read(args.file))
+        if loaded.errors:
+            return _invalid(args, loaded)
 
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         from goflow.history.store import default_db_path
 
         runtime = EmbeddedRuntime(workers=args.workers, publish=args.publish, control=args.control,
-                                  python_paths=[str(Path(args.file).resolve().parent)],
+                                  python_paths=[str(Path(args.file).resolve().parent if regular else Path.cwd())],
                                   db=None if args.no_history else (args.db or default_db_path()),
                                   metrics=args.metrics, sndhwm=args.sndhwm,
                                   progress_interval=args.progress_interval, max_value_bytes=args.max_value_bytes,
@@ -121,27 +130,47 @@ def main(args: argparse.Namespace) -> int:
     except Exception as exc:  # e.g. the publish endpoint is in use
         signal.signal(signal.SIGTERM, previous)
         return _refuse(args, "unavailable", f"goflow run: cannot start the coordinator: {exc}")
+    code: int | None = None
     try:
         with runtime:
-            loaded = check(read(args.file))
-            if loaded.errors:
-                return _invalid(args, loaded)
-            from goflow.coordinator.plan import initial_variables
+            if loaded is None:
+                loaded = check(read(args.file))
+                if loaded.errors:
+                    return _invalid(args, loaded)
+            from goflow.coordinator.plan import VariablesError, initial_variables
 
             try:
                 initial_variables(loaded.workflow, variables)
+            except VariablesError as exc:
+                return _refuse(args, "bad_request", f"{args.file}: error: {exc}; pass {var_hint(exc)}")
             except ValueError as exc:
                 return _refuse(args, "bad_request", f"{args.file}: error: {exc}")
             gateway = _start_gateway(runtime, args)
             if gateway is False:
                 return 2
             try:
-                return _run(runtime, loaded.workflow, variables, args, loaded.text)
+                code = _run(runtime, loaded.workflow, variables, args, loaded.text)
+                return code
             finally:
                 if gateway is not None:
                     gateway.stop()
     finally:
         signal.signal(signal.SIGTERM, previous)
+        if code == EXIT_CODES["cancelled"] or isinstance(sys.exc_info()[1], KeyboardInterrupt):
+            # Exiting on Ctrl-C: one more, once the interpreter has dropped its handlers on the
+            # way out, would kill it by SIGINT instead of letting it exit with status 130.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def var_hint(exc: Any) -> str:
+    """The ``--var`` options that fix a :class:`~goflow.coordinator.plan.VariablesError`."""
+    import shlex
+
+    from goflow.coordinator.plan import VARIABLE_EXAMPLES
+
+    return " ".join([f"--var {name}=VALUE" for name in exc.missing]
+                    + [f"--var {m.name}={shlex.quote(json.dumps(VARIABLE_EXAMPLES[m.expected]))}"
+                       for m in exc.mismatched])
 
 
 def _invalid(args: argparse.Namespace, loaded: Any) -> int:
@@ -226,27 +255,59 @@ def _run(runtime: EmbeddedRuntime, workflow: Any, variables: dict, args: argpars
 
         display = DisplayProcess(runtime.events_endpoint, runtime.control_endpoint, execution_id, full=args.watch)
         display.start()
+    started = time.monotonic()
     future = runtime.submit(workflow, variables, timeout=args.timeout, execution_id=execution_id,
                             source=workflow_text)
-    try:
+    with contextlib.ExitStack() as shield:
         try:
-            summary = future.result()
-        except KeyboardInterrupt:
-            runtime.coordinator.cancel(execution_id, "interrupted (Ctrl-C)")
-            summary = future.result(timeout=15)
-    finally:
-        if display is not None:
-            display.stop()
-    result = ExecutionResult.from_summary(summary)
-    if args.json:
-        print(json.dumps(result.to_dict(), default=str))
-    else:
-        _summary(result)
-    sys.stdout.flush()
+            try:
+                summary = future.result()
+            except KeyboardInterrupt:
+                summary = _cancel(runtime, future, execution_id)
+        finally:
+            shield.enter_context(_interrupts_deferred())   # from here a Ctrl-C must not cost the summary line
+            if display is not None:
+                display.stop()
+        if isinstance(summary, str):   # what is known of a run we stopped waiting for
+            result = ExecutionResult(execution_id, workflow.name, "cancelled", duration_s=time.monotonic() - started,
+                                     error={"type": "cancelled", "message": f"interrupted (Ctrl-C); {summary}"})
+        else:
+            result = ExecutionResult.from_summary(summary)
+        if args.json:
+            print(json.dumps(result.to_dict(), default=str))
+        else:
+            _summary(result)
+        sys.stdout.flush()
     report_history_problem(result)
     if (args.publish or args.control) and args.linger > 0:
         _linger(runtime, args.linger)
     return result.exit_code
+
+
+def _cancel(runtime: EmbeddedRuntime, future: Future, execution_id: str) -> dict | str:
+    """Ctrl-C: cancel the run and return its outcome, or why it was not awaited (a second
+    Ctrl-C, or no end within ``CANCEL_WAIT_S``)."""
+    try:
+        runtime.coordinator.cancel(execution_id, "interrupted (Ctrl-C)")
+        return future.result(timeout=CANCEL_WAIT_S)
+    except KeyboardInterrupt:
+        return "interrupted again while cancelling: its end was not awaited"
+    except FutureTimeout:
+        return f"still cancelling after {CANCEL_WAIT_S:g}s: its end was not awaited"
+
+
+@contextlib.contextmanager
+def _interrupts_deferred() -> Iterator[None]:
+    """Ctrl-C is ignored inside (from the main thread; elsewhere nothing changes)."""
+    try:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:   # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def report_history_problem(result: ExecutionResult) -> None:

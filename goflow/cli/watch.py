@@ -14,6 +14,7 @@ import json
 import sys
 from typing import Any
 
+from goflow.cli.common import endpoint
 from goflow.events.filter import EventFilter
 from goflow.events.types import TERMINAL_TYPES, Event
 
@@ -37,9 +38,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "watch", help="follow a coordinator's event stream",
         description="Follow the event stream published at EVENTS_ENDPOINT. Gaps are repaired "
                     "through --control when given; unrepairable loss is counted and reported.")
-    p.add_argument("events_endpoint", metavar="EVENTS_ENDPOINT",
+    p.add_argument("events_endpoint", metavar="EVENTS_ENDPOINT", type=endpoint,
                    help="the coordinator's event (PUB) endpoint, e.g. tcp://127.0.0.1:5556")
-    p.add_argument("--control", metavar="EP", help="control endpoint (enables gap repair and history)")
+    p.add_argument("--control", metavar="EP", type=endpoint, help="control endpoint (enables gap repair and history)")
     p.add_argument("--execution", metavar="ID", action="append", default=None,
                    help="only this execution (repeatable); with --control its history is shown first")
     p.add_argument("--type", metavar="T", action="append", dest="types", default=None,
@@ -54,6 +55,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def handler(args: argparse.Namespace) -> int:
+    import zmq
+
     from goflow.control.framing import ControlError
     from goflow.events.monitor import Monitor
     try:
@@ -91,7 +94,7 @@ def handler(args: argparse.Namespace) -> int:
                     print(line)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    except (ControlError, ValueError) as exc:
+    except (ControlError, ValueError, zmq.ZMQError) as exc:   # ZMQError: e.g. an endpoint ZeroMQ refuses
         print(f"goflow watch: {exc}", file=sys.stderr)
         return EXIT_ERROR
     finally:

@@ -60,6 +60,32 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _endpoint_problem(endpoint: str, *, probe: bool) -> str | None:
+    """Why --connect ``endpoint`` cannot work (None when it can): the check the coordinator
+    applies to its own endpoints (goflow.security), then, with ``probe``, ZeroMQ's (it refuses
+    e.g. ``foo://x`` or a port that is no number). Nothing is sent: the peer need not be up."""
+    import zmq
+
+    from goflow.security import endpoint_host
+
+    try:
+        endpoint_host(endpoint)
+    except ValueError as exc:
+        return str(exc)
+    if not probe:
+        return None
+    context = zmq.Context()
+    try:
+        with context.socket(zmq.DEALER) as socket_:
+            socket_.setsockopt(zmq.LINGER, 0)
+            socket_.connect(endpoint)
+    except zmq.ZMQError as exc:
+        return str(exc)
+    finally:
+        context.term()
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="goflow-worker", description="Run goflow worker processes connected to a "
                                                                        "coordinator (goflow-coordinator).")
@@ -241,8 +267,15 @@ def _setup_logging(fmt: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.single or _invoked_as_module():
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    single = args.single or _invoked_as_module()
+    # Checked once here, not in every child the supervisor would restart (a single process
+    # skips ZeroMQ's own check: its endpoint comes from a supervisor or a coordinator).
+    problem = _endpoint_problem(args.connect, probe=not single)
+    if problem:
+        parser.error(f"argument --connect: {problem}")
+    if single:
         try:
             return run_single(args)
         except KeyboardInterrupt:
