@@ -149,7 +149,9 @@ def test_a_second_ctrl_c_while_cancelling_still_prints_the_summary(write_flow):
         os.killpg(proc.pid, signal.SIGINT)
         time.sleep(pause)
     out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, (out, err)
+    # 130, or killed by a Ctrl-C that lands while the interpreter exits (after the summary): a
+    # shell reports both as 130.
+    assert proc.returncode in (130, -signal.SIGINT), (out, err)
     assert re.search(r"^■ quick: cancelled in .*\(execution [0-9a-f]{32}\)$", out, re.M), out
     assert "Traceback" not in err
 

@@ -47,9 +47,9 @@ def test_run_json_prints_exactly_one_object(write_flow):
 
 def test_var_values_parse_as_json_else_text(write_flow):
     path = write_flow(SIMPLE)
-    proc = goflow("run", str(path), "--json", "--workers", "1", "--var", "n=2.5", "--var", 's="[1]"')
+    proc = goflow("run", str(path), "--json", "--workers", "1", "--var", "n=2.5", "--var", "s=[1]")
     data = json.loads(proc.stdout)
-    assert data["result"] == {"total": 3.5, "s": "[1]"}  # JSON text "[1]": s is declared a string
+    assert data["result"] == {"total": 3.5, "s": "[1]"}  # s is declared a string: its --var text as it is
 
 
 def test_input_file_supplies_variables(write_flow, tmp_path):

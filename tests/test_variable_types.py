@@ -95,6 +95,16 @@ def test_cli_text_converted_to_the_declared_type_runs(write_flow, tmp_path):
     assert (tmp_path / "ran.txt").read_text() == "ran"
 
 
+def test_cli_var_for_a_string_variable_is_its_text(write_flow):
+    """``--var marker=42`` for ``type: string`` is the text "42" (GoFlow's --var gives text),
+    not the number 42 refused as a mistyped string; other types still parse as JSON."""
+    proc = run_cli("run", str(write_flow(FLOW.replace('"${marker}", "ran"', '"/dev/null", "${marker}"'))),
+                   "--json", "--workers", "1", "--no-history", "--var", "n=3", "--var", "marker=42")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert (data["variables"]["marker"], data["result"]["n"]) == ("42", 3)
+
+
 def test_cli_demo_with_a_text_order_count_is_refused_without_attempts():
     proc = run_cli("run", str(REPO / "examples" / "demo.yaml"), "--json", "--workers", "1", "--no-history",
                    "--var", "order_count=abc")
@@ -105,9 +115,10 @@ def test_cli_demo_with_a_text_order_count_is_refused_without_attempts():
         in refused["error"]["message"]
 
 
-def test_cli_never_echoes_a_secret_value(write_flow):
+def test_cli_never_echoes_a_secret_value(write_flow, tmp_path):
+    (tmp_path / "in.json").write_text('{"token": 987654321}')   # JSON: a number (a --var would be text)
     proc = run_cli("run", str(write_flow(SECRET_FLOW)), "--json", "--workers", "1", "--no-history",
-                   "--var", "token=987654321")
+                   "--input", str(tmp_path / "in.json"))
     assert proc.returncode == 2
     assert "variable 'token' is declared as a string but was given a number (not shown: the variable is secret)" \
         in proc.stderr
@@ -198,6 +209,10 @@ def test_daemon_submit_refuses_a_wrong_type_from_the_cli_and_the_api(tmp_path, w
                               capture_output=True, text=True, timeout=60, env=child_env())
         assert proc.returncode == 2
         assert "variable 'flag' is declared as a boolean but was given the string \"maybe\"" in proc.stderr
+        proc = subprocess.run([sys.executable, "-m", "goflow", "submit", str(path), "--coordinator", daemon.control,
+                               "--var", "n=3", "--var", "marker=42", "--json"],
+                              capture_output=True, text=True, timeout=60, env=child_env())
+        assert proc.returncode == 0, proc.stderr   # accepted: marker's --var text is a string, as for goflow run
         with pytest.raises(ControlError) as refused:
             goflow.start(path, {"n": [1]}, coordinator=daemon.control, events=daemon.events)
         assert refused.value.type == "bad_request"

@@ -9,7 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import IO, Any, Iterable
+from typing import IO, Any, Collection, Iterable
 
 from goflow.language.problems import Problem
 from goflow.states import TERMINAL_STATUSES, RunStatus
@@ -63,8 +63,16 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def parse_vars(pairs: Iterable[str], input_file: str | None = None) -> dict[str, Any]:
-    """Variables from ``--input FILE.json`` overlaid with ``--var NAME=VALUE`` pairs.
+def string_variables(workflow: Any) -> frozenset[str]:
+    """The workflow's ``type: string`` variables, whose ``--var`` text is taken as it is
+    (``--var code=007`` is the text "007", not the number 7: GoFlow's ``--var`` gives text)."""
+    return frozenset(v.name for v in getattr(workflow, "variables", ()) if v.type == "string")
+
+
+def parse_vars(pairs: Iterable[str], input_file: str | None = None,
+               strings: Collection[str] = frozenset()) -> dict[str, Any]:
+    """Variables from ``--input FILE.json`` overlaid with ``--var NAME=VALUE`` pairs; a
+    ``--var`` for a name in ``strings`` is its text, any other is :func:`parse_value`'s.
 
     Raises ValueError with a message that says how to fix the input.
     """
@@ -83,7 +91,8 @@ def parse_vars(pairs: Iterable[str], input_file: str | None = None) -> dict[str,
         name, sep, value = pair.partition("=")
         if not sep or not name.strip():
             raise ValueError(f"--var {pair!r} must look like NAME=VALUE")
-        variables[name.strip()] = parse_value(value)
+        name = name.strip()
+        variables[name] = value if name in strings else parse_value(value)
     return variables
 
 

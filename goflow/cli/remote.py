@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from goflow.cli.common import parse_vars, time_text
+from goflow.cli.common import parse_vars, string_variables, time_text
 from goflow.states import TERMINAL_STATUSES
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:5555"
@@ -190,8 +190,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"goflow submit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
         return 2
-    try:
-        variables = parse_vars(args.var, args.input)
+    from goflow.language.loader import parse
+
+    try:   # the daemon validates; the declared types only say which --var values are text
+        variables = parse_vars(args.var, args.input, string_variables(parse(text, args.file).workflow))
     except ValueError as exc:
         print(f"goflow submit: {exc}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ from concurrent.futures import Future, TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, Iterator
 
-from goflow.cli.common import parse_vars, positive_seconds, print_problems
+from goflow.cli.common import parse_vars, positive_seconds, print_problems, string_variables
 from goflow.events import ids as execution_ids
 from goflow.language.loader import check, read
 from goflow.security import ExposureError
@@ -139,6 +139,7 @@ def main(args: argparse.Namespace) -> int:
                     return _invalid(args, loaded)
             from goflow.coordinator.plan import VariablesError, initial_variables
 
+            variables = parse_vars(args.var, args.input, string_variables(loaded.workflow))  # parsed above: no error
             try:
                 initial_variables(loaded.workflow, variables)
             except VariablesError as exc:
@@ -169,8 +170,13 @@ def var_hint(exc: Any) -> str:
     from goflow.coordinator.plan import VARIABLE_EXAMPLES
 
     return " ".join([f"--var {name}=VALUE" for name in exc.missing]
-                    + [f"--var {m.name}={shlex.quote(json.dumps(VARIABLE_EXAMPLES[m.expected]))}"
+                    + [f"--var {m.name}={shlex.quote(_var_text(VARIABLE_EXAMPLES[m.expected]))}"
                        for m in exc.mismatched])
+
+
+def _var_text(value: Any) -> str:
+    """How ``--var`` spells ``value``: text as it is (a string variable takes its text), else JSON."""
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _invalid(args: argparse.Namespace, loaded: Any) -> int:
