@@ -63,11 +63,19 @@ def check_exposure(listener: str, host: str | None, *, protected: bool, remedy: 
         raise ExposureError(f"refusing to bind {listener} without authentication: {remedy}")
 
 
+ENDPOINT_SCHEMES = ("tcp", "ipc", "inproc")
+"""The ZeroMQ transports goflow binds and connects."""
+
+
 def endpoint_host(endpoint: str) -> str | None:
-    """The host part of a tcp:// endpoint (None for ipc://, inproc://); ValueError if malformed."""
+    """The host part of a tcp:// endpoint (None for ipc://, inproc://); ValueError if malformed:
+    another scheme, or a tcp:// port that is not a number (or ``*``, a bind's any port)."""
     scheme, sep, rest = endpoint.partition("://")
-    if not sep:
+    if not sep or not rest:
         raise ValueError(f"endpoint {endpoint!r} must look like tcp://HOST:PORT")
+    if scheme not in ENDPOINT_SCHEMES:
+        raise ValueError(f"endpoint {endpoint!r}: unknown transport {scheme!r}; use tcp://HOST:PORT "
+                         f"(or ipc://PATH on this host)")
     if scheme != "tcp":
         return None
     if ";" in rest:  # tcp://source;dest form: the bind address is the second part
@@ -75,6 +83,8 @@ def endpoint_host(endpoint: str) -> str | None:
     host, colon, port = rest.rpartition(":")
     if not colon:
         raise ValueError(f"endpoint {endpoint!r} has no port")
+    if not (port == "*" or port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError(f"endpoint {endpoint!r}: port {port!r} must be a number from 1 to 65535")
     return host.strip("[]")
 
 

@@ -78,7 +78,7 @@ def test_watch_refuses_a_malformed_endpoint(argv):
 
 
 def test_watch_reports_an_endpoint_zeromq_refuses():
-    refused(goflow("watch", "foo://x", timeout=30), 1, "goflow watch:", "foo://x")
+    refused(goflow("watch", "tcp://a b:5555", timeout=30), 1, "goflow watch:", "tcp://a b:5555")
 
 
 @pytest.mark.parametrize("command", [["executions"], ["executions", "--json"], ["execution", "abcd"],
@@ -96,8 +96,9 @@ def test_history_commands_name_a_file_that_is_no_history_database(tmp_path, comm
 
 
 @pytest.mark.parametrize("endpoint, message", [("nonsense", "'nonsense' must look like tcp://HOST:PORT"),
-                                               ("foo://x", "Protocol not supported"),
-                                               ("tcp://127.0.0.1:port", "Invalid argument")])
+                                               ("foo://x", "unknown transport 'foo'"),
+                                               ("tcp://127.0.0.1:port", "port 'port' must be a number"),
+                                               ("tcp://a b:5555", "Invalid argument")])
 def test_worker_refuses_a_bad_connect_endpoint_instead_of_restarting_forever(endpoint, message):
     proc = subprocess.Popen([str(BIN / "goflow-worker"), "--connect", endpoint, "--concurrency", "1"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

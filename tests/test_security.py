@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import json
 import logging
 import shutil
@@ -357,3 +358,21 @@ def test_the_python_api_refuses_an_exposed_endpoint_before_starting_anything(wri
     with pytest.raises(security.ExposureError, match="refusing to bind tcp://0.0.0.0"):
         goflow.start(flow, publish=[f"tcp://0.0.0.0:{free_ports(1)[0]}"], history=False)
     assert {t for t in threading.enumerate() if t not in before and t.is_alive()} == set()
+
+
+@pytest.mark.parametrize("endpoint, problem", [
+    ("nonsense", "must look like tcp://HOST:PORT"),
+    ("tcp://", "must look like tcp://HOST:PORT"),
+    ("foo://x", "unknown transport 'foo'"),
+    ("tcp://127.0.0.1", "has no port"),
+    ("tcp://127.0.0.1:abc", "port 'abc' must be a number"),
+    ("tcp://127.0.0.1:70000", "port '70000' must be a number"),
+])
+def test_a_malformed_endpoint_is_named_with_what_is_wrong(endpoint, problem):
+    from goflow.security import endpoint_host
+
+    with pytest.raises(ValueError, match=re.escape(problem)):
+        endpoint_host(endpoint)
+    assert endpoint_host("tcp://127.0.0.1:5555") == "127.0.0.1"
+    assert endpoint_host("tcp://*:*") == "*" and endpoint_host("tcp://[::1]:1") == "::1"
+    assert endpoint_host("ipc:///tmp/x") is None
