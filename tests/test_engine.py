@@ -83,6 +83,48 @@ def test_tasks_measured_short_are_prefetched_and_unmeasured_ones_wait_for_an_idl
     assert learned > 1 and unknown == 1
 
 
+def test_short_tasks_are_never_queued_behind_a_long_one(tmp_path):
+    """Tasks measured short are prefetched, but never into the hand of a worker running one
+    that may be long: with one worker blocked, a 300-node fan-out of short calls completes on
+    the other (before, some waited behind the blocked node until it ended)."""
+    import time
+
+    from goflow.coordinator.embedded import EmbeddedRuntime
+    from goflow.language.loader import load
+
+    gate = tmp_path / "gate"
+    fan = ["name: fan", "nodes:", "  - {id: start, type: start}", "  - {id: end, type: end}"]
+    fan += [f'  - {{id: n{i}, type: python, call: "flowlib:noop"}}' for i in range(300)]
+    fan += ["edges:"] + [f"  - {{from: start, to: n{i}}}\n  - {{from: n{i}, to: end}}" for i in range(300)]
+    fan_out = load("fan.yaml", text="\n".join(fan) + "\n")
+    hold = load("hold.yaml", text=f"""
+name: hold
+nodes:
+  - {{id: start, type: start}}
+  - {{id: wait, type: python, call: "flowlib:wait_for_file", args: ["{gate}", 0]}}
+  - {{id: end, type: end}}
+edges:
+  - {{from: start, to: wait}}
+  - {{from: wait, to: end}}
+""")
+    with EmbeddedRuntime(workers=2) as rt:
+        assert rt.wait_for_workers(2)
+        assert rt.submit(fan_out).result(timeout=60)["status"] == "completed"   # noop is measured short
+        held = rt.submit(hold)
+        broker = rt.coordinator.broker
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not rt.coordinator.call(broker.busy):
+            time.sleep(0.01)
+        _, done = rt.coordinator.submit(fan_out, {})
+        try:
+            outcome = done.result(timeout=30)
+            blocked_meanwhile = not held.done()
+        finally:
+            gate.touch()
+        assert outcome["status"] == "completed" and blocked_meanwhile
+        assert held.result(timeout=60)["status"] == "completed"
+
+
 def test_node_stuck_in_c_code_is_timed_out_and_worker_replaced(write_flow):
     path = write_flow("""
         name: stuck

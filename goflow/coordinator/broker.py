@@ -162,12 +162,14 @@ class WorkerBroker:
             task = queue.popleft()
             if task.done:
                 continue
-            worker = self.workers.pick(task, depth=self._depth(task))
+            depth = self._depth(task)
+            worker = self.workers.pick(task, depth=depth, behind_s=PREFETCH_BUDGET_S)
             if worker is None:
                 blocked.append(task)
                 if not task.labels or not self.workers.has_capacity():
                     break
                 continue
+            task.short = depth > 1
             frame = self._hand_to(worker, task)
             if frame is not None:
                 outgoing.setdefault(worker.identity, []).append(frame)

@@ -42,6 +42,9 @@ class Task:
     worker_name: str | None = None
     """The name of the worker it was handed to (what events call ``worker``)."""
     started_at: float | None = None
+    short: bool = False
+    """Handed as a task measured short (prefetched); one that is not may run long, and no
+    task is queued behind it (:meth:`~goflow.coordinator.workers.WorkerTable.pick`)."""
     timer: Any = None
     done: bool = False
     log_batches: int = 0

@@ -69,21 +69,33 @@ class WorkerTable:
                 return worker
         return None
 
-    def pick(self, task: Task, *, depth: int) -> WorkerInfo | None:
+    def pick(self, task: Task, *, depth: int, behind_s: float) -> WorkerInfo | None:
         """The least-loaded worker that accepts ``task``'s labels and holds fewer than
         ``depth`` tasks (and fewer than its credits).
 
         ``depth`` 1: only idle workers qualify, for a task expected to be long, which must
-        not queue behind another task while a different worker may soon be free.
+        not queue behind another task while a different worker may soon be free. A task
+        queued behind others (``depth`` > 1) never waits behind one that may run long: a task
+        not measured short, or one running for more than ``behind_s`` (a worker runs its
+        tasks in order, so only the head can be running; a long task only enters an empty hand).
         """
         best: WorkerInfo | None = None
         best_free = 0
+        now = 0.0
         for worker in self.workers.values():
             if worker.draining:
                 continue
             free = min(worker.credits, depth) - len(worker.in_hand)
             if free <= 0 or (task.labels and not worker.accepts(task.labels)):
                 continue
+            if depth > 1 and worker.in_hand:
+                head = worker.in_hand[0]
+                if not head.short:
+                    continue
+                if head.started_at is not None:
+                    now = now or time.monotonic()
+                    if now - head.started_at > behind_s:
+                        continue
             if free > best_free:
                 best, best_free = worker, free
                 if not worker.in_hand:
