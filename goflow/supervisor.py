@@ -11,15 +11,126 @@ its liveness timer), so both restart, name and stop workers the same way:
   and 78 (its handshake failed) with the backoff, as the key may be admitted later;
 * stopping sends SIGTERM to every child at once (a worker finishes what it holds and says
   goodbye; one still starting holds nothing) and SIGKILL to what is left after the grace.
+
+It also holds the one policy for every child process a goflow parent manages (workers, the
+history writer, the run display): :func:`spawn_managed`. Ctrl-C is the parent's: a
+terminal sends SIGINT to the whole foreground process group, and the parent cancels, drains
+and stops its children itself, so a managed child must never see that SIGINT, not even
+while its interpreter is still starting.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
+import sys
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
+
+_BOOT = "from goflow.supervisor import run_managed_child; run_managed_child()"
+"""What a managed child runs first (``python -c``, see :func:`run_managed_child`)."""
+_PR_SET_PDEATHSIG = 1
+
+
+def managed_command(command: Sequence[str], ignore: Sequence[int] = (signal.SIGINT,), *,
+                    parent: int | None = None) -> list[str]:
+    """``command`` rewritten to start as :func:`run_managed_child` says:
+    ``python -c BOOT --ignore 2,15 [--parent PID] -m MOD ARGS...``.
+
+    ``python -m MOD ARGS`` and ``python SCRIPT ARGS`` (this interpreter) then run in the child
+    itself (one interpreter start); the module name stays an argument of its own (``ps`` and
+    ``/proc/PID/cmdline`` still show it). Any other command is exec'd, which keeps the
+    ignored dispositions."""
+    command = [str(arg) for arg in command]
+    prefix = [sys.executable, "-c", _BOOT, "--ignore", ",".join(str(int(s)) for s in ignore),
+              *(["--parent", str(parent)] if parent is not None else [])]
+    if command[:1] == [sys.executable] and len(command) > 2 and command[1] == "-m":
+        return [*prefix, *command[1:]]
+    if command[:1] == [sys.executable] and len(command) > 1 and not command[1].startswith("-"):
+        return [*prefix, *command[1:]]
+    return [*prefix, "--exec", *command]
+
+
+def run_managed_child() -> None:
+    """The first code of a child started by :func:`spawn_managed` (``sys.argv`` as
+    :func:`managed_command` made it): ignore the signals, then unblock them (blocked since
+    the fork, none could interrupt the interpreter's start); with ``--parent PID``, have the
+    kernel SIGKILL this process when that parent dies, and exit at once if it already has
+    (a parent interrupted while it was starting children must not leave them running).
+    Then run the command as ``python -m MOD``/``python SCRIPT`` would, or exec it (``--exec``)."""
+    import runpy
+
+    argv = sys.argv[1:]   # sys.argv[0] is "-c"
+    options: dict[str, str] = {}
+    while len(argv) >= 2 and argv[0] in ("--ignore", "--parent"):
+        options[argv[0]] = argv[1]
+        argv = argv[2:]
+    if "--ignore" not in options or not argv or (argv[0] in ("-m", "--exec") and len(argv) < 2):
+        raise SystemExit("usage: python -c BOOT --ignore SIGNUMS [--parent PID] "
+                         "(-m MODULE | SCRIPT | --exec PROGRAM) ARGS...")
+    ignore = [int(n) for n in options["--ignore"].split(",") if n]
+    for signum in ignore:
+        signal.signal(signum, signal.SIG_IGN)   # discards any of them pending since the fork
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, ignore)
+    if "--parent" in options:
+        _die_with_parent(int(options["--parent"]))
+    kind, rest = argv[0], argv[1:]
+    if kind == "-m":
+        sys.argv = rest
+        sys.path[0] = os.getcwd()   # as -m has it ("" under -c)
+        runpy._run_module_as_main(rest[0])   # what `python -m` itself runs
+    elif kind == "--exec":
+        for name in ("SIGPIPE", "SIGXFSZ"):   # as Popen(restore_signals=True): this interpreter ignores them
+            if hasattr(signal, name):
+                signal.signal(getattr(signal, name), signal.SIG_DFL)
+        os.execvp(rest[0], rest)
+    else:
+        sys.argv = argv
+        sys.path[0] = os.path.dirname(os.path.abspath(kind))
+        runpy.run_path(kind, run_name="__main__")
+
+
+def _die_with_parent(parent: int) -> None:
+    """Linux: SIGKILL when ``parent`` dies (the kernel's parent-death signal), and exit now if
+    it is already gone (then this process was adopted: its parent id changed). Elsewhere: nothing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL))
+    except (OSError, ImportError):
+        return
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def spawn_managed(command: Sequence[str], *, ignore: Sequence[int] = (signal.SIGINT,),
+                  die_with_parent: bool = False, **popen: Any) -> subprocess.Popen:
+    """Start a child the calling process manages, immune to ``ignore`` (SIGINT: Ctrl-C) from
+    its first instruction on: the signals are blocked in the calling thread around the fork
+    (the child inherits the mask; a signal arriving meanwhile waits, pending, in the child
+    and is discarded when the boot ignores it) and ignored and unblocked by the child before
+    it imports anything of goflow. Ignoring a signal only after the imports (as a child's
+    ``main`` did) left the first ~0.1-0.5 s open: a Ctrl-C then killed the child with a
+    traceback (the history writer: "Fatal Python error: init_import_site").
+
+    ``die_with_parent``: the child is killed when this process dies (the kernel's parent-death
+    signal: strictly, when the spawning thread ends), from its first instruction on too; for
+    workers, not for the history writer, which must outlive its parent.
+
+    The parent's own handling is untouched: a signal sent to it during the call is delivered
+    to another thread, or to this one once the call returns. No ``preexec_fn`` (unsafe with
+    threads) and no new process group (the child stays in the terminal's job)."""
+    ignore = tuple(ignore)
+    command = managed_command(command, ignore, parent=os.getpid() if die_with_parent else None)
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, ignore)
+    try:
+        return subprocess.Popen(command, **popen)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
 
 EXIT_COORDINATOR_LOST = 75
 """A worker's exit code when it heard nothing from the coordinator for its liveness time."""
@@ -74,13 +185,27 @@ class WorkerProcesses:
         self.restarts = 0
 
     def start(self) -> None:
-        for child in self.children:
-            self._spawn(child)
+        """Start every child; interrupted meanwhile (Ctrl-C), stop those already started."""
+        try:
+            for child in self.children:
+                self._spawn(child)
+        except BaseException:
+            self.closing = True
+            for child in self.alive():   # (nothing to drain yet: none has taken a task)
+                child.process.kill()
+            for child in self.children:
+                if child.process is not None:
+                    child.process.wait()
+                    child.process = None
+            raise
 
     def _spawn(self, child: Child) -> None:
         child.generation += 1
         child.name = f"{self.prefix}-{child.index}" + (f".{child.generation}" if child.generation > 1 else "")
-        child.process = subprocess.Popen(self.command(child.name), env=self.env, stdin=subprocess.DEVNULL)
+        # (SIGINT ignored: Ctrl-C on `goflow run` or a hand-run `goflow-worker` reaches the whole
+        # group; the parent stops its workers with SIGTERM, see stop())
+        child.process = spawn_managed(self.command(child.name), die_with_parent=True, env=self.env,
+                                      stdin=subprocess.DEVNULL)
         child.started = time.monotonic()
         self.log.info("started worker %s (pid %d)", child.name, child.process.pid,
                       extra={"fields": {"worker": child.name, "pid": child.process.pid}})

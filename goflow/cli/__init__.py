@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
+import signal
 import sys
+from typing import TYPE_CHECKING
 
 from goflow import __version__
+
+if TYPE_CHECKING:
+    import argparse
+    import threading
+    from types import FrameType
 
 
 COMMAND_MODULES: dict[str, str] = {
@@ -25,6 +31,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     Startup is part of every run a user waits for: a command imports what it needs and
     nothing else (``goflow run`` never imports the history viewer's event models).
     """
+    import argparse
     import importlib
 
     parser = argparse.ArgumentParser(prog="goflow", description="Run GoFlow-compatible workflows on worker "
@@ -39,6 +46,8 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def _commands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    import argparse
+
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices
 
@@ -47,6 +56,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     """Parse ``argv``; a mistyped command gets a "did you mean", and an unknown flag is
     reported with the usage of the command it was given to (argparse's default is the
     top-level usage). Exits 2 on either, as argparse does."""
+    import argparse
     import difflib
 
     commands = _commands(parser)
@@ -68,14 +78,51 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespa
     return args
 
 
+_redelivery: "threading.Timer | None" = None
+REDELIVER_AFTER_S = 0.005
+
+
+def _on_sigint(signum: int, frame: "FrameType | None") -> None:
+    """Ctrl-C in a command: KeyboardInterrupt in the main thread, as Python's own handler.
+
+    Except while the main thread runs the import system's own code: CPython calls some of it
+    from C (a module lock's weakref callback) and prints and drops an exception raised there
+    ("Exception ignored in ... _get_module_lock"), so that Ctrl-C was lost and the run went on
+    to its end. There the signal is delivered again a moment later (outside that code)."""
+    global _redelivery
+    if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        import os
+        import threading
+
+        _redelivery = threading.Timer(REDELIVER_AFTER_S, os.kill, (os.getpid(), signal.SIGINT))
+        _redelivery.daemon = True
+        _redelivery.start()
+        return
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; returns its exit status.
+
+    Ctrl-C at any moment, from the first import of a command's module on, ends the command
+    with ``interrupted`` on stderr and status 130 (128 + SIGINT), never a traceback: building
+    the parser imports the command's modules, which is most of a short command's time (and
+    argparse itself is imported in here, not when this module is)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
-    args = _parse(parser, argv)
-    if not getattr(args, "func", None):
-        parser.print_help(sys.stderr)
-        return 2
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.default_int_handler:   # (not when started with Ctrl-C ignored, e.g. by nohup)
+        try:
+            signal.signal(signal.SIGINT, _on_sigint)
+        except ValueError:   # not the main thread (goflow.cli.main called from a thread): not ours
+            previous = None
+    else:
+        previous = None
     try:
+        parser = build_parser(next((arg for arg in argv if not arg.startswith("-")), None))
+        args = _parse(parser, argv)
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return 2
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
@@ -85,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
         silence_stdout()
         return 0
+    finally:
+        if previous is not None:
+            if _redelivery is not None:   # the command ended before a deferred Ctrl-C came back
+                _redelivery.cancel()
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":

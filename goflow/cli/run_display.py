@@ -9,8 +9,10 @@ event and rendering the table cost about as much GIL time as the run itself (a 2
 fan-out: ~6 CPU-s), and in the coordinator's process that time was taken from the
 reactor: watching a big run made it up to twice as slow. The child draws on the terminal
 it inherits and exits after the execution's terminal event. It ignores Ctrl-C (the parent
-cancels the run, and the view shows that to the end), and it exits when its parent is gone
-(its stdin, a pipe from the parent, closes).
+cancels the run, and the view shows that to the end) from its first instruction on
+(:func:`goflow.supervisor.spawn_managed` starts it so: ignoring it only in :func:`main`,
+after the imports, let an early Ctrl-C end the view with a traceback), and it exits when its
+parent is gone (its stdin, a pipe from the parent, closes).
 """
 
 from __future__ import annotations
@@ -51,9 +53,12 @@ class DisplayProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        """Start the child; the run goes on without a view (and says so) if it cannot start."""
+        """Start the child (with SIGINT ignored: Ctrl-C is the parent's); the run goes on
+        without a view (and says so) if it cannot start."""
+        from goflow.supervisor import spawn_managed
+
         try:
-            self.process = subprocess.Popen(self.command, stdin=subprocess.PIPE)
+            self.process = spawn_managed(self.command, stdin=subprocess.PIPE)
         except OSError as exc:
             print(f"goflow run: no event display: {exc}", file=sys.stderr)
 
@@ -119,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--execution", required=True)
     parser.add_argument("--full", action="store_true")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)   # already so when `goflow run` started us
     threading.Thread(target=_exit_when_orphaned, name="goflow-display-parent", daemon=True).start()
     from goflow.cli.common import silence_stdout
     from goflow.errors import GoflowError

@@ -331,8 +331,13 @@ class Store:
         return [sys.executable, "-m", "goflow.history.writer", self.path]
 
     def _spawn(self) -> None:
-        self._proc = subprocess.Popen(self._writer_command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      close_fds=True, bufsize=0)
+        """Start the writer process, immune from its first instruction on to the signals it
+        ignores (goflow.history.writer's contract): a Ctrl-C during its startup killed it."""
+        from goflow.history.writer import IGNORED_SIGNALS
+        from goflow.supervisor import spawn_managed
+
+        self._proc = spawn_managed(self._writer_command(), ignore=IGNORED_SIGNALS, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, close_fds=True, bufsize=0)
         self._acks = threading.Thread(target=self._read_acks, args=(self._proc,), name="goflow-history-acks",
                                       daemon=True)
         self._acks.start()

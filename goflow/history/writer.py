@@ -21,7 +21,10 @@ The child's contract:
   was never acknowledged, and is discarded. SIGINT, SIGTERM and SIGHUP are ignored (a
   terminal's Ctrl-C or hangup, or a service manager, reaches the whole process group; the
   coordinator drains the queue into this process before it exits, so this process must
-  outlive it).
+  outlive it) from the process's first instruction on: the store starts it with
+  :func:`goflow.supervisor.spawn_managed`, which ignores them before the interpreter imports
+  anything (ignoring them only in :func:`main`, after the imports, let a Ctrl-C in the first
+  fraction of a second kill the writer).
 """
 
 from __future__ import annotations
@@ -42,6 +45,9 @@ from goflow.history.schema import delete_executions, dumps as _dumps, loads as _
 from goflow.states import TERMINAL_EVENT_TYPES
 
 log = logging.getLogger("goflow.history.writer")
+
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+"""The signals the writer process ignores (the module docstring says why)."""
 
 NODE_ATTEMPT_END_TYPES = frozenset({"node.completed", "node.failed", "node.retrying", "node.cancelled"})
 """As in goflow.events.types (repeated so the store does not import pydantic)."""
@@ -432,7 +438,7 @@ def main(argv: list[str] | None = None,
          on_connect: Callable[[sqlite3.Connection], None] | None = None) -> int:
     """``python -m goflow.history.writer PATH``: the writer process of a file-backed store."""
     args = sys.argv[1:] if argv is None else argv
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    for signum in IGNORED_SIGNALS:   # already so when the store started us; run by hand, from here
         signal.signal(signum, signal.SIG_IGN)
     logging.basicConfig(level=logging.WARNING, format="goflow-history-writer: %(message)s")
     try:

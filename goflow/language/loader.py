@@ -7,6 +7,7 @@ expressions) live in :mod:`goflow.language.validation`; :func:`load` runs both.
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import functools
 import gc
@@ -34,7 +35,7 @@ from goflow.language.model import (
 from goflow.language.problems import Problem
 from goflow.language.limits import MAX_BYTES, MAX_NODES
 from goflow.language.validation import validate_loaded
-from goflow.language.yaml_source import Path, SourceMap, YamlLimitError, YamlSyntaxError, load_yaml
+from goflow.language.yaml_source import Path, SourceMap, YamlLimitError, YamlSyntaxError, load_yaml, text_position
 
 _SECTIONS: dict[str, type[BaseModel]] = {"variables": Variable, "servers": Server, "edges": Edge}
 _NESTED: dict[str, type[BaseModel]] = {"retry": RetryPolicy, "worker": WorkerSelector}
@@ -55,6 +56,10 @@ class LoadedWorkflow:
     """True once the text proved to be a YAML mapping; semantic checks need that."""
     broken_node_ids: set[str] = field(default_factory=set)
     """Ids of nodes that failed to parse: later checks must not report them as missing."""
+    duplicate_ids: list[tuple[str, Path]] = field(default_factory=list)
+    """``(id, path)`` of each node entry whose id an earlier entry has, whether either one
+    parsed or not: a duplicate is reported even when a copy has problems of its own (the
+    semantic checks see only the nodes that parsed)."""
 
     def problem(self, path: Path, message: str, *, severity: str = "error", node: str | None = None,
                 key: bool = False) -> Problem:
@@ -240,11 +245,17 @@ class _Loader:
             loaded.problem(("nodes",), "'nodes' must be a list")
             raw_nodes = []
         nodes = []
+        ids: set[str] = set()
         for index, raw in enumerate(raw_nodes):
             path = ("nodes", index)
             node = self.node(raw, path)
-            if node is None and isinstance(raw, dict) and isinstance(raw.get("id"), str):
-                loaded.broken_node_ids.add(raw["id"])
+            raw_id = raw.get("id") if isinstance(raw, dict) else None
+            if isinstance(raw_id, str):
+                if raw_id in ids:
+                    loaded.duplicate_ids.append((raw_id, path))
+                ids.add(raw_id)
+                if node is None:
+                    loaded.broken_node_ids.add(raw_id)
             if node is not None:
                 nodes.append(node)
                 loaded.node_paths.setdefault(node.id, path)
@@ -346,16 +357,49 @@ def read(path: str | FsPath) -> LoadedWorkflow:
             loaded = parse("", file)
             loaded.problems[:] = [_too_big(file, size)]
             return loaded
-        text = FsPath(path).read_text(encoding="utf-8")
+        data = FsPath(path).read_bytes()
     except FileNotFoundError:
         loaded = parse("", file)
         loaded.problems[:] = [Problem(file, 1, 1, "error", "no such file")]
         return loaded
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         loaded = parse("", file)
         loaded.problems[:] = [Problem(file, 1, 1, "error", f"cannot read the file: {exc}")]
         return loaded
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        loaded = parse("", file)
+        loaded.problems[:] = [_not_utf8(file, data, exc)]
+        return loaded
+    if "\r" in text:   # universal newlines, as reading in text mode does
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
     return parse(text, file)
+
+
+_BYTE_ORDER_MARKS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                     (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+"""(UTF-32 first: its little-endian mark starts with UTF-16's.)"""
+
+
+def _not_utf8(file: str, data: bytes, exc: UnicodeDecodeError) -> Problem:
+    """The problem of a file that is not UTF-8, at the first byte that is not, with the fix.
+
+    A UTF-16/UTF-32 file is named as such (by its byte order mark); else the bad byte is
+    shown with what it is in Windows-1252/Latin-1, the usual other encoding of a text file."""
+    for mark, encoding in _BYTE_ORDER_MARKS:
+        if data.startswith(mark):
+            return Problem(file, 1, 1, "error", f"the file is {encoding} text (it starts with a {encoding} byte "
+                                                f"order mark); workflow files are UTF-8: save the file as UTF-8")
+    line, column = text_position(data[:exc.start].decode("utf-8"))   # (valid up to there)
+    byte = data[exc.start]
+    try:
+        guess = f" ('{bytes([byte]).decode('cp1252')}' in Windows-1252/Latin-1)"
+        how = " (e.g. iconv -f WINDOWS-1252 -t UTF-8)"
+    except UnicodeDecodeError:
+        guess = how = ""
+    return Problem(file, line, column, "error", f"the file is not UTF-8: byte 0x{byte:02x}{guess} is not valid "
+                                                f"UTF-8 here; save the file as UTF-8{how}")
 
 
 def check(loaded: LoadedWorkflow) -> LoadedWorkflow:

@@ -95,16 +95,16 @@ class _Validator:
         self.check_references()
 
     def check_ids(self) -> None:
-        seen: dict[str, int] = {}
+        """Each id's syntax (nodes that parsed), and every repeated id at the repeating entry's
+        own line, from the loader's list: that counts the entries that did not parse too."""
         valid = ID_PATTERN.match
-        for index, node in enumerate(self.workflow.nodes):
+        for node in self.workflow.nodes:
             node_id = node.id
             if not valid(node_id):
                 self.error(self.node_path(node_id, "id"), f"invalid node id '{node_id}': use letters, digits, '_' and '-', "
                                  f"starting with a letter or '_'", node_id)
-            if node_id in seen:
-                self.error(("nodes", index, "id"), f"duplicate node id '{node_id}'; node ids must be unique", node_id)
-            seen[node_id] = index
+        for node_id, path in self.loaded.duplicate_ids:
+            self.error(path + ("id",), f"duplicate node id '{node_id}'; node ids must be unique", node_id)
 
     def check_start_end(self) -> None:
         starts = [n.id for n in self.workflow.nodes if n.type == "start"]

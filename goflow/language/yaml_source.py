@@ -430,7 +430,50 @@ def load_yaml(text: str) -> tuple[Any, SourceMap]:
         line, column = _position(mark) if mark else (1, 1)
         message = " ".join(part for part in (exc.context, exc.problem) if part) or str(exc)
         raise YamlSyntaxError(message, line, column) from None
+    except yaml.reader.ReaderError as exc:   # a character YAML does not allow: not marked, an offset
+        line, column = _offset_position(text, exc.position, utf8=_BaseLoader is not yaml.SafeLoader)
+        raise YamlSyntaxError(_unacceptable(text, exc.character), line, column) from None
     except yaml.YAMLError as exc:
         raise YamlSyntaxError(str(exc), 1, 1) from None
     finally:
         loader.dispose()
+
+
+_LINE_BREAK = re.compile("\r\n|[\r\n\x85\u2028\u2029]")
+"""What YAML counts as a line break (a CR LF pair is one)."""
+
+
+def text_position(prefix: str) -> tuple[int, int]:
+    """The 1-based line and column (in characters) just after ``prefix``, counted as YAML counts them."""
+    line, start = 1, 0
+    for match in _LINE_BREAK.finditer(prefix):
+        line, start = line + 1, match.end()
+    return line, len(prefix) - start + 1
+
+
+def _offset_position(text: str, offset: int, *, utf8: bool) -> tuple[int, int]:
+    """The position of the character at ``offset`` in ``text``: a character index (PyYAML's
+    reader), or with ``utf8`` a byte offset into the UTF-8 encoding (libyaml reads bytes)."""
+    if utf8:
+        prefix = text.encode("utf-8", "surrogatepass")[:offset].decode("utf-8", "replace")
+    else:
+        prefix = text[:offset]
+    return text_position(prefix)
+
+
+def _unacceptable(text: str, character: Any) -> str:
+    """What to say about a character YAML refuses (C0/C1 controls but tab and line breaks,
+    U+FFFE, U+FFFF), and what to do. A NUL is mostly a UTF-16/UTF-32 file without its byte
+    order mark (then every other character is one), else binary data."""
+    code = character if isinstance(character, int) else ord(character[:1] or "\0")
+    if code == 0:
+        head = text[:64]
+        if head.count("\0") * 3 >= len(head):
+            return ("NUL characters between the letters: the file is UTF-16 or UTF-32 text without a byte "
+                    "order mark; save the file as UTF-8")
+        return ("a NUL character (U+0000), which YAML does not allow (is this a binary file?): remove it; "
+                "inside a double-quoted string, write it as \"\\0\"")
+    escape = f"\\x{code:02X}" if code <= 0xFF else f"\\u{code:04X}"
+    kind = "a noncharacter" if code in (0xFFFE, 0xFFFF) else "a control character"
+    return (f"the character U+{code:04X}, which YAML does not allow ({kind}): remove it; inside a "
+            f"double-quoted string, write it as \"{escape}\"")
