@@ -176,3 +176,28 @@ def test_readme_python_example_comment_is_its_output():
     done = subprocess.run([sys.executable, "-c", head], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[1] == said
+
+
+# -- goflow submit reads a file as goflow run does -------------------------------------------------
+def test_submit_names_a_file_that_is_not_utf8_and_a_timeout_that_is_not_positive(tmp_path):
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(b"name: x\nnodes: [\xe9]\n")
+    done = goflow("submit", str(latin1), "--coordinator", "tcp://127.0.0.1:9")
+    refused(done, 2, f"{latin1}:2:9", "not UTF-8", "save the file as UTF-8")
+    refused(goflow("submit", str(latin1), "--coordinator", "tcp://127.0.0.1:9", "--timeout", "-1"), 2,
+            "argument --timeout", "> 0")
+
+
+def test_a_workflow_from_a_pipe_past_the_size_limit_is_refused_unread(tmp_path, monkeypatch):
+    """A pipe has no size to check before reading: at most one byte past the limit is read."""
+    import goflow.language.loader as loader
+
+    monkeypatch.setattr(loader, "MAX_BYTES", 1000)
+    fifo = tmp_path / "flow.yaml"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_bytes(b"#" * 5000))   # fits the pipe's buffer
+    writer.start()
+    loaded = loader.read(fifo)
+    writer.join(10)
+    assert len(loaded.problems) == 1
+    assert loaded.problems[0].message.startswith("the file is more than the limit; the limit is ")

@@ -138,6 +138,17 @@ def test_the_run_display_starts_with_sigint_ignored(tmp_path):
         display.stop()
 
 
+def test_the_tracer_process_starts_with_sigint_ignored():
+    pytest.importorskip("opentelemetry.sdk")
+    from goflow.observability.tracing import EventTracer
+
+    tracer = EventTracer("http://127.0.0.1:9/v1/traces")   # nothing is exported: no span is made
+    try:
+        assert_immune_from_spawn_on(tracer._process.pid)
+    finally:
+        tracer.close()
+
+
 def test_supervised_workers_start_with_sigint_ignored(tmp_path):
     processes = WorkerProcesses(2, worker_command(f"ipc://{tmp_path}/workers"), prefix="sigint")
     processes.start()

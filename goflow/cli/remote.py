@@ -18,10 +18,10 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
-from goflow.cli.common import parse_vars, string_variables, time_text
+from goflow.cli.common import (LISTED_STATUSES, parse_vars, positive_seconds, print_problems, string_variables,
+                               time_text)
 from goflow.states import TERMINAL_STATUSES
 
 DEFAULT_COORDINATOR = "tcp://127.0.0.1:5555"
@@ -185,15 +185,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
     from goflow.control.framing import ControlError, ControlTimeout
     from goflow.coordinator.embedded import EXIT_CODES
 
-    try:
-        text = Path(args.file).read_text(encoding="utf-8")
-    except OSError as exc:
-        print(f"goflow submit: cannot read {args.file}: {exc.strerror}", file=sys.stderr)
-        return 2
-    from goflow.language.loader import parse
+    from goflow.language.loader import read
 
+    loaded = read(args.file)   # as goflow run reads it: missing, too big, not UTF-8 are said here
+    if not loaded.text and loaded.problems:
+        print_problems(loaded.problems)
+        return 2
+    text = loaded.text
     try:   # the daemon validates; the declared types only say which --var values are text
-        variables = parse_vars(args.var, args.input, string_variables(parse(text, args.file).workflow))
+        variables = parse_vars(args.var, args.input, string_variables(loaded.workflow))
     except ValueError as exc:
         print(f"goflow submit: {exc}", file=sys.stderr)
         return 2
@@ -356,7 +356,7 @@ def add_parsers(subparsers: Any) -> None:
     p.add_argument("--var", action="append", default=[], metavar="NAME=VALUE",
                    help="set a variable (VALUE is parsed as JSON when valid JSON, else taken as a string)")
     p.add_argument("--input", metavar="FILE.json", help="a JSON object of variables")
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="execution timeout")
+    p.add_argument("--timeout", type=positive_seconds, default=None, metavar="SECONDS", help="execution timeout")
     p.add_argument("--wait", action="store_true", help="wait for the end; exit with the run's exit code")
     p.add_argument("--watch", action="store_true", help="print node events while waiting (implies --wait; "
                                                         "needs --events)")
@@ -382,7 +382,7 @@ def add_parsers(subparsers: Any) -> None:
     p.set_defaults(func=cmd_cancel)
 
     p = subparsers.add_parser("ls", help="list a coordinator's executions")
-    p.add_argument("--status", action="append", default=None, choices=("running", *sorted(str(s) for s in TERMINAL_STATUSES)),
+    p.add_argument("--status", action="append", default=None, choices=LISTED_STATUSES,
                    help="only executions with this status (repeatable)")
     p.add_argument("--json", action="store_true")
     _connection_options(p)

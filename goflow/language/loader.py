@@ -305,8 +305,10 @@ def parse(text: str, file: str = "<workflow>") -> LoadedWorkflow:
     return loaded
 
 
-def _too_big(file: str, size: int) -> Problem:
-    return Problem(file, 1, 1, "error", f"the file is {size / 2**20:.1f} MiB; the limit is "
+def _too_big(file: str, size: int | None) -> Problem:
+    """``size``: the file's, or None for a stream (a pipe) that went past the limit."""
+    said = "more than the limit" if size is None else f"{size / 2**20:.1f} MiB"
+    return Problem(file, 1, 1, "error", f"the file is {said}; the limit is "
                                         f"{MAX_BYTES / 2**20:g} MiB per workflow file")
 
 
@@ -357,7 +359,12 @@ def read(path: str | FsPath) -> LoadedWorkflow:
             loaded = parse("", file)
             loaded.problems[:] = [_too_big(file, size)]
             return loaded
-        data = FsPath(path).read_bytes()
+        with open(path, "rb") as handle:   # a pipe has no size: read at most one byte past the limit
+            data = handle.read(MAX_BYTES + 1)
+        if len(data) > MAX_BYTES:
+            loaded = parse("", file)
+            loaded.problems[:] = [_too_big(file, None)]
+            return loaded
     except FileNotFoundError:
         loaded = parse("", file)
         loaded.problems[:] = [Problem(file, 1, 1, "error", "no such file")]

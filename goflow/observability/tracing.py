@@ -163,8 +163,11 @@ class EventTracer:
         self._wake = threading.Event()
         self._closing = False
         self.stats = {"forwarded": 0, "dropped": 0}
-        self._process = subprocess.Popen([sys.executable, "-m", "goflow.observability.tracing", endpoint],
-                                         stdin=subprocess.PIPE, start_new_session=False)
+        from goflow.supervisor import spawn_managed
+
+        # (Ctrl-C is the coordinator's, from the child's first instruction on: it ends at EOF)
+        self._process = spawn_managed([sys.executable, "-m", "goflow.observability.tracing", endpoint],
+                                      stdin=subprocess.PIPE)
         self._thread = threading.Thread(target=self._forward, name="goflow-tracing", daemon=True)
         self._thread.start()
 
