@@ -14,7 +14,7 @@ from typing import Any
 from goflow.language.expr import Condition, parse_condition
 from goflow.language.loader import gc_paused
 from goflow.language.model import LoopNode, McpToolNode, NodeBase, ParallelNode, PythonNode, Variable, Workflow
-from goflow.language.validation import _TYPE_CHECKS, containers  # the one type policy, defaults' too
+from goflow.language.validation import TYPE_CHECKS, containers  # the one type policy, defaults' too
 
 
 @dataclass
@@ -155,7 +155,7 @@ def _kind(value: Any) -> str:
     if value is None:
         return "null"
     for kind in ("boolean", "number", "string", "object", "array"):   # boolean first: a bool is an int
-        if _TYPE_CHECKS[kind](value):
+        if TYPE_CHECKS[kind](value):
             return kind
     return type(value).__name__
 
@@ -201,7 +201,7 @@ def initial_variables(workflow: Workflow, supplied: dict[str, Any]) -> dict[str,
     for variable in workflow.variables:
         if variable.name in supplied:
             value = supplied[variable.name]
-            if value is not None and not _TYPE_CHECKS[variable.type](value):
+            if value is not None and not TYPE_CHECKS[variable.type](value):
                 mismatched.append((Mismatch(variable.name, variable.type, _kind(value)), value, variable.secret))
         elif variable.required:
             missing.append(variable)

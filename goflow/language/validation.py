@@ -36,7 +36,7 @@ from goflow.language.references import reference_root
 if TYPE_CHECKING:
     from goflow.language.loader import LoadedWorkflow
 
-_TYPE_CHECKS = {
+TYPE_CHECKS = {
     "string": lambda v: isinstance(v, str),
     "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
     "boolean": lambda v: isinstance(v, bool),
@@ -126,7 +126,7 @@ class _Validator:
             if variable.name in seen:
                 self.error(path + ("name",), f"duplicate variable '{variable.name}'")
             seen.add(variable.name)
-            if variable.has_default and variable.default is not None and not _TYPE_CHECKS[variable.type](variable.default):
+            if variable.has_default and variable.default is not None and not TYPE_CHECKS[variable.type](variable.default):
                 self.error(path + ("default",), f"default of variable '{variable.name}' is a "
                                                 f"{type(variable.default).__name__}, not a {variable.type}")
             if variable.required and variable.has_default:
